@@ -1,0 +1,65 @@
+"""Text anchors per class, with the frozen part of the prompt encoding done once (SPEC §2)."""
+
+from __future__ import annotations
+
+import torch
+
+from .data.class_names import descriptive_name
+from .model import AACLIP
+from .prompts import N_PROMPTS, anchors_from_embeddings, class_prompts
+
+
+class AnchorBank:
+    """Each class's 16 prompt tokens and their frozen first-block outputs.
+
+    ``anchors`` recomputes the trainable part on demand (stage 1 needs the gradient); ``freeze``
+    caches per-class anchors for stage 2 and test when they do not depend on the image.
+    """
+
+    def __init__(self, model: AACLIP, class_names: list[str], dataset_name: str) -> None:
+        self.model = model
+        self.class_names = sorted(set(class_names))
+        self.index = {c: i for i, c in enumerate(self.class_names)}
+        self.descriptive = {c: descriptive_name(dataset_name, c) for c in self.class_names}
+        sentences = [s for c in self.class_names for s in class_prompts(self.descriptive[c])]
+        tokens = model.tokenize(sentences)
+        self.tokens = tokens.view(len(self.class_names), N_PROMPTS, -1)
+        self.prefix = model.text_prefix(tokens).view(*self.tokens.shape, -1)
+        self._frozen: torch.Tensor | None = None
+
+    def class_index(self, class_names: list[str]) -> torch.Tensor:
+        try:
+            return torch.tensor([self.index[c] for c in class_names], device=self.tokens.device)
+        except KeyError as exc:
+            raise KeyError(f"class {exc} has no anchors (known: {self.class_names})") from None
+
+    def anchors(self, class_names: list[str], image_context: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, E, 2] anchors for a batch; per image when the model conditions text on the image."""
+        idx = self.class_index(class_names)
+        if self.model.conditions_text:
+            if image_context is None:
+                raise ValueError("this model's anchors depend on the image: pass image_context")
+            emb = self.model.encode_text(self.tokens[idx], self.prefix[idx], image_context)
+            return anchors_from_embeddings(emb)
+        if self._frozen is not None:
+            return self._frozen[idx]
+        uniq, inverse = idx.unique(return_inverse=True)
+        emb = self.model.encode_text(self.tokens[uniq], self.prefix[uniq])
+        return anchors_from_embeddings(emb)[inverse]
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Cache the per-class anchors (only meaningful when they do not depend on the image)."""
+        self._frozen = None
+        if not self.model.conditions_text:
+            emb = self.model.encode_text(self.tokens, self.prefix)
+            self._frozen = anchors_from_embeddings(emb)
+
+    def unfreeze(self) -> None:
+        self._frozen = None
+
+    @torch.no_grad()
+    def text_context(self, class_names: list[str]) -> torch.Tensor:
+        """[B, 16*L, D] prompt tokens of each image's class for the image cross-attention."""
+        idx = self.class_index(class_names)
+        return self.model.text_context_tokens(self.prefix[idx]).flatten(1, 2)

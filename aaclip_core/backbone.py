@@ -1,0 +1,99 @@
+"""Building the frozen OpenCLIP backbone from a model name plus weights (SPEC §1)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+from .config import Recipe
+from .errors import WeightsError
+
+# Where users without network access can fetch the OpenAI weights in OpenCLIP's own format.
+_WEIGHTS_HINT = {
+    ("ViT-L-14-336", "openai"): "open_clip_model.safetensors from the Hugging Face repository "
+    "timm/vit_large_patch14_clip_336.openai",
+}
+
+
+def register_custom_config(name: str, config: dict) -> None:
+    """Make an OpenCLIP model config (e.g. the tiny test backbone) buildable by name."""
+    from open_clip import factory
+
+    factory._MODEL_CONFIGS[name] = copy.deepcopy(config)
+
+
+def _resolve_weights(name: str, pretrained: str) -> Path | None:
+    if pretrained.lower() in ("", "none", "random"):
+        return None
+    path = Path(pretrained).expanduser()
+    if path.suffix or path.exists() or "/" in pretrained:
+        if not path.is_file():
+            raise WeightsError(
+                f"Backbone weights file '{path}' (model.pretrained) does not exist. Put the OpenCLIP "
+                f"weights for {name} there, or set model.pretrained to an OpenCLIP tag such as 'openai' "
+                "on a machine with network access."
+            )
+        return path
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not cfg:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        raise WeightsError(
+            f"model.pretrained = '{pretrained}' is neither a file nor an OpenCLIP tag of {name} "
+            f"(tags: {tags})."
+        )
+    try:
+        return Path(open_clip.download_pretrained(cfg))
+    except Exception as exc:  # network errors come in many types; all mean the same to the user
+        hint = _WEIGHTS_HINT.get((name, pretrained), f"the OpenCLIP weights of {name} ({pretrained})")
+        raise WeightsError(
+            f"Could not obtain the '{pretrained}' weights of {name} ({type(exc).__name__}); this "
+            f"machine may be offline. Download {hint} on a machine with network access, copy it "
+            f"here and set model.pretrained = \"/path/to/open_clip_model.safetensors\" "
+            f"(--set model.pretrained=PATH)."
+        ) from None
+
+
+def build_clip(recipe: Recipe, device: torch.device | str = "cpu") -> nn.Module:
+    """The frozen CLIP model in eval mode at the recipe's image size.
+
+    The positional embedding is interpolated from the native grid by OpenCLIP's own loader when the
+    weights are read (`force_image_size`), as the reference did.
+    """
+    m = recipe.model
+    if m.custom_config is not None:
+        register_custom_config(m.name, m.custom_config)
+    weights = _resolve_weights(m.name, m.pretrained)
+    try:
+        model = open_clip.create_model(
+            m.name,
+            pretrained=None,
+            force_quick_gelu=recipe.quick_gelu,
+            force_image_size=m.image_size,
+            force_patch_dropout=0.0,
+        )
+    except RuntimeError as exc:
+        raise WeightsError(
+            f"OpenCLIP has no model config '{m.name}' (model.name): {exc}. Known names include "
+            "ViT-L-14-336 and ViT-B-16; a custom architecture goes in model.custom_config."
+        ) from None
+    if weights is not None:
+        try:
+            open_clip.load_checkpoint(model, str(weights), weights_only=True)
+        except Exception as exc:
+            raise WeightsError(
+                f"Weights file '{weights}' does not fit {m.name}: {exc}. Check that the file holds "
+                f"OpenCLIP weights for {m.name} saved with tensors only (safetensors or a state dict)."
+            ) from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(device)
+
+
+def backbone_id(recipe: Recipe) -> str:
+    m = recipe.model
+    return f"{m.name}:{Path(m.pretrained).name if '/' in m.pretrained else m.pretrained}@{m.image_size}"

@@ -1,0 +1,286 @@
+"""Recipes: every setting of a run as validated data.
+
+A recipe is a TOML file whose tables mirror :class:`Recipe`. Every field has a default and a check;
+unknown keys are refused so that a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """The frozen OpenCLIP backbone and the adapters placed on it (SPEC §1-2)."""
+
+    name: str = "ViT-L-14-336"
+    # An OpenCLIP pretrained tag ("openai"), a local weights file, or "none" for random weights.
+    pretrained: str = "openai"
+    image_size: int = Field(518, ge=32, le=2048)
+    # None: decided by fidelity (official runs the OpenAI weights with plain GELU, as the reference did).
+    quick_gelu: bool | None = None
+    text_adapt_until: int = Field(3, ge=0)
+    image_adapt_until: int = Field(6, ge=0)
+    text_adapt_weight: float = Field(0.1, ge=0.0, le=1.0)
+    image_adapt_weight: float = Field(0.1, ge=0.0, le=1.0)
+    levels: list[int] = Field(default_factory=lambda: [6, 12, 18, 24], min_length=1)
+    relu: bool = False
+    # DPAM replaces attention in the last (surgery_until_layer - 1) vision blocks of the stage-1 copy.
+    surgery_until_layer: int = Field(20, ge=1)
+    # An OpenCLIP model config (the JSON's content) registered under `name` at run time: how the
+    # tiny test backbone is defined without shipping weights.
+    custom_config: dict[str, Any] | None = None
+
+    @field_validator("levels")
+    @classmethod
+    def _levels_increasing(cls, v: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(v, v[1:])) or v[0] < 1:
+            raise ValueError("levels must be strictly increasing block numbers starting at 1 or more")
+        return v
+
+
+class DatasetRef(_Strict):
+    """Where a dataset lives and how to read it."""
+
+    name: str = "VisA"  # used for the descriptive class-name table and for tags
+    root: str = "data/VisA"
+    layout: Literal["auto", "mvtec", "visa", "btad", "mpdd", "folder", "jsonl", "synthetic"] = "auto"
+    classes: list[str] | None = None  # None = every class found
+    # Aux-shot k of AA-CLIP: k labelled images per class (half normal, half anomalous); 0 = all.
+    shot: int = Field(0, ge=0)
+
+
+class DataConfig(_Strict):
+    train: DatasetRef = Field(default_factory=DatasetRef)
+    test: DatasetRef = Field(
+        default_factory=lambda: DatasetRef(name="MVTec", root="data/mvtec_anomaly_detection")
+    )
+    domain: Literal["industrial", "medical"] = "industrial"
+    cache_images: bool = True
+    num_workers: int = Field(0, ge=0)
+    # Zero-shot protocol: training and testing on the same dataset must be declared.
+    allow_same_dataset: bool = False
+
+
+class Stage1Config(_Strict):
+    """Text-anchor training (SPEC §3)."""
+
+    epochs: int = Field(5, ge=0)
+    lr: float = Field(1e-5, gt=0)
+    batch_size: int = Field(16, ge=1)
+    betas: tuple[float, float] = (0.5, 0.999)
+    text_norm_weight: float = Field(0.1, ge=0)
+
+
+class Stage2Config(_Strict):
+    """Patch-alignment training (SPEC §4)."""
+
+    epochs: int = Field(20, ge=0)
+    lr: float = Field(5e-4, gt=0)
+    batch_size: int = Field(2, ge=1)
+    betas: tuple[float, float] = (0.5, 0.999)
+    milestones: list[int] = Field(default_factory=lambda: [16000, 32000])  # optimiser steps
+    gamma: float = Field(0.5, gt=0, le=1)
+
+
+class CrossAttentionConfig(_Strict):
+    """Cross-attention between the adapters (SPEC §6)."""
+
+    text_weight: float = Field(0.1, ge=0.0)
+    image_weight: float = Field(0.1, ge=0.0)
+    heads: int = Field(8, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    learnable_weight: bool = False
+
+
+class FeedbackConfig(_Strict):
+    """Feedback training, the improved (v2) schedule (SPEC §7)."""
+
+    loops: int = Field(5, ge=1, le=10)
+    text_epochs_per_loop: int = Field(5, ge=1)
+    image_epochs_per_loop: int = Field(15, ge=1)
+    epochs_decay_rate: float = Field(0.8, gt=0, le=1)
+    lr_decay_per_loop: float = Field(0.8, gt=0, le=1)
+    text_lr: float = Field(2e-5, gt=0)
+    image_lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_epochs: int = Field(2, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    cross_attn_start_loop: int = Field(1, ge=1)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    selection_metric: str = "pixel_auroc"
+
+
+class EvalConfig(_Strict):
+    batch_size: int = Field(8, ge=1)
+    aupro: bool = True
+    # AUPRO thresholds: 0 = exact (every distinct score); a number = that many evenly spaced thresholds.
+    aupro_thresholds: int = Field(0, ge=0)
+
+
+class RuntimeConfig(_Strict):
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N" | "mps"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 111
+    threads: int = Field(0, ge=0)  # 0 = torch's default
+
+
+class TrackingConfig(_Strict):
+    experiment: str = "aaclip"
+
+
+class Recipe(_Strict):
+    name: str = "custom"
+    description: str = ""
+    fidelity: Literal["official", "corrected"] = "official"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    stage1: Stage1Config = Field(default_factory=Stage1Config)
+    stage2: Stage2Config = Field(default_factory=Stage2Config)
+    cross: CrossAttentionConfig = Field(default_factory=CrossAttentionConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        m = self.model
+        if m.custom_config is not None:
+            layers = m.custom_config.get("vision_cfg", {}).get("layers")
+            text_layers = m.custom_config.get("text_cfg", {}).get("layers")
+            if isinstance(layers, int):
+                _check_depth("model.levels", max(m.levels), layers)
+                _check_depth("model.image_adapt_until", m.image_adapt_until, layers)
+                _check_depth("model.surgery_until_layer", m.surgery_until_layer - 1, layers)
+            if isinstance(text_layers, int):
+                _check_depth("model.text_adapt_until", m.text_adapt_until, text_layers)
+        return self
+
+    @property
+    def quick_gelu(self) -> bool:
+        """The activation actually used: explicit setting, else what the fidelity mode implies."""
+        if self.model.quick_gelu is not None:
+            return self.model.quick_gelu
+        return self.fidelity == "corrected" and self.model.pretrained == "openai"
+
+
+def _check_depth(field: str, value: int, layers: int) -> None:
+    if value > layers:
+        raise ValueError(f"{field} = {value} exceeds the backbone's {layers} vision/text blocks")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A shipped recipe name (``demo``) or a path to a TOML file."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.suffix == ".toml" or candidate.exists():
+        if not candidate.is_file():
+            raise ConfigError(
+                f"Recipe file '{candidate}' does not exist. Pass a shipped recipe name "
+                f"({', '.join(shipped_recipes())}) or the path of a TOML file."
+            )
+        return candidate
+    shipped = RECIPE_DIR / f"{name_or_path}.toml"
+    if not shipped.is_file():
+        raise ConfigError(
+            f"Unknown recipe '{name_or_path}' (--recipe). Shipped recipes: "
+            f"{', '.join(shipped_recipes())}; or pass the path of a TOML file."
+        )
+    return shipped
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.sub=value`` with the value read as a TOML literal (so 0.1, true, [1,2], "x" work);
+    anything that is not valid TOML is taken as a plain string."""
+    if "=" not in text:
+        raise ConfigError(f"--set '{text}' is not of the form key=value (e.g. --set stage2.epochs=3).")
+    key, raw = text.split("=", 1)
+    key, raw = key.strip(), raw.strip()
+    if not key:
+        raise ConfigError(f"--set '{text}' has an empty key.")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        key, value = parse_override(text)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: '{part}' is a value, not a table.")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def recipe_from_dict(data: dict[str, Any], source: str) -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"'{loc}': {msg}" if loc else msg)
+        raise ConfigError(
+            f"Recipe {source} is invalid: {'; '.join(problems)}. Fix the key in the file or with "
+            f"--set key=value; `aaclip recipes show NAME` prints every valid key with its default."
+        ) from None
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
+    path = resolve_recipe_path(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"Recipe file '{path}' is not valid TOML: {exc}.") from None
+    except OSError as exc:
+        raise ConfigError(f"Recipe file '{path}' cannot be read: {exc.strerror}.") from None
+    data = apply_overrides(data, overrides or [])
+    source = f"'{path}'" + (f" with --set {' '.join(overrides)}" if overrides else "")
+    return recipe_from_dict(data, source), path
+
+
+def flatten(recipe: Recipe) -> dict[str, str]:
+    """Dotted key -> string value, for MLflow params and for comparing runs."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and prefix != "model.custom_config":
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = str(value)
+
+    walk("", recipe.model_dump(mode="json"))
+    return out

@@ -1,0 +1,30 @@
+"""User-facing errors.
+
+Every error a user can cause (bad recipe, missing file, wrong shape) is raised as an
+``AaclipError`` whose message is one paragraph naming the file, field or flag and what to do.
+The CLI prints the message and exits non-zero without a traceback; anything else is a bug.
+"""
+
+
+class AaclipError(Exception):
+    """Base class for errors caused by user input or the user's environment."""
+
+
+class ConfigError(AaclipError):
+    """A recipe, override or flag is invalid."""
+
+
+class DataError(AaclipError):
+    """A dataset, image, mask or metadata file is missing or inconsistent."""
+
+
+class WeightsError(AaclipError):
+    """Backbone weights are missing or do not fit the model."""
+
+
+class CheckpointError(AaclipError):
+    """A checkpoint cannot be read, is unsafe, or does not fit the model."""
+
+
+class TrackingError(AaclipError):
+    """The MLflow store cannot be reached or a run is missing."""

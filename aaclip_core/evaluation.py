@@ -1,0 +1,192 @@
+"""The reference evaluation protocol (SPEC §5), plus AUPRO and F1-max labelled as extras.
+
+Per class: the pixel map is the sum over levels of the blurred, up-sampled (abnormal + 1 - normal)/2
+score; the detection score is (det @ T_abnormal + 1)/2. Both are min-max normalised over the whole
+class; the industrial image score is 0.5 * max(pixel map) + 0.5 * detection, the medical one
+max(pixel map). Metrics are raw floats in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from . import metrics
+from .anchors import AnchorBank
+from .config import Recipe
+from .model import AACLIP
+from .runtime import autocast
+from .similarity import test_map
+
+METRIC_NAMES = ("pixel_auroc", "pixel_ap", "image_auroc", "image_ap", "aupro", "pixel_f1_max", "image_f1_max")
+OFFICIAL_METRICS = METRIC_NAMES[:4]
+
+
+@dataclass
+class ClassMaps:
+    """Raw (un-normalised) outputs of one class: what the metrics and `predict --save-maps` see."""
+
+    maps: torch.Tensor  # [N, S, S] float32, summed over levels
+    det: torch.Tensor  # [N] float32, (det @ T_abnormal + 1) / 2
+    masks: torch.Tensor  # [N, S, S] bool
+    labels: torch.Tensor  # [N] int64
+    indices: list[int] = field(default_factory=list)  # sample indices, in order
+
+
+@dataclass
+class ClassResult:
+    class_name: str
+    n_images: int
+    n_anomalous: int
+    pixel_auroc: float
+    pixel_ap: float
+    image_auroc: float
+    image_ap: float
+    aupro: float
+    pixel_f1_max: float
+    image_f1_max: float
+
+
+@dataclass
+class EvalReport:
+    classes: list[ClassResult]
+    mean: dict[str, float]
+    image_scores: list[dict] = field(default_factory=list)  # per image: path, class, label, score
+
+    def as_dict(self) -> dict:
+        return {"classes": [asdict(c) for c in self.classes], "mean": self.mean}
+
+
+@torch.no_grad()
+def predict_batch(model: AACLIP, bank: AnchorBank, images: torch.Tensor, class_names: list[str], recipe: Recipe):
+    """Raw pixel maps [B, S, S] and detection scores [B] for one batch; each image independent of
+    the others (no batch statistics anywhere)."""
+    context = model.anchor_context(images) if model.conditions_text else None
+    anchors = bank.anchors(class_names, context)
+    text_ctx = bank.text_context(class_names) if model.image_cross_attn is not None and model.use_image_cross else None
+    seg, det = model.encode_image(images, text_ctx)
+    size = recipe.model.image_size
+    maps = sum(test_map(f.float(), anchors.float(), size, recipe.data.domain) for f in seg)
+    det_score = (torch.einsum("be,be->b", det.float(), anchors[..., 1].float()) + 1) / 2
+    return maps, det_score
+
+
+@torch.no_grad()
+def collect_maps(
+    model: AACLIP,
+    bank: AnchorBank,
+    loader: DataLoader,
+    recipe: Recipe,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, ClassMaps]:
+    model.eval()
+    bank.freeze()
+    per_class: dict[str, list] = {}
+    for b, batch in enumerate(loader):
+        images = batch["image"].to(device, non_blocking=True)
+        classes = list(batch["class_name"])
+        with autocast(device, recipe.runtime.precision):
+            maps, det = predict_batch(model, bank, images, classes, recipe)
+        maps, det = maps.float().cpu(), det.float().cpu()
+        masks = batch["mask"][:, 0] > 0.5
+        for i, c in enumerate(classes):
+            per_class.setdefault(c, []).append((maps[i], det[i], masks[i], batch["label"][i], int(batch["index"][i])))
+        if progress is not None:
+            progress(b + 1, len(loader))
+    out = {}
+    for c, rows in per_class.items():
+        out[c] = ClassMaps(
+            maps=torch.stack([r[0] for r in rows]),
+            det=torch.stack([r[1] for r in rows]),
+            masks=torch.stack([r[2] for r in rows]),
+            labels=torch.stack([r[3] for r in rows]).long(),
+            indices=[r[4] for r in rows],
+        )
+    return out
+
+
+def _minmax(x: torch.Tensor) -> torch.Tensor:
+    lo, hi = x.min(), x.max()
+    return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+
+
+def _safe(fn, *args, **kwargs) -> float:
+    """A metric that is undefined for this class (one label only) is NaN, not 0."""
+    try:
+        return float(fn(*args, **kwargs))
+    except ValueError:
+        return math.nan
+
+
+def image_scores(cm: ClassMaps, domain: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalised pixel maps, image scores) of a class under the reference protocol."""
+    maps = _minmax(cm.maps)
+    det = _minmax(cm.det)
+    pmax = maps.flatten(1).max(dim=1).values
+    score = pmax if domain == "medical" else 0.5 * pmax + 0.5 * det
+    return maps, score
+
+
+def score_class(name: str, cm: ClassMaps, recipe: Recipe) -> ClassResult:
+    maps, score = image_scores(cm, recipe.data.domain)
+    masks = cm.masks
+    aupro = math.nan
+    if recipe.eval.aupro:
+        aupro = _safe(metrics.aupro, maps, masks, num_thresholds=recipe.eval.aupro_thresholds or None)
+    return ClassResult(
+        class_name=name,
+        n_images=len(cm.labels),
+        n_anomalous=int(cm.labels.sum()),
+        pixel_auroc=_safe(metrics.auroc, maps, masks),
+        pixel_ap=_safe(metrics.average_precision, maps, masks),
+        image_auroc=_safe(metrics.auroc, score, cm.labels),
+        image_ap=_safe(metrics.average_precision, score, cm.labels),
+        aupro=aupro,
+        pixel_f1_max=_safe(metrics.f1_max, maps, masks),
+        image_f1_max=_safe(metrics.f1_max, score, cm.labels),
+    )
+
+
+def mean_over_classes(results: list[ClassResult]) -> dict[str, float]:
+    """Mean of each metric over the classes where it is defined (NaN where none is)."""
+    out = {}
+    for m in METRIC_NAMES:
+        vals = [getattr(r, m) for r in results if not math.isnan(getattr(r, m))]
+        out[m] = float(np.mean(vals)) if vals else math.nan
+    return out
+
+
+def evaluate(
+    model: AACLIP,
+    bank: AnchorBank,
+    loader: DataLoader,
+    recipe: Recipe,
+    device: torch.device,
+    sample_paths: list[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalReport:
+    per_class = collect_maps(model, bank, loader, recipe, device, progress)
+    results = [score_class(c, per_class[c], recipe) for c in sorted(per_class)]
+    rows = []
+    for c in sorted(per_class):
+        cm = per_class[c]
+        _, score = image_scores(cm, recipe.data.domain)
+        raw_max = cm.maps.flatten(1).max(dim=1).values
+        for j, idx in enumerate(cm.indices):
+            rows.append(
+                {
+                    "path": sample_paths[idx] if sample_paths else str(idx),
+                    "class_name": c,
+                    "label": int(cm.labels[j]),
+                    "image_score": float(score[j]),
+                    "raw_map_max": float(raw_max[j]),
+                    "raw_det": float(cm.det[j]),
+                }
+            )
+    return EvalReport(classes=results, mean=mean_over_classes(results), image_scores=rows)

@@ -1,0 +1,129 @@
+"""`aaclip test`: the reference protocol on one declared checkpoint of a run (SPEC §5)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ..config import DatasetRef, Recipe, apply_overrides, recipe_from_dict
+from ..errors import ConfigError
+from ..evaluation import METRIC_NAMES, evaluate
+from ..tracking import TAG, connect, get_run, log_json_artifact, tracked_run
+from ..training.data import load_samples, make_dataset, make_loader
+from . import common
+from .reporter import Reporter
+
+
+def test_dataset(recipe: Recipe, dataset: str | None, data_root: str | None, layout: str | None) -> DatasetRef:
+    ref = recipe.data.test.model_copy()
+    updates = {}
+    if dataset:
+        updates["name"] = dataset
+    if data_root:
+        updates["root"] = data_root
+        updates["layout"] = layout or "auto"
+    elif layout:
+        updates["layout"] = layout
+    return ref.model_copy(update=updates)
+
+
+def is_same_dataset(recipe: Recipe, ref: DatasetRef) -> bool:
+    return ref.name.lower() == recipe.data.train.name.lower()
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
+
+
+def test_run(
+    run_id: str,
+    dataset: str | None = None,
+    data_root: str | None = None,
+    layout: str | None = None,
+    checkpoint: str | None = None,
+    same_dataset: bool = False,
+    tracking_uri: str | None = None,
+    reporter: Reporter | None = None,
+    overrides: list[str] | None = None,
+) -> dict:
+    mlflow = connect(tracking_uri)
+    source = get_run(mlflow, run_id)
+    with tempfile.TemporaryDirectory(prefix="aaclip-test-") as tmp:
+        workdir = Path(tmp)
+        recipe = common.run_recipe(mlflow, run_id, workdir)
+        if overrides:
+            recipe = recipe_from_dict(apply_overrides(recipe.model_dump(mode="json"), overrides), "with --set")
+        ref = test_dataset(recipe, dataset, data_root, layout)
+        same = is_same_dataset(recipe, ref)
+        if same and not (same_dataset or recipe.data.allow_same_dataset):
+            raise ConfigError(
+                f"Run {run_id} was trained on '{recipe.data.train.name}' and would be tested on the same "
+                "dataset, which the zero-shot protocol does not allow. Test on another dataset (--dataset/"
+                "--data-root) or say so explicitly with --same-dataset (the run is tagged)."
+            )
+        session = common.open_session(recipe, None, tracking_uri, reporter)
+        try:
+            ckpt_name = checkpoint or common.default_checkpoint(mlflow, run_id)
+            ckpt = common.run_checkpoint(mlflow, run_id, ckpt_name, workdir)
+            model = common.model_from_checkpoint(recipe, ckpt, session.device)
+            samples = load_samples(ref, recipe.runtime.seed)
+            session.reporter.info(
+                f"testing run {run_id} checkpoint '{ckpt_name}' (stage {ckpt.manifest.get('stage')}, "
+                f"epoch {ckpt.manifest.get('epoch')}, loop {ckpt.manifest.get('loop')}) on {ref.name}: "
+                f"{len(samples)} images"
+            )
+            bank = common.anchor_bank(model, samples, ref.name)
+            loader = make_loader(make_dataset(samples, recipe, "none"), recipe.eval.batch_size, False, recipe, None)
+            tags = common.run_tags(recipe, "test", ref.name)
+            tags.update(
+                {
+                    f"{TAG}source_run": run_id,
+                    f"{TAG}source_stage": source.data.tags.get(f"{TAG}stage", "unknown"),
+                    f"{TAG}checkpoint": ckpt_name,
+                    f"{TAG}train_dataset": recipe.data.train.name,
+                    f"{TAG}same_dataset": str(same).lower(),
+                    "mlflow.parentRunId": run_id,
+                }
+            )
+            started = time.perf_counter()
+            with tracked_run(mlflow, recipe.tracking.experiment, f"test-{ref.name}-{run_id[:8]}", tags) as run:
+                report = evaluate(model, bank, loader, recipe, session.device,
+                                  sample_paths=[str(s.image_path) for s in samples],
+                                  progress=session.reporter.eval_progress)
+                seconds = time.perf_counter() - started
+                metrics = {k: v for k, v in report.mean.items() if not math.isnan(v)}
+                for r in report.classes:
+                    for m in METRIC_NAMES:
+                        v = getattr(r, m)
+                        if not math.isnan(v):
+                            metrics[f"{r.class_name}/{m}"] = v
+                metrics["eval_seconds"] = seconds
+                mlflow.log_metrics(metrics)
+                mlflow.log_params({"test.dataset": ref.name, "test.root": ref.root, "test.checkpoint": ckpt_name})
+                mlflow.log_text(_csv([asdict(r) for r in report.classes]), "results/per_class.csv")
+                mlflow.log_text(_csv(report.image_scores), "results/image_scores.csv")
+                log_json_artifact(mlflow, report.as_dict(), "results/report.json")
+                return {
+                    "run_id": run.info.run_id,
+                    "source_run_id": run_id,
+                    "checkpoint": ckpt_name,
+                    "checkpoint_stage": ckpt.manifest.get("stage"),
+                    "checkpoint_epoch": ckpt.manifest.get("epoch"),
+                    "checkpoint_loop": ckpt.manifest.get("loop"),
+                    "dataset": ref.name,
+                    "same_dataset": same,
+                    "eval_seconds": seconds,
+                    **report.as_dict(),
+                }
+        finally:
+            session.close()

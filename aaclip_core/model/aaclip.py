@@ -1,0 +1,267 @@
+"""AA-CLIP: residual adapters on a frozen OpenCLIP backbone (SPEC §2), plus the optional
+cross-attention modules of the extension (SPEC §6).
+
+The backbone is held but never trained; ``adapter_state_dict`` is the trainable state.
+Every forward keeps each image's result independent of its batch-mates, except the ``official``
+DPAM features, which reproduce the reference's batch mixing (SPEC §9).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import CrossAttentionConfig, ModelConfig
+from .adapters import Adapter, Projection, norm_matched_mix, xavier_init_
+from .cross_attention import CrossAttention, ScaledCrossAttention
+from .dpam import dpam_block_forward
+
+FROZEN_PREFIX = "clip."
+
+
+@dataclass(frozen=True)
+class Dims:
+    vision_width: int
+    vision_layers: int
+    text_width: int
+    text_layers: int
+    embed_dim: int
+    grid: int
+
+    @classmethod
+    def of(cls, clip: nn.Module) -> Dims:
+        visual = clip.visual
+        grid = visual.grid_size[0] if isinstance(visual.grid_size, tuple) else int(visual.grid_size)
+        return cls(
+            vision_width=visual.conv1.out_channels,
+            vision_layers=len(visual.transformer.resblocks),
+            text_width=clip.token_embedding.embedding_dim,
+            text_layers=len(clip.transformer.resblocks),
+            embed_dim=visual.proj.shape[1],
+            grid=grid,
+        )
+
+
+class AACLIP(nn.Module):
+    def __init__(
+        self,
+        clip: nn.Module,
+        cfg: ModelConfig,
+        fidelity: str = "official",
+        cross: CrossAttentionConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.clip = clip
+        self.cfg = cfg
+        self.fidelity = fidelity
+        self.dims = d = Dims.of(clip)
+        if max(cfg.levels) > d.vision_layers or cfg.image_adapt_until > d.vision_layers:
+            raise ValueError(f"levels/image_adapt_until exceed the backbone's {d.vision_layers} blocks")
+        if cfg.text_adapt_until > d.text_layers:
+            raise ValueError(f"text_adapt_until exceeds the backbone's {d.text_layers} text blocks")
+        # Block index (0-based) from which the stage-1 copy uses DPAM attention.
+        self.dpam_start = max(0, d.vision_layers - (cfg.surgery_until_layer - 1))
+
+        self.text_adapter = nn.ModuleList(
+            [Adapter(d.text_width, d.text_width) for _ in range(cfg.text_adapt_until)]
+            + [Projection(d.text_width, d.embed_dim, relu=True)]
+        )
+        self.image_adapter = nn.ModuleDict(
+            {
+                "layer_adapters": nn.ModuleList(
+                    [Adapter(d.vision_width, d.vision_width) for _ in range(cfg.image_adapt_until)]
+                ),
+                "seg_proj": nn.ModuleList(
+                    [Projection(d.vision_width, d.embed_dim, cfg.relu) for _ in cfg.levels]
+                ),
+                "det_proj": Projection(d.vision_width, d.embed_dim, cfg.relu),
+            }
+        )
+        xavier_init_(self.text_adapter)
+        xavier_init_(self.image_adapter)
+
+        self.text_cross_attn: ScaledCrossAttention | None = None
+        self.image_cross_attn: ScaledCrossAttention | None = None
+        if cross is not None:
+            self.text_cross_attn = ScaledCrossAttention(
+                CrossAttention(d.text_width, d.embed_dim, d.text_width, cross.heads, cross.dropout),
+                cross.text_weight,
+                cross.learnable_weight,
+            )
+            self.image_cross_attn = ScaledCrossAttention(
+                CrossAttention(d.vision_width, d.text_width, d.text_width, cross.heads, cross.dropout),
+                cross.image_weight,
+                cross.learnable_weight,
+            )
+        # Switches used by training (e.g. cross-attention off before `cross_attn_start_loop`).
+        self.use_text_cross = cross is not None
+        self.use_image_cross = cross is not None
+        # Where the text cross-attention's image context comes from: the frozen DPAM path, or (from
+        # feedback loop 2 on) the trained image path. Training and test use the same source.
+        self.context_source = "dpam"
+        self.tokenizer = open_clip.get_tokenizer(cfg.name)
+
+    # ------------------------------------------------------------------ state
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(FROZEN_PREFIX)}
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        own = self.adapter_state_dict()
+        if strict:
+            missing = sorted(set(own) - set(state))
+            unexpected = sorted(set(state) - set(own))
+            if missing or unexpected:
+                raise KeyError(f"adapter state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for k, v in state.items():
+            if k in own and own[k].shape != v.shape:
+                raise ValueError(f"'{k}': expected shape {tuple(own[k].shape)}, found {tuple(v.shape)}")
+        self.load_state_dict({**self.state_dict(), **state}, strict=True)
+
+    def train(self, mode: bool = True) -> AACLIP:
+        """Only the cross-attention modules ever enter training mode: the backbone's patch and
+        attention dropout never act (SPEC §11)."""
+        super().train(False)
+        for m in (self.text_cross_attn, self.image_cross_attn):
+            if m is not None:
+                m.train(mode)
+        self.training = mode
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.visual.proj.device
+
+    # ------------------------------------------------------------------ text
+
+    def tokenize(self, sentences: list[str]) -> torch.Tensor:
+        return self.tokenizer(sentences).to(self.device)
+
+    @torch.no_grad()
+    def text_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens after the first (frozen) text block: cacheable, since nothing trained acts before it."""
+        clip = self.clip
+        x = clip.token_embedding(tokens) + clip.positional_embedding
+        return clip.transformer.resblocks[0](x, attn_mask=clip.attn_mask)
+
+    def _first_text_adapter(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.text_adapt_until >= 1:
+            x = norm_matched_mix(x, self.text_adapter[0], self.cfg.text_adapt_weight)
+        return x
+
+    def text_context_tokens(self, prefix: torch.Tensor) -> torch.Tensor:
+        """Prompt tokens after text block 1 + the first adapter, L2-normalised per token: the
+        key/value context of the image cross-attention (not conditioned on any image)."""
+        return F.normalize(self._first_text_adapter(prefix), dim=-1)
+
+    def encode_text(
+        self, tokens: torch.Tensor, prefix: torch.Tensor | None = None, image_context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Adapted text embeddings for ``tokens`` [..., L] -> [..., E].
+
+        With ``image_context`` [B, S, E] (text cross-attention on), ``tokens`` is [B, M, L]: the M
+        prompts of row b are conditioned on image b alone, so no image sees its batch-mates.
+        """
+        clip = self.clip
+        lead = tokens.shape[:-1]
+        flat = tokens.reshape(-1, tokens.shape[-1])
+        x = self.text_prefix(flat) if prefix is None else prefix.reshape(flat.shape[0], *prefix.shape[-2:])
+        if image_context is not None and self.text_cross_attn is not None and self.use_text_cross:
+            if tokens.dim() != 3 or tokens.shape[0] != image_context.shape[0]:
+                raise ValueError("conditioned prompts must be [B, M, L] with one image context per row")
+            x = self.text_cross_attn(x.view(*lead, *x.shape[-2:]), image_context).flatten(0, 1)
+        x = self._first_text_adapter(x)
+        for i in range(1, self.dims.text_layers):
+            x = clip.transformer.resblocks[i](x, attn_mask=clip.attn_mask)
+            if i < self.cfg.text_adapt_until:
+                x = norm_matched_mix(x, self.text_adapter[i], self.cfg.text_adapt_weight)
+        x = clip.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), flat.argmax(dim=-1)]
+        return self.text_adapter[-1](x).view(*lead, -1)
+
+    # ------------------------------------------------------------------ image
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.clip.visual._embeds(images)
+
+    def _patch_to_joint(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (class token dropped) -> ln_post -> CLIP proj -> L2-normalised."""
+        visual = self.clip.visual
+        return F.normalize(visual.ln_post(tokens[:, 1:]) @ visual.proj, dim=-1)
+
+    @torch.no_grad()
+    def stage1_features(self, images: torch.Tensor, isolate: bool = False) -> list[torch.Tensor]:
+        """Frozen stage-1 image features from the DPAM path (SPEC §3): per level, normalised patch
+        tokens plus the normalised CLIP image embedding. The DPAM and ordinary paths share every
+        block before ``dpam_start``, so that prefix runs once. ``isolate`` evaluates the official
+        variant as if each image were alone (used outside stage-1 training)."""
+        blocks = self.clip.visual.transformer.resblocks
+        mode = "tokens" if self.fidelity == "corrected" else ("self" if isolate else "batch")
+        x = self._embed(images)
+        levels = set(self.cfg.levels)
+        out: dict[int, torch.Tensor] = {}
+        for i in range(self.dpam_start):
+            x = blocks[i](x)
+            if i + 1 in levels:
+                out[i + 1] = self._patch_to_joint(x)
+        ordinary, surgery = x, x
+        for i in range(self.dpam_start, len(blocks)):
+            ordinary = blocks[i](ordinary)
+            surgery = dpam_block_forward(blocks[i], surgery, mode)
+            if i + 1 in levels:
+                out[i + 1] = self._patch_to_joint(surgery)
+        visual = self.clip.visual
+        cls = F.normalize(visual.ln_post(ordinary[:, 0]) @ visual.proj, dim=-1)
+        return [out[level] + cls.unsqueeze(1) for level in self.cfg.levels]
+
+    def encode_image(
+        self, images: torch.Tensor, text_context: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Adapted image path (SPEC §2): per-level normalised patch maps [B, P, E] and the
+        detection embedding [B, E]. ``text_context`` [B, S, Dt] feeds the image cross-attention."""
+        blocks = self.clip.visual.transformer.resblocks
+        adapters = self.image_adapter["layer_adapters"]
+        x = self._embed(images)
+        levels = self.cfg.levels
+        tokens: list[torch.Tensor] = []
+        for i in range(max(levels)):
+            x = blocks[i](x)
+            if i == 0 and text_context is not None and self.image_cross_attn is not None and self.use_image_cross:
+                x = self.image_cross_attn(x, text_context)
+            if i < self.cfg.image_adapt_until:
+                x = norm_matched_mix(x, adapters[i], self.cfg.image_adapt_weight)
+            if i + 1 in levels:
+                tokens.append(self.clip.visual.ln_post(x[:, 1:]))
+        seg = [F.normalize(proj(t), dim=-1) for proj, t in zip(self.image_adapter["seg_proj"], tokens)]
+        det = F.normalize(self.image_adapter["det_proj"](tokens[-1]), dim=-1).mean(dim=1)
+        return seg, det
+
+    @torch.no_grad()
+    def image_path_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Stage-1 features from the trained image path (feedback loops >= 2), without gradient."""
+        return self.encode_image(images)[0]
+
+    @torch.no_grad()
+    def anchor_context(self, images: torch.Tensor) -> torch.Tensor:
+        """The text cross-attention's key/value context [B, P, E] for these images."""
+        if self.context_source == "image_path":
+            return self.image_path_features(images)[0]
+        return self.stage1_features(images, isolate=True)[0]
+
+    @property
+    def conditions_text(self) -> bool:
+        """Whether text anchors depend on the image (text cross-attention present and on)."""
+        return self.text_cross_attn is not None and self.use_text_cross
+
+
+def build_model(recipe, device: torch.device | str = "cpu", with_cross: bool = False) -> AACLIP:
+    """Backbone + adapters for a recipe (cross-attention modules when ``with_cross``)."""
+    from ..backbone import build_clip
+
+    clip = build_clip(recipe, device)
+    model = AACLIP(clip, recipe.model, recipe.fidelity, recipe.cross if with_cross else None)
+    return model.to(device).eval()

@@ -1,0 +1,130 @@
+"""The run registry: every train and test is an MLflow run.
+
+Store: ``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > SQLite ``mlflow.db`` in the working directory
+(MLflow's own default, with its default local artifact folder). A run that raises ends FAILED, one
+interrupted with Ctrl-C ends KILLED; never RUNNING.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import TrackingError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TAG = "aaclip."  # prefix of every tag aaclip writes
+
+
+def _quiet_mlflow() -> None:
+    for name in ("mlflow", "alembic", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="mlflow")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def resolve_tracking_uri(cli_uri: str | None) -> str:
+    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def connect(cli_uri: str | None):
+    """Point MLflow at the store and return the module (imported lazily: it is slow to import)."""
+    _quiet_mlflow()
+    import mlflow
+
+    uri = resolve_tracking_uri(cli_uri)
+    mlflow.set_tracking_uri(uri)
+    return mlflow
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def aaclip_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("aaclip")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@contextlib.contextmanager
+def tracked_run(
+    mlflow, experiment: str, run_name: str, tags: dict[str, str], nested: bool = False, run_id: str | None = None
+) -> Iterator[Any]:
+    """Start (or resume, with ``run_id``) a run; end it FINISHED, FAILED or KILLED."""
+    try:
+        mlflow.set_experiment(experiment)
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested, tags=tags)
+    except Exception as exc:
+        raise TrackingError(
+            f"Cannot open the MLflow store '{mlflow.get_tracking_uri()}' ({type(exc).__name__}: {exc}). "
+            "Check --tracking-uri / MLFLOW_TRACKING_URI, or unset them to use ./mlflow.db."
+        ) from None
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
+
+
+def log_params(mlflow, params: dict[str, str]) -> None:
+    # MLflow caps a param value's length; the full recipe is an artifact anyway.
+    mlflow.log_params({k: (v if len(v) <= 500 else v[:497] + "...") for k, v in params.items()})
+
+
+def log_json_artifact(mlflow, obj: Any, artifact_path: str) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / Path(artifact_path).name
+        p.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str), encoding="utf-8")
+        parent = str(Path(artifact_path).parent)
+        mlflow.log_artifact(str(p), None if parent == "." else parent)
+
+
+def get_run(mlflow, run_id: str):
+    try:
+        return mlflow.get_run(run_id)
+    except Exception:
+        raise TrackingError(
+            f"No run '{run_id}' in the MLflow store '{mlflow.get_tracking_uri()}'. List runs with "
+            "`aaclip compare`, or point --tracking-uri at the store that holds it."
+        ) from None
+
+
+def download(mlflow, run_id: str, artifact_path: str, dst: Path) -> Path:
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)))
+    except Exception as exc:
+        raise TrackingError(
+            f"Run '{run_id}' has no artifact '{artifact_path}' ({type(exc).__name__}). Was it trained to the "
+            "end? `aaclip doctor RUN_ID` shows what the run holds."
+        ) from None
+
+
+def list_artifacts(mlflow, run_id: str, path: str | None = None) -> list[str]:
+    return [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, path)]

@@ -1,0 +1,1 @@
+"""Training glue: data loaders, the two stages, and the jobs built from them."""

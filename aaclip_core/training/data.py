@@ -1,0 +1,58 @@
+"""From a recipe's dataset reference to samples and loaders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torch.utils.data import DataLoader
+
+from ..config import DatasetRef, Recipe
+from ..data import AnomalyDataset, Sample, index_dataset, k_shot, select_classes, validate_samples
+from ..data.synthetic import ensure_demo_data
+
+
+def load_samples(ref: DatasetRef, seed: int, validate: bool = True) -> list[Sample]:
+    """The labelled images of a dataset (its test split in the MVTec sense), filtered and sub-sampled
+    as the recipe says."""
+    root = Path(ref.root).expanduser()
+    layout = ref.layout
+    if layout == "synthetic":
+        # The demo data is generated on first use: root names one of the two generated halves.
+        ensure_demo_data(root.parent)
+        layout = "mvtec"
+    samples = index_dataset(root, layout=layout, split="test")
+    samples = select_classes(samples, ref.classes)
+    if ref.shot:
+        samples = k_shot(samples, ref.shot, seed)
+    if validate:
+        validate_samples(samples)
+    return samples
+
+
+def make_dataset(samples: list[Sample], recipe: Recipe, augment: str) -> AnomalyDataset:
+    return AnomalyDataset(
+        samples,
+        image_size=recipe.model.image_size,
+        mean=tuple(OPENAI_DATASET_MEAN),
+        std=tuple(OPENAI_DATASET_STD),
+        augment=augment,
+        cache=recipe.data.cache_images,
+    )
+
+
+def make_loader(
+    dataset: AnomalyDataset, batch_size: int, shuffle: bool, recipe: Recipe, generator: torch.Generator | None
+) -> DataLoader:
+    workers = recipe.data.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        generator=generator,
+        drop_last=False,
+    )

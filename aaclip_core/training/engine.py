@@ -1,0 +1,162 @@
+"""The two training stages as plain loops over a loader (SPEC §3-4, §7).
+
+Optimiser, scheduler and clipping are passed in, so the base recipe (Adam, MultiStepLR) and the
+feedback schedule (AdamW, warm-up + cosine, clipping) share one implementation of each stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..anchors import AnchorBank
+from ..config import Recipe
+from ..losses import detection_loss, orthogonality_loss, segmentation_loss
+from ..model import AACLIP
+from ..runtime import autocast
+from ..similarity import training_probs
+from .groups import grad_norms, set_trainable
+
+# progress(stage, epoch, epochs, batch, batches, loss)
+ProgressFn = Callable[[str, int, int, int, int, float], None]
+# log(metrics, step)
+LogFn = Callable[[dict[str, float], int], None]
+
+
+@dataclass
+class StageHistory:
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    grad_norms: list[dict[str, float]] = field(default_factory=list)
+    steps: int = 0
+
+
+@dataclass
+class StageSchedule:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    grad_clip: float | None = None
+
+
+def _batch_to(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    return (
+        batch["image"].to(device, non_blocking=True),
+        batch["mask"].to(device, non_blocking=True),
+        batch["label"].to(device, non_blocking=True),
+        list(batch["class_name"]),
+    )
+
+
+def _step(loss: torch.Tensor, model: AACLIP, params: list, schedule: StageSchedule) -> dict[str, float]:
+    schedule.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norms = grad_norms(model)
+    if schedule.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, schedule.grad_clip)
+    schedule.optimizer.step()
+    if schedule.scheduler is not None:
+        schedule.scheduler.step()
+    return norms
+
+
+def _mean_dicts(ds: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for d in ds for k in d}
+    return {k: sum(d[k] for d in ds if k in d) / sum(1 for d in ds if k in d) for k in sorted(keys)}
+
+
+def stage1_loss(
+    model: AACLIP, bank: AnchorBank, recipe: Recipe, images, masks, class_names, features: str
+) -> torch.Tensor:
+    """Segmentation loss of frozen image features against trainable text anchors + orthogonality.
+
+    ``official`` counts only the last level's segmentation term (the reference overwrote the loss
+    in its level loop); ``corrected`` sums all levels. One orthogonality term either way.
+    """
+    feats = model.stage1_features(images) if features == "dpam" else model.image_path_features(images)
+    anchors = bank.anchors(class_names, feats[0] if model.conditions_text else None)
+    size = recipe.model.image_size
+    if recipe.fidelity == "official":
+        seg = segmentation_loss(training_probs(feats[-1], anchors, size), masks)
+    else:
+        seg = sum(segmentation_loss(training_probs(f, anchors, size), masks) for f in feats)
+    return seg + recipe.stage1.text_norm_weight * orthogonality_loss(anchors)
+
+
+def stage2_loss(model: AACLIP, bank: AnchorBank, recipe: Recipe, images, masks, labels, class_names) -> torch.Tensor:
+    """Detection cross-entropy + the segmentation loss of every level (SPEC §4)."""
+    with torch.no_grad():
+        context = model.anchor_context(images) if model.conditions_text else None
+        anchors = bank.anchors(class_names, context)
+    text_ctx = bank.text_context(class_names) if model.image_cross_attn is not None and model.use_image_cross else None
+    seg, det = model.encode_image(images, text_ctx)
+    loss = detection_loss(det, anchors, labels)
+    size = recipe.model.image_size
+    for f in seg:
+        loss = loss + segmentation_loss(training_probs(f, anchors, size), masks)
+    return loss
+
+
+def run_stage(
+    stage: int,
+    model: AACLIP,
+    bank: AnchorBank,
+    loader: DataLoader,
+    schedule: StageSchedule,
+    epochs: int,
+    recipe: Recipe,
+    device: torch.device,
+    *,
+    features: str = "dpam",
+    metric_prefix: str = "",
+    epoch_offset: int = 0,
+    log: LogFn | None = None,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> StageHistory:
+    """Train one stage for ``epochs`` epochs; logs loss, lr and gradient norms per epoch."""
+    params = set_trainable(model, stage)
+    model.train(True)
+    if stage == 1:
+        bank.unfreeze()
+    else:
+        bank.freeze()
+    name = f"stage{stage}"
+    hist = StageHistory()
+    try:
+        for epoch in range(epochs):
+            losses: list[float] = []
+            norms: list[dict[str, float]] = []
+            for b, batch in enumerate(loader):
+                images, masks, labels, classes = _batch_to(batch, device)
+                with autocast(device, recipe.runtime.precision):
+                    if stage == 1:
+                        loss = stage1_loss(model, bank, recipe, images, masks, classes, features)
+                    else:
+                        loss = stage2_loss(model, bank, recipe, images, masks, labels, classes)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{name} loss became {loss.item()} at epoch {epoch + 1}")
+                norms.append(_step(loss, model, params, schedule))
+                losses.append(float(loss.detach()))
+                hist.steps += 1
+                if progress is not None:
+                    progress(name, epoch + 1, epochs, b + 1, len(loader), losses[-1])
+            lr = schedule.optimizer.param_groups[0]["lr"]
+            epoch_loss = sum(losses) / max(len(losses), 1)
+            epoch_norms = _mean_dicts(norms)
+            hist.losses.append(epoch_loss)
+            hist.lrs.append(lr)
+            hist.grad_norms.append(epoch_norms)
+            if log is not None:
+                metrics = {f"{metric_prefix}{name}/loss": epoch_loss, f"{metric_prefix}{name}/lr": lr}
+                metrics.update({f"{metric_prefix}{name}/grad_norm/{k}": v for k, v in epoch_norms.items()})
+                log(metrics, epoch_offset + epoch + 1)
+            if should_stop is not None and should_stop():
+                break
+    finally:
+        model.train(False)
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return hist
