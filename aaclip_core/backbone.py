@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 from pathlib import Path
 
 import open_clip
@@ -68,13 +70,15 @@ def build_clip(recipe: Recipe, device: torch.device | str = "cpu") -> nn.Module:
         register_custom_config(m.name, m.custom_config)
     weights = _resolve_weights(m.name, m.pretrained)
     try:
-        model = open_clip.create_model(
-            m.name,
-            pretrained=None,
-            force_quick_gelu=recipe.quick_gelu,
-            force_image_size=m.image_size,
-            force_patch_dropout=0.0,
-        )
+        # Weights are loaded below, so OpenCLIP's "no pretrained weights loaded" warning is noise.
+        with _silence_logging():
+            model = open_clip.create_model(
+                m.name,
+                pretrained=None,
+                force_quick_gelu=recipe.quick_gelu,
+                force_image_size=m.image_size,
+                force_patch_dropout=0.0,
+            )
     except RuntimeError as exc:
         raise WeightsError(
             f"OpenCLIP has no model config '{m.name}' (model.name): {exc}. Known names include "
@@ -92,6 +96,16 @@ def build_clip(recipe: Recipe, device: torch.device | str = "cpu") -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(device)
+
+
+@contextlib.contextmanager
+def _silence_logging():
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def backbone_id(recipe: Recipe) -> str:

@@ -37,9 +37,9 @@ def resolve_tracking_uri(cli_uri: str | None) -> str:
 
 def connect(cli_uri: str | None):
     """Point MLflow at the store and return the module (imported lazily: it is slow to import)."""
-    _quiet_mlflow()
     import mlflow
 
+    _quiet_mlflow()  # after the import: mlflow sets up its own loggers when imported
     uri = resolve_tracking_uri(cli_uri)
     mlflow.set_tracking_uri(uri)
     return mlflow

@@ -1,0 +1,1 @@
+"""The `aaclip` command line: a thin Typer face over `aaclip_core`."""

@@ -1,0 +1,116 @@
+"""Human output on stderr: progress, tables, errors. Machine output (--json) goes to stdout."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from aaclip_core.jobs.reporter import Reporter
+
+err = Console(stderr=True, highlight=False)
+
+
+def print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(o):
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    return str(o)
+
+
+def pct(x: float | None) -> str:
+    """Metrics are stored in [0, 1] and shown x100 with 2 decimals."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{100 * x:.2f}"
+
+
+class RichReporter(Reporter):
+    """Progress bars on a terminal; plain one-line notes when stderr is not a TTY; nothing when quiet."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.live = err.is_terminal and not quiet
+        self._progress: Progress | None = None
+        self._task = None
+        self._key = None
+        self._loop = ""
+        self._last_note = 0.0
+
+    def __enter__(self) -> RichReporter:
+        if self.live:
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TextColumn("loss {task.fields[loss]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=err,
+                transient=False,
+            )
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            err.print(f"[dim]·[/dim] {message}")
+
+    def loop(self, loop: int, loops: int) -> None:
+        self._loop = f"loop {loop}/{loops} "
+        self.info(f"loop {loop}/{loops}")
+
+    def progress(self, stage: str, epoch: int, epochs: int, batch: int, batches: int, loss: float) -> None:
+        if self._progress is None:
+            if not self.quiet and batch == batches and time.monotonic() - self._last_note > 0:
+                err.print(f"{self._loop}{stage} epoch {epoch}/{epochs} loss {loss:.4f}")
+            return
+        key = (self._loop, stage, epoch)
+        desc = f"{self._loop}{stage} epoch {epoch}/{epochs}"
+        if key != self._key:
+            self._task = self._progress.add_task(desc, total=batches, loss="-")
+            self._key = key
+        self._progress.update(self._task, completed=batch, loss=f"{loss:.4f}")
+
+    def eval_progress(self, batch: int, batches: int) -> None:
+        if self._progress is None:
+            return
+        if self._key != ("eval",):
+            self._task = self._progress.add_task("evaluating", total=batches, loss="-")
+            self._key = ("eval",)
+        self._progress.update(self._task, completed=batch)
+
+
+def results_table(report: dict, title: str) -> Table:
+    cols = [
+        ("pixel_auroc", "pixel AUROC"),
+        ("pixel_ap", "pixel AP"),
+        ("image_auroc", "image AUROC"),
+        ("image_ap", "image AP"),
+        ("aupro", "AUPRO*"),
+        ("pixel_f1_max", "pixel F1-max*"),
+        ("image_f1_max", "image F1-max*"),
+    ]
+    t = Table(title=title, caption="x100. * beyond the reference protocol (AUPRO at FPR <= 0.3).")
+    t.add_column("class")
+    t.add_column("images", justify="right")
+    for _, label in cols:
+        t.add_column(label, justify="right")
+    for c in report["classes"]:
+        t.add_row(c["class_name"], f"{c['n_images']} ({c['n_anomalous']} anom.)", *[pct(c[k]) for k, _ in cols])
+    t.add_section()
+    t.add_row("[bold]mean[/bold]", "", *[f"[bold]{pct(report['mean'][k])}[/bold]" for k, _ in cols])
+    return t

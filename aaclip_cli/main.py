@@ -1,0 +1,245 @@
+"""`aaclip`: train, test, compare and diagnose AA-CLIP runs.
+
+Every command prints human output on stderr and, with --json, one JSON document on stdout.
+User errors print one paragraph and exit 2; an interrupted command exits 130.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .display import RichReporter, err, print_json, results_table
+
+app = typer.Typer(
+    name="aaclip",
+    help="Train, evaluate, compare and diagnose AA-CLIP anomaly detectors (base, cross-attention, feedback).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+train_app = typer.Typer(help="Train a model: base AA-CLIP, cross-attention, or feedback loops.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: the built-in synthetic demo data, indexing real layouts.", no_args_is_help=True)
+recipes_app = typer.Typer(help="Shipped recipes and their settings.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+app.add_typer(data_app, name="data")
+app.add_typer(recipes_app, name="recipes")
+
+EXIT_USAGE = 2
+
+
+def handle_errors(fn):
+    """User errors -> one paragraph on stderr and exit 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from aaclip_core.errors import AaclipError
+
+        try:
+            return fn(*args, **kwargs)
+        except AaclipError as exc:
+            err.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
+            raise typer.Exit(EXIT_USAGE) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/yellow]: the run is marked KILLED; finished checkpoints are kept.")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------------ options
+
+RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Shipped recipe name or path to a TOML file.")]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", "-s", help="Override a recipe value: key.sub=value (repeatable).")
+]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: the recipe's, 111).")]
+UriOpt = Annotated[
+    Optional[str],
+    typer.Option("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."),
+]
+ExpOpt = Annotated[Optional[str], typer.Option("--experiment", help="MLflow experiment name.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
+
+def _load(recipe: str, sets: list[str] | None, seed: int | None, experiment: str | None):
+    from aaclip_core.config import load_recipe
+
+    overrides = list(sets or [])
+    if seed is not None:
+        overrides.append(f"runtime.seed={seed}")
+    if experiment:
+        overrides.append(f'tracking.experiment="{experiment}"')
+    return load_recipe(recipe, overrides)
+
+
+def _loss_summary(result: dict) -> str:
+    parts = []
+    for key in ("final_stage1_loss", "final_stage2_loss"):
+        if result.get(key) is not None:
+            parts.append(f"{key.replace('final_', '').replace('_loss', '')} loss {result[key]:.4f}")
+    return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ train
+
+
+@train_app.command("base")
+@handle_errors
+def train_base_cmd(
+    recipe: RecipeOpt = "base",
+    set_: SetOpt = None,
+    seed: SeedOpt = None,
+    tracking_uri: UriOpt = None,
+    experiment: ExpOpt = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    run_name: Annotated[Optional[str], typer.Option("--run-name", help="MLflow run name.")] = None,
+):
+    """Train base AA-CLIP: stage 1 (text anchors) then stage 2 (patch features)."""
+    from aaclip_core.jobs.base import train_base
+
+    r, path = _load(recipe, set_, seed, experiment)
+    with RichReporter(quiet or json_) as rep:
+        result = train_base(r, path, tracking_uri, rep, run_name)
+    if json_:
+        print_json(result)
+    else:
+        err.print(f"[green]done[/green] run {result['run_id']} ({_loss_summary(result)})")
+        typer.echo(result["run_id"])
+
+
+# ------------------------------------------------------------------------------------------ test
+
+
+@app.command("test")
+@handle_errors
+def test_cmd(
+    run: Annotated[str, typer.Option("--run", help="Run id to evaluate.")],
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Test dataset name (class names).")] = None,
+    data_root: Annotated[Optional[str], typer.Option("--data-root", help="Test dataset root directory.")] = None,
+    layout: Annotated[
+        Optional[str], typer.Option("--layout", help="auto, mvtec, visa, btad, mpdd, folder, jsonl.")
+    ] = None,
+    checkpoint: Annotated[
+        Optional[str], typer.Option("--checkpoint", help="Checkpoint of the run (default: its selected one).")
+    ] = None,
+    same_dataset: Annotated[
+        bool, typer.Option("--same-dataset", help="Allow testing on the training dataset (tagged).")
+    ] = False,
+    set_: SetOpt = None,
+    tracking_uri: UriOpt = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Evaluate a run with the reference protocol: per-class pixel/image AUROC and AP, plus AUPRO, F1-max."""
+    from aaclip_core.jobs.test import test_run
+
+    with RichReporter(quiet or json_) as rep:
+        result = test_run(run, dataset, data_root, layout, checkpoint, same_dataset, tracking_uri, rep, set_)
+    if json_:
+        print_json(result)
+        return
+    title = (
+        f"{result['dataset']} - run {run[:8]} checkpoint '{result['checkpoint']}' "
+        f"(stage {result['checkpoint_stage']}, epoch {result['checkpoint_epoch']})"
+    )
+    err.print(results_table(result, title))
+    if result["same_dataset"]:
+        err.print("[yellow]note:[/yellow] tested on the training dataset (declared; the test run is tagged).")
+    err.print(f"test run {result['run_id']}")
+    typer.echo(result["run_id"])
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+@data_app.command("synth")
+@handle_errors
+def data_synth_cmd(
+    directory: Annotated[Path, typer.Argument(help="Where to write the demo dataset (train/ and test/ roots).")],
+    seed: Annotated[int, typer.Option("--seed", help="Generation seed.")] = 0,
+    image_size: Annotated[int, typer.Option("--image-size", help="Image side in pixels.")] = 128,
+    json_: JsonOpt = False,
+):
+    """Write the built-in synthetic demo dataset in the MVTec AD layout (deterministic for a seed)."""
+    from aaclip_core.data import ensure_demo_data, index_dataset
+
+    train, test = ensure_demo_data(directory, seed=seed, image_size=image_size)
+    counts = {}
+    for name, root in (("train", train), ("test", test)):
+        samples = index_dataset(root, layout="mvtec", split="test")
+        counts[name] = {"root": str(root), "images": len(samples), "anomalous": sum(s.label for s in samples)}
+    if json_:
+        print_json(counts)
+    else:
+        for name, c in counts.items():
+            err.print(f"{name}: {c['images']} labelled images ({c['anomalous']} anomalous) in {c['root']}")
+
+
+@data_app.command("index")
+@handle_errors
+def data_index_cmd(
+    root: Annotated[Path, typer.Argument(help="Dataset root.")],
+    layout: Annotated[str, typer.Option("--layout", help="auto, mvtec, visa, btad, mpdd, folder, jsonl.")] = "auto",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the reference JSON-lines metadata here.")] = None,
+    json_: JsonOpt = False,
+):
+    """Index a dataset in a known layout and check every image and mask."""
+    from aaclip_core.data import index_dataset, validate_samples, write_metadata_jsonl
+
+    samples = index_dataset(root, layout=layout, split="test")
+    validate_samples(samples)
+    per_class: dict[str, list[int]] = {}
+    for s in samples:
+        per_class.setdefault(s.class_name, [0, 0])[s.label] += 1
+    if out is not None:
+        write_metadata_jsonl(samples, out, root.expanduser().resolve())
+    summary = {c: {"normal": n, "anomalous": a} for c, (n, a) in sorted(per_class.items())}
+    if json_:
+        print_json({"root": str(root), "images": len(samples), "classes": summary})
+    else:
+        for c, v in summary.items():
+            err.print(f"{c}: {v['normal']} normal, {v['anomalous']} anomalous")
+
+
+# ------------------------------------------------------------------------------------------ recipes
+
+
+@recipes_app.command("list")
+@handle_errors
+def recipes_list_cmd():
+    """List the shipped recipes."""
+    from aaclip_core.config import load_recipe, shipped_recipes
+
+    for name in shipped_recipes():
+        r, _ = load_recipe(name)
+        typer.echo(f"{name:16s} {r.description}")
+
+
+@recipes_app.command("show")
+@handle_errors
+def recipes_show_cmd(
+    recipe: Annotated[str, typer.Argument(help="Recipe name or path.")] = "base",
+    set_: SetOpt = None,
+):
+    """Print every setting of a recipe (after --set overrides) as dotted keys."""
+    from aaclip_core.config import flatten, load_recipe
+
+    r, _ = load_recipe(recipe, set_)
+    for k, v in flatten(r).items():
+        typer.echo(f"{k} = {v}")
+
+
+def main() -> None:  # pragma: no cover - entry point
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
