@@ -6,85 +6,29 @@ User errors print one paragraph and exit 2; an interrupted command exits 130.
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from .display import RichReporter, err, print_json, results_table
-
-app = typer.Typer(
-    name="aaclip",
-    help="Train, evaluate, compare and diagnose AA-CLIP anomaly detectors (base, cross-attention, feedback).",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
+from .app import (
+    ExpOpt,
+    JsonOpt,
+    QuietOpt,
+    RecipeOpt,
+    SeedOpt,
+    SetOpt,
+    UriOpt,
+    app,
+    data_app,
+    handle_errors,
+    load_recipe_with_flags,
+    loss_summary,
+    recipes_app,
+    train_app,
 )
-train_app = typer.Typer(help="Train a model: base AA-CLIP, cross-attention, or feedback loops.", no_args_is_help=True)
-data_app = typer.Typer(help="Datasets: the built-in synthetic demo data, indexing real layouts.", no_args_is_help=True)
-recipes_app = typer.Typer(help="Shipped recipes and their settings.", no_args_is_help=True)
-app.add_typer(train_app, name="train")
-app.add_typer(data_app, name="data")
-app.add_typer(recipes_app, name="recipes")
-
-EXIT_USAGE = 2
-
-
-def handle_errors(fn):
-    """User errors -> one paragraph on stderr and exit 2, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from aaclip_core.errors import AaclipError
-
-        try:
-            return fn(*args, **kwargs)
-        except AaclipError as exc:
-            err.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
-            raise typer.Exit(EXIT_USAGE) from None
-        except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/yellow]: the run is marked KILLED; finished checkpoints are kept.")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-# ------------------------------------------------------------------------------------------ options
-
-RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Shipped recipe name or path to a TOML file.")]
-SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", "-s", help="Override a recipe value: key.sub=value (repeatable).")
-]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: the recipe's, 111).")]
-UriOpt = Annotated[
-    Optional[str],
-    typer.Option("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."),
-]
-ExpOpt = Annotated[Optional[str], typer.Option("--experiment", help="MLflow experiment name.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
-
-
-def _load(recipe: str, sets: list[str] | None, seed: int | None, experiment: str | None):
-    from aaclip_core.config import load_recipe
-
-    overrides = list(sets or [])
-    if seed is not None:
-        overrides.append(f"runtime.seed={seed}")
-    if experiment:
-        overrides.append(f'tracking.experiment="{experiment}"')
-    return load_recipe(recipe, overrides)
-
-
-def _loss_summary(result: dict) -> str:
-    parts = []
-    for key in ("final_stage1_loss", "final_stage2_loss"):
-        if result.get(key) is not None:
-            parts.append(f"{key.replace('final_', '').replace('_loss', '')} loss {result[key]:.4f}")
-    return ", ".join(parts)
-
+from .display import RichReporter, err, print_json, results_table
 
 # ------------------------------------------------------------------------------------------ train
 
@@ -104,13 +48,13 @@ def train_base_cmd(
     """Train base AA-CLIP: stage 1 (text anchors) then stage 2 (patch features)."""
     from aaclip_core.jobs.base import train_base
 
-    r, path = _load(recipe, set_, seed, experiment)
+    r, path = load_recipe_with_flags(recipe, set_, seed, experiment)
     with RichReporter(quiet or json_) as rep:
         result = train_base(r, path, tracking_uri, rep, run_name)
     if json_:
         print_json(result)
     else:
-        err.print(f"[green]done[/green] run {result['run_id']} ({_loss_summary(result)})")
+        err.print(f"[green]done[/green] run {result['run_id']} ({loss_summary(result)})")
         typer.echo(result["run_id"])
 
 
@@ -234,6 +178,10 @@ def recipes_show_cmd(
     r, _ = load_recipe(recipe, set_)
     for k, v in flatten(r).items():
         typer.echo(f"{k} = {v}")
+
+
+# Command modules register themselves on `app` when imported.
+from . import commands_extra  # noqa: E402,F401
 
 
 def main() -> None:  # pragma: no cover - entry point

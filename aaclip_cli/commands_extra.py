@@ -1,0 +1,1 @@
+"""Imports every further command module so that its commands register on `app`."""
