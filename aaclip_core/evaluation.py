@@ -57,9 +57,12 @@ class EvalReport:
     classes: list[ClassResult]
     mean: dict[str, float]
     image_scores: list[dict] = field(default_factory=list)  # per image: path, class, label, score
+    # Per class: the raw ranges behind the min-max normalisation and the F1-optimal image threshold,
+    # so new images (`predict`) can be scored on the scale the held-out results were computed on.
+    calibration: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"classes": [asdict(c) for c in self.classes], "mean": self.mean}
+        return {"classes": [asdict(c) for c in self.classes], "mean": self.mean, "calibration": self.calibration}
 
 
 @torch.no_grad()
@@ -116,12 +119,21 @@ def _minmax(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
 
 
-def _safe(fn, *args, **kwargs) -> float:
-    """A metric that is undefined for this class (one label only) is NaN, not 0."""
+def _safe(fn, *args, **kwargs):
+    """A metric that is undefined for this class (one label only) is NaN, not 0; any other bad
+    input is a bug and propagates."""
     try:
-        return float(fn(*args, **kwargs))
-    except ValueError:
+        return fn(*args, **kwargs)
+    except metrics.UndefinedMetricError:
         return math.nan
+
+
+def _detection(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """AUROC, AP and F1-max from one sort (the pixel arrays run to tens of millions)."""
+    out = _safe(metrics.detection_metrics, scores, labels)
+    if isinstance(out, float):
+        return {"auroc": math.nan, "ap": math.nan, "f1_max": math.nan}
+    return out
 
 
 def image_scores(cm: ClassMaps, domain: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,17 +151,19 @@ def score_class(name: str, cm: ClassMaps, recipe: Recipe) -> ClassResult:
     aupro = math.nan
     if recipe.eval.aupro:
         aupro = _safe(metrics.aupro, maps, masks, num_thresholds=recipe.eval.aupro_thresholds or None)
+    pixel = _detection(maps, masks)
+    image = _detection(score, cm.labels)
     return ClassResult(
         class_name=name,
         n_images=len(cm.labels),
         n_anomalous=int(cm.labels.sum()),
-        pixel_auroc=_safe(metrics.auroc, maps, masks),
-        pixel_ap=_safe(metrics.average_precision, maps, masks),
-        image_auroc=_safe(metrics.auroc, score, cm.labels),
-        image_ap=_safe(metrics.average_precision, score, cm.labels),
-        aupro=aupro,
-        pixel_f1_max=_safe(metrics.f1_max, maps, masks),
-        image_f1_max=_safe(metrics.f1_max, score, cm.labels),
+        pixel_auroc=float(pixel["auroc"]),
+        pixel_ap=float(pixel["ap"]),
+        image_auroc=float(image["auroc"]),
+        image_ap=float(image["ap"]),
+        aupro=float(aupro),
+        pixel_f1_max=float(pixel["f1_max"]),
+        image_f1_max=float(image["f1_max"]),
     )
 
 
@@ -174,9 +188,11 @@ def evaluate(
     per_class = collect_maps(model, bank, loader, recipe, device, progress)
     results = [score_class(c, per_class[c], recipe) for c in sorted(per_class)]
     rows = []
+    calibration = {}
     for c in sorted(per_class):
         cm = per_class[c]
         _, score = image_scores(cm, recipe.data.domain)
+        calibration[c] = class_calibration(cm, score)
         raw_max = cm.maps.flatten(1).max(dim=1).values
         for j, idx in enumerate(cm.indices):
             rows.append(
@@ -189,4 +205,19 @@ def evaluate(
                     "raw_det": float(cm.det[j]),
                 }
             )
-    return EvalReport(classes=results, mean=mean_over_classes(results), image_scores=rows)
+    return EvalReport(classes=results, mean=mean_over_classes(results), image_scores=rows, calibration=calibration)
+
+
+def class_calibration(cm: ClassMaps, score: torch.Tensor) -> dict[str, float]:
+    cal = {
+        "map_min": float(cm.maps.min()),
+        "map_max": float(cm.maps.max()),
+        "det_min": float(cm.det.min()),
+        "det_max": float(cm.det.max()),
+    }
+    try:
+        f1, threshold = metrics.f1_max_threshold(score, cm.labels)
+        cal.update({"image_f1_max": float(f1), "image_threshold": float(threshold)})
+    except metrics.UndefinedMetricError:
+        pass
+    return cal
