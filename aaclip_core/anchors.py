@@ -22,9 +22,14 @@ class AnchorBank:
         self.index = {c: i for i, c in enumerate(self.class_names)}
         self.descriptive = {c: descriptive_name(dataset_name, c) for c in self.class_names}
         sentences = [s for c in self.class_names for s in class_prompts(self.descriptive[c])]
-        tokens = model.tokenize(sentences)
-        self.tokens = tokens.view(len(self.class_names), N_PROMPTS, -1)
-        self.prefix = model.text_prefix(tokens).view(*self.tokens.shape, -1)
+        full = model.tokenize(sentences)
+        self.full_tokens = full.view(len(self.class_names), N_PROMPTS, -1)
+        # Only positions up to the last end-of-text token can reach a pooled embedding (causal
+        # attention), so anchors are encoded on that prefix: ~6x less text work for CLIP prompts.
+        length = int(full.argmax(dim=-1).max()) + 1
+        self.tokens = self.full_tokens[..., :length]
+        self.prefix = model.text_prefix(self.tokens.flatten(0, 1)).view(*self.tokens.shape, -1)
+        self._context_prefix: torch.Tensor | None = None
         self._frozen: torch.Tensor | None = None
 
     def class_index(self, class_names: list[str]) -> torch.Tensor:
@@ -60,6 +65,11 @@ class AnchorBank:
 
     @torch.no_grad()
     def text_context(self, class_names: list[str]) -> torch.Tensor:
-        """[B, 16*L, D] prompt tokens of each image's class for the image cross-attention."""
+        """[B, 16*77, D] prompt tokens (full context length, as specified) of each image's class for
+        the image cross-attention."""
+        if self._context_prefix is None:
+            self._context_prefix = self.model.text_prefix(self.full_tokens.flatten(0, 1)).view(
+                *self.full_tokens.shape, -1
+            )
         idx = self.class_index(class_names)
-        return self.model.text_context_tokens(self.prefix[idx]).flatten(1, 2)
+        return self.model.text_context_tokens(self._context_prefix[idx]).flatten(1, 2)

@@ -145,8 +145,13 @@ class AACLIP(nn.Module):
     def text_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens after the first (frozen) text block: cacheable, since nothing trained acts before it."""
         clip = self.clip
-        x = clip.token_embedding(tokens) + clip.positional_embedding
-        return clip.transformer.resblocks[0](x, attn_mask=clip.attn_mask)
+        n = tokens.shape[-1]
+        x = clip.token_embedding(tokens) + clip.positional_embedding[:n]
+        return clip.transformer.resblocks[0](x, attn_mask=self._text_mask(n))
+
+    def _text_mask(self, n: int) -> torch.Tensor | None:
+        mask = self.clip.attn_mask
+        return None if mask is None else mask[:n, :n]
 
     def _first_text_adapter(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.text_adapt_until >= 1:
@@ -163,6 +168,9 @@ class AACLIP(nn.Module):
     ) -> torch.Tensor:
         """Adapted text embeddings for ``tokens`` [..., L] -> [..., E].
 
+        ``L`` may be shorter than the context length: attention is causal, so cutting the padding
+        after the longest end-of-text token leaves every pooled embedding exactly as it was.
+
         With ``image_context`` [B, S, E] (text cross-attention on), ``tokens`` is [B, M, L]: the M
         prompts of row b are conditioned on image b alone, so no image sees its batch-mates.
         """
@@ -175,8 +183,9 @@ class AACLIP(nn.Module):
                 raise ValueError("conditioned prompts must be [B, M, L] with one image context per row")
             x = self.text_cross_attn(x.view(*lead, *x.shape[-2:]), image_context).flatten(0, 1)
         x = self._first_text_adapter(x)
+        mask = self._text_mask(flat.shape[-1])
         for i in range(1, self.dims.text_layers):
-            x = clip.transformer.resblocks[i](x, attn_mask=clip.attn_mask)
+            x = clip.transformer.resblocks[i](x, attn_mask=mask)
             if i < self.cfg.text_adapt_until:
                 x = norm_matched_mix(x, self.text_adapter[i], self.cfg.text_adapt_weight)
         x = clip.ln_final(x)

@@ -12,8 +12,8 @@ from .adapters import rescale_to
 class CrossAttention(nn.Module):
     """Multi-head attention from ``query_dim`` tokens onto a ``context_dim`` context.
 
-    Keys and values are projected once per context and broadcast over any extra query dimensions,
-    so 16 prompts attending to one image's context cost one projection of that context.
+    Keys and values are projected once per context, so 16 prompts attending to one image's context
+    cost one projection of that context.
     """
 
     def __init__(self, query_dim: int, context_dim: int, embed_dim: int, heads: int, dropout: float) -> None:
@@ -31,21 +31,22 @@ class CrossAttention(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def _split(self, t: torch.Tensor) -> torch.Tensor:
-        *lead, n, d = t.shape
-        return t.view(*lead, n, self.heads, d // self.heads).transpose(-2, -3)
+        b, n, d = t.shape
+        return t.view(b, n, self.heads, d // self.heads).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """``x`` [B, *extra, L, Dq] attends to ``context`` [B, S, Dc]; returns [B, *extra, L, Dq]."""
-        q = self._split(self.q(x))
+        """``x`` [B, *extra, L, Dq] attends to ``context`` [B, S, Dc]; returns [B, *extra, L, Dq].
+
+        Queries do not attend to each other, so all of a row's prompts are laid end to end as one
+        query sequence against the shared context: one fused attention call, no copies of K/V.
+        """
+        shape = x.shape
+        q = self._split(self.q(x.reshape(shape[0], -1, shape[-1])))
         k = self._split(self.k(context))
         v = self._split(self.v(context))
-        for _ in range(q.dim() - k.dim()):
-            k, v = k.unsqueeze(1), v.unsqueeze(1)
-        k = k.expand(*q.shape[:-2], *k.shape[-2:])
-        v = v.expand(*q.shape[:-2], *v.shape[-2:])
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        out = out.transpose(-2, -3).flatten(-2)
-        return self.out(out)
+        out = out.transpose(1, 2).flatten(2)
+        return self.out(out).view(shape)
 
 
 class ScaledCrossAttention(nn.Module):
