@@ -58,6 +58,38 @@ def train_base_cmd(
         typer.echo(result["run_id"])
 
 
+@train_app.command("cross")
+@handle_errors
+def train_cross_cmd(
+    from_run: Annotated[Optional[str], typer.Option("--from", help="Base run id whose adapters to start from.")] = None,
+    base_text_adapter: Annotated[
+        Optional[Path], typer.Option("--base-text-adapter", help="Reference text_adapter.pth (instead of --from).")
+    ] = None,
+    base_image_adapter: Annotated[
+        Optional[Path], typer.Option("--base-image-adapter", help="Reference image_adapter_N.pth (with the above).")
+    ] = None,
+    recipe: RecipeOpt = "cross",
+    set_: SetOpt = None,
+    seed: SeedOpt = None,
+    tracking_uri: UriOpt = None,
+    experiment: ExpOpt = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    run_name: Annotated[Optional[str], typer.Option("--run-name", help="MLflow run name.")] = None,
+):
+    """Add text<->image cross-attention to a base run and train stage 1 and stage 2 once."""
+    from aaclip_core.jobs.cross import train_cross
+
+    r, path = load_recipe_with_flags(recipe, set_, seed, experiment)
+    with RichReporter(quiet or json_) as rep:
+        result = train_cross(r, path, from_run, base_text_adapter, base_image_adapter, tracking_uri, rep, run_name)
+    if json_:
+        print_json(result)
+    else:
+        err.print(f"[green]done[/green] cross run {result['run_id']} ({loss_summary(result)})")
+        typer.echo(result["run_id"])
+
+
 # ------------------------------------------------------------------------------------------ test
 
 
@@ -80,12 +112,22 @@ def test_cmd(
     tracking_uri: UriOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
+    visualize: Annotated[
+        int,
+        typer.Option(
+            "--visualize",
+            min=0,
+            help="Log anomaly-map pictures of N images per class (the N highest-scoring anomalous and the N "
+            "highest-scoring normal ones) under visualizations/<class>/.",
+        ),
+    ] = 0,
 ):
     """Evaluate a run with the reference protocol: per-class pixel/image AUROC and AP, plus AUPRO, F1-max."""
     from aaclip_core.jobs.test import test_run
 
     with RichReporter(quiet or json_) as rep:
-        result = test_run(run, dataset, data_root, layout, checkpoint, same_dataset, tracking_uri, rep, set_)
+        result = test_run(run, dataset, data_root, layout, checkpoint, same_dataset, tracking_uri, rep, set_,
+                          visualize=visualize)
     if json_:
         print_json(result)
         return

@@ -147,6 +147,7 @@ class TrackingConfig(_Strict):
 
 class Recipe(_Strict):
     name: str = "custom"
+    extends: str | None = None  # the recipe this one was layered on (resolved at load time)
     description: str = ""
     fidelity: Literal["official", "corrected"] = "official"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -258,14 +259,37 @@ def recipe_from_dict(data: dict[str, Any], source: str) -> Recipe:
         ) from None
 
 
-def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
-    path = resolve_recipe_path(name_or_path)
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_layered(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe's table, layered over the recipe it ``extends`` (a shipped name or a path relative
+    to it), so variants such as ``cross-demo`` state only what differs."""
+    if path in seen:
+        raise ConfigError(f"Recipe '{path}' extends itself through {' -> '.join(map(str, seen))}.")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"Recipe file '{path}' is not valid TOML: {exc}.") from None
     except OSError as exc:
         raise ConfigError(f"Recipe file '{path}' cannot be read: {exc.strerror}.") from None
+    parent = data.get("extends")
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"Recipe '{path}': 'extends' must be a recipe name or path.")
+    relative = path.parent / parent
+    parent_path = relative if relative.suffix == ".toml" and relative.is_file() else resolve_recipe_path(parent)
+    return _deep_merge(_read_layered(parent_path, (*seen, path)), data)
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
+    path = resolve_recipe_path(name_or_path)
+    data = _read_layered(path.resolve())
     data = apply_overrides(data, overrides or [])
     source = f"'{path}'" + (f" with --set {' '.join(overrides)}" if overrides else "")
     return recipe_from_dict(data, source), path

@@ -62,6 +62,15 @@ def _step(loss: torch.Tensor, model: AACLIP, params: list, schedule: StageSchedu
     return norms
 
 
+def cross_weights(model: AACLIP) -> dict[str, float]:
+    """Current cross-attention residual weights (fixed or learnable), for logging."""
+    out = {}
+    for key, mod in (("cross/text_weight", model.text_cross_attn), ("cross/image_weight", model.image_cross_attn)):
+        if mod is not None:
+            out[key] = float(mod.weight.detach())
+    return out
+
+
 def _mean_dicts(ds: list[dict[str, float]]) -> dict[str, float]:
     keys = {k for d in ds for k in d}
     return {k: sum(d[k] for d in ds if k in d) / sum(1 for d in ds if k in d) for k in sorted(keys)}
@@ -152,6 +161,7 @@ def run_stage(
             if log is not None:
                 metrics = {f"{metric_prefix}{name}/loss": epoch_loss, f"{metric_prefix}{name}/lr": lr}
                 metrics.update({f"{metric_prefix}{name}/grad_norm/{k}": v for k, v in epoch_norms.items()})
+                metrics.update({f"{metric_prefix}{k}": v for k, v in cross_weights(model).items()})
                 log(metrics, epoch_offset + epoch + 1)
             if should_stop is not None and should_stop():
                 break

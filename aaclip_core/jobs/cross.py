@@ -1,0 +1,128 @@
+"""`aaclip train cross`: cross-attention modules trained on top of a base run's adapters (SPEC §6)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..backbone import backbone_id
+from ..checkpoints import import_reference
+from ..config import Recipe
+from ..errors import ConfigError
+from ..model import AACLIP, build_model
+from ..tracking import TAG, get_run, tracked_run
+from ..training.engine import StageSchedule, run_stage
+from ..training.groups import count_trainable, stage_parameters
+from . import common
+from .reporter import Reporter
+
+
+def load_base_adapters(
+    session: common.Session,
+    model: AACLIP,
+    from_run: str | None,
+    text_file: Path | None,
+    image_file: Path | None,
+) -> dict[str, str]:
+    """Load a base run's adapters (or the reference files) into ``model``; returns tags describing
+    where they came from. The cross-attention modules keep their fresh initialisation."""
+    recipe = session.recipe
+    if from_run:
+        base_recipe = common.run_recipe(session.mlflow, from_run, session.workdir)
+        if backbone_id(base_recipe) != backbone_id(recipe) or base_recipe.fidelity != recipe.fidelity:
+            raise ConfigError(
+                f"Base run {from_run} used {backbone_id(base_recipe)} ({base_recipe.fidelity}); the recipe "
+                f"'{recipe.name}' uses {backbone_id(recipe)} ({recipe.fidelity}). Use a recipe with the "
+                "same model.name, model.pretrained, model.image_size and fidelity as the base run."
+            )
+        name = common.default_checkpoint(session.mlflow, from_run)
+        ckpt = common.run_checkpoint(session.mlflow, from_run, name, session.workdir)
+        base = {k: v for k, v in ckpt.adapters.items() if k.startswith(("text_adapter.", "image_adapter."))}
+        _load_partial(model, base)
+        model.context_source = ckpt.manifest.get("context_source", "dpam")
+        return {f"{TAG}parent_run": from_run, f"{TAG}parent_checkpoint": name, "mlflow.parentRunId": from_run}
+    if text_file is None or image_file is None:
+        raise ConfigError(
+            "train cross needs a base: --from BASE_RUN_ID, or both --base-text-adapter FILE and "
+            "--base-image-adapter FILE (the reference text_adapter.pth / image_adapter_N.pth)."
+        )
+    own = model.adapter_state_dict()
+    tags = {}
+    for kind, path in (("text", text_file), ("image", image_file)):
+        imported = import_reference(path, kind, own, recipe.model.relu)
+        _load_partial(model, imported.adapters)
+        tags[f"{TAG}base_{kind}_adapter_sha256"] = imported.sha256
+        tags[f"{TAG}base_{kind}_adapter_epoch"] = str(imported.epoch)
+    return tags
+
+
+def _load_partial(model: AACLIP, state: dict[str, torch.Tensor]) -> None:
+    current = model.adapter_state_dict()
+    current.update({k: v.to(current[k].device) for k, v in state.items()})
+    model.load_adapter_state_dict(current)
+
+
+def train_cross(
+    recipe: Recipe,
+    recipe_path: Path | None = None,
+    from_run: str | None = None,
+    text_file: Path | None = None,
+    image_file: Path | None = None,
+    tracking_uri: str | None = None,
+    reporter: Reporter | None = None,
+    run_name: str | None = None,
+) -> dict:
+    common.check_train_samples(recipe)
+    session = common.open_session(recipe, recipe_path, tracking_uri, reporter)
+    try:
+        if from_run:
+            get_run(session.mlflow, from_run)
+        samples = common.train_data(session, recipe)
+        text_loader, image_loader = common.loaders(session, samples)
+        model = build_model(recipe, session.device, with_cross=True)
+        origin = load_base_adapters(session, model, from_run, text_file, image_file)
+        bank = common.anchor_bank(model, samples, recipe.data.train.name)
+        tags = {**common.run_tags(recipe, "cross", recipe.data.train.name), **origin}
+        with tracked_run(session.mlflow, recipe.tracking.experiment, run_name or f"cross-{recipe.name}", tags) as run:
+            mlflow = session.mlflow
+            common.log_recipe(session)
+            common.log_metadata(session, samples, "train.jsonl", recipe.data.train.root)
+            mlflow.log_param("trainable_parameters", count_trainable(model))
+            started = time.perf_counter()
+            s1, s2 = recipe.stage1, recipe.stage2
+            opt1 = torch.optim.Adam(stage_parameters(model, 1), lr=s1.lr, betas=s1.betas)
+            h1 = run_stage(1, model, bank, text_loader, StageSchedule(opt1), s1.epochs, recipe, session.device,
+                           features=_stage1_features(model), log=mlflow.log_metrics,
+                           progress=session.reporter.progress)
+            common.save_and_log(session, "stage1", model, common.manifest(recipe, model, "stage1", s1.epochs),
+                                opt1.state_dict())
+            opt2 = torch.optim.Adam(stage_parameters(model, 2), lr=s2.lr, betas=s2.betas)
+            sched2 = torch.optim.lr_scheduler.MultiStepLR(opt2, milestones=s2.milestones, gamma=s2.gamma)
+            h2 = run_stage(2, model, bank, image_loader, StageSchedule(opt2, sched2), s2.epochs, recipe,
+                           session.device, log=mlflow.log_metrics, progress=session.reporter.progress)
+            common.save_and_log(session, "final", model,
+                                common.manifest(recipe, model, "stage2", s2.epochs, text_epoch=s1.epochs),
+                                opt2.state_dict())
+            seconds = time.perf_counter() - started
+            mlflow.log_metric("train_seconds", seconds)
+            mlflow.set_tag(f"{TAG}selected_checkpoint", "final")
+            return {
+                "run_id": run.info.run_id,
+                "stage": "cross",
+                "parent_run_id": from_run,
+                "stage1_loss": h1.losses,
+                "stage2_loss": h2.losses,
+                "final_stage1_loss": h1.losses[-1] if h1.losses else None,
+                "final_stage2_loss": h2.losses[-1] if h2.losses else None,
+                "train_seconds": seconds,
+                "checkpoint": "final",
+            }
+    finally:
+        session.close()
+
+
+def _stage1_features(model: AACLIP) -> str:
+    """Stage 1 reads its image features from where the model's anchors take their context."""
+    return "image_path" if model.context_source == "image_path" else "dpam"
