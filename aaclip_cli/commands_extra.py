@@ -1,1 +1,3 @@
 """Imports every further command module so that its commands register on `app`."""
+
+from . import transfer_cmd  # noqa: E402,F401

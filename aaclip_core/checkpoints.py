@@ -145,7 +145,22 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def _load_reference(path: Path) -> dict:
+def _resave_hint(path: Path, kind: str | None) -> str:
+    """One shell line that re-saves a trusted reference file with tensors only."""
+    if kind:
+        k = f"{kind}_adapter"
+        body = f"{{'{k}': {{n: t.cpu() for n, t in o['{k}'].items()}}, 'epoch': int(o['epoch'])}}"
+    else:
+        body = "{k: o[k] for k in ('text_adapter', 'image_adapter', 'epoch') if k in o}"
+    safe = path.with_name(f"{path.stem}.safe{path.suffix or '.pth'}")
+    return (
+        f"python -c \"import torch; o = torch.load('{path}', map_location='cpu', weights_only=False); "
+        f"torch.save({body}, '{safe}')\""
+    )
+
+
+def _load_reference(path: Path, kind: str | None = None) -> dict:
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Reference checkpoint '{path}' does not exist.")
     try:
@@ -153,9 +168,8 @@ def _load_reference(path: Path) -> dict:
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"'{path}' needs pickle to load (it holds Python objects, not only tensors), so it was "
-            "refused without being run. If you trust it, re-save it with tensors only: "
-            "`torch.save({k: v for k, v in torch.load(p, weights_only=False).items()}, p2)` keeping "
-            "the state dicts and the epoch."
+            "refused without being run. Only if you trust where it came from (loading it runs its "
+            f"code), re-save it with tensors only: {_resave_hint(path, kind)} and import the new file."
         ) from None
     except Exception as exc:
         raise CheckpointError(f"'{path}' is not a readable PyTorch file: {exc}.") from None
@@ -174,22 +188,88 @@ def _check_shapes(source: Path, mapped: dict[str, torch.Tensor], own: dict[str, 
             )
         if own[k].shape != v.shape:
             raise CheckpointError(
-                f"'{source}': key '{k[len(prefix):]}' has shape {tuple(v.shape)}, the recipe's backbone "
-                f"expects {tuple(own[k].shape)}. Use the recipe (model.name) the file was trained with."
+                f"'{source}': key '{k[len(prefix):]}' has the wrong shape: expected {tuple(own[k].shape)}, "
+                f"found {tuple(v.shape)}. Use the recipe (model.name) the file was trained with."
             )
     missing = sorted(wanted - set(mapped))
     if missing:
+        more = f" (and {len(missing) - 1} more keys)" if len(missing) > 1 else ""
         raise CheckpointError(
-            f"'{source}' lacks '{missing[0][len(prefix):]}' (and {len(missing) - 1} more keys) that the "
-            "recipe's model needs; check model.relu, text_adapt_until, image_adapt_until and levels."
+            f"'{source}' lacks '{missing[0][len(prefix):]}'{more} that the recipe's model needs; "
+            "check model.relu, text_adapt_until, image_adapt_until and levels."
         )
 
 
-def _relu_of_file(keys: list[str]) -> bool | None:
-    proj = [k for k in keys if k.startswith(("seg_proj.", "det_proj."))]
-    if not proj:
-        return None
-    return any(".fc.0." in k for k in proj)
+def _relu_variants(keys: list[str]) -> set[bool]:
+    """The projection variants present: True for ``fc.0.weight`` (relu), False for ``fc.weight``."""
+    return {".fc.0." in k for k in keys if k.startswith(("seg_proj.", "det_proj."))}
+
+
+@dataclass
+class ReferenceFile:
+    """A reference adapter file read safely: its adapter state, recorded epoch and provenance."""
+
+    path: Path
+    kind: str  # "text" or "image"
+    state: dict[str, torch.Tensor]
+    epoch: int | None
+    sha256: str
+    relu: bool | None  # image files: the projection variant; None for text files
+    extra_keys: list[str]  # entries besides the adapter state and the epoch (e.g. the optimiser)
+
+
+def read_reference(path: Path, kind: str) -> ReferenceFile:
+    """Read a reference ``text_adapter.pth`` (kind "text") or ``image_adapter_N.pth`` (kind
+    "image") with ``weights_only=True``; refuse files that are not adapter files of that kind."""
+    if kind not in ("text", "image"):
+        raise ValueError(f"kind must be 'text' or 'image', not {kind!r}")
+    path = Path(path)
+    obj = _load_reference(path, kind)
+    key = f"{kind}_adapter"
+    if key not in obj or not isinstance(obj[key], dict):
+        other = "image" if kind == "text" else "text"
+        hint = f" It looks like a reference {other} adapter file." if f"{other}_adapter" in obj else ""
+        raise CheckpointError(
+            f"'{path}' has no '{key}' entry (found: {', '.join(map(str, obj)) or 'nothing'}); is it a "
+            f"reference {kind} adapter file?{hint}"
+        )
+    state = {}
+    for k, v in obj[key].items():
+        if not torch.is_tensor(v):
+            raise CheckpointError(f"'{path}': '{key}' entry '{k}' is a {type(v).__name__}, not a tensor.")
+        if not v.is_floating_point():
+            raise CheckpointError(f"'{path}': key '{k}' holds {v.dtype} values, not floating-point weights.")
+        state[str(k)] = v
+    relu = None
+    if kind == "image":
+        variants = _relu_variants(list(state))
+        if len(variants) > 1:
+            raise CheckpointError(
+                f"'{path}' mixes both projection variants ('seg_proj.N.fc.weight' and "
+                "'seg_proj.N.fc.0.weight'); it is not a file the reference code writes."
+            )
+        relu = next(iter(variants)) if variants else None
+    epoch = obj.get("epoch")
+    if torch.is_tensor(epoch) and epoch.numel() == 1:
+        epoch = epoch.item()
+    return ReferenceFile(
+        path=path,
+        kind=kind,
+        state=state,
+        epoch=int(epoch) if isinstance(epoch, (int, float)) and not isinstance(epoch, bool) else None,
+        sha256=sha256_of(path),
+        relu=relu,
+        extra_keys=sorted(str(k) for k in obj if k not in (key, "epoch")),
+    )
+
+
+def map_reference(ref: ReferenceFile, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's tensors under this model's adapter keys (float32, values unchanged), refusing any
+    key the model lacks, any key it misses, and any shape that differs (named with both shapes)."""
+    key = f"{ref.kind}_adapter"
+    mapped = {f"{key}.{k}": v.float() for k, v in ref.state.items()}
+    _check_shapes(ref.path, mapped, own, f"{key}.")
+    return mapped
 
 
 @dataclass
@@ -202,33 +282,16 @@ class ReferenceImport:
 
 def import_reference(path: Path, kind: str, own: dict[str, torch.Tensor], relu: bool) -> ReferenceImport:
     """Map a reference ``text_adapter.pth`` (kind "text") or ``image_adapter_N.pth`` (kind "image")
-    onto this model's adapter keys, refusing any shape or key that does not fit."""
-    path = Path(path)
-    obj = _load_reference(path)
-    key = f"{kind}_adapter"
-    if key not in obj or not isinstance(obj[key], dict):
+    onto this model's adapter keys, refusing any shape or key that does not fit (including a
+    projection variant other than ``relu``)."""
+    ref = read_reference(path, kind)
+    if ref.relu is not None and ref.relu != relu:
         raise CheckpointError(
-            f"'{path}' has no '{key}' entry (found: {', '.join(map(str, obj)) or 'nothing'}); is it a "
-            f"reference {kind} adapter file?"
+            f"'{ref.path}' was trained with relu={'on' if ref.relu else 'off'} projections (keys "
+            f"'seg_proj.N.fc{'.0' if ref.relu else ''}.weight') but the recipe has model.relu = "
+            f"{str(relu).lower()}; pass --set model.relu={str(ref.relu).lower()}."
         )
-    state = obj[key]
-    if kind == "image":
-        file_relu = _relu_of_file(list(state))
-        if file_relu is not None and file_relu != relu:
-            raise CheckpointError(
-                f"'{path}' was trained with relu={'on' if file_relu else 'off'} projections (keys "
-                f"'seg_proj.N.fc{'.0' if file_relu else ''}.weight') but the recipe has model.relu = "
-                f"{str(relu).lower()}; pass --set model.relu={str(file_relu).lower()}."
-            )
-    mapped = {f"{key}.{k}": v.float() for k, v in state.items() if torch.is_tensor(v)}
-    _check_shapes(path, mapped, own, f"{key}.")
-    epoch = obj.get("epoch")
-    return ReferenceImport(
-        adapters=mapped,
-        epoch=int(epoch) if isinstance(epoch, (int, float)) else None,
-        sha256=sha256_of(path),
-        relu=_relu_of_file(list(state)) if kind == "image" else None,
-    )
+    return ReferenceImport(adapters=map_reference(ref, own), epoch=ref.epoch, sha256=ref.sha256, relu=ref.relu)
 
 
 def export_reference(adapters: dict[str, torch.Tensor], directory: Path, text_epoch: int, image_epoch: int) -> list[Path]:

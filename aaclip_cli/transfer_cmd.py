@@ -1,0 +1,111 @@
+"""`aaclip import` and `aaclip export`: reference adapter files (text_adapter.pth,
+image_adapter_N.pth) into and out of the run registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .app import ExpOpt, JsonOpt, RecipeOpt, SetOpt, UriOpt, app, handle_errors, load_recipe_with_flags
+from .display import RichReporter, err, print_json
+
+IMPORT_HELP = "\n\n".join(
+    [
+        "Register reference adapter files (text_adapter.pth, image_adapter_N.pth) as a run that "
+        "test, train cross --from and train feedback --from take like any trained run.",
+        "The files are read with torch.load(weights_only=True): a file that needs pickle is refused "
+        "without running it. The run holds checkpoint 'final' (stage 'imported', epochs from the "
+        "files) in aaclip's own format, the recipe it is evaluated with (backbone, fidelity) and each "
+        "file's sha256 and epoch as params and tags.",
+        "A text adapter alone is allowed: the image adapters keep the model's Xavier initialisation, "
+        "seeded with the recipe's runtime.seed, and the run is tagged aaclip.image_adapter=untrained. "
+        "An image adapter alone needs --allow-image-only (tagged aaclip.text_adapter=untrained).",
+        "Projection variant: the image file's keys say whether it was trained with relu projections "
+        "(seg_proj.N.fc.0.weight) or without (seg_proj.N.fc.weight). When that differs from the "
+        "recipe's model.relu, the run's recipe adopts the file's variant and a warning says so.",
+    ]
+)
+
+EXPORT_HELP = "\n\n".join(
+    [
+        "Write a run's checkpoint as reference files: text_adapter.pth and image_adapter_{epoch}.pth "
+        "in DIR.",
+        "The files hold the keys text_adapter / image_adapter plus epoch in the reference module "
+        "layout (projection variant as trained) and no optimiser state. Files of the same name in "
+        "DIR are replaced. Checkpoints with cross-attention modules are refused: the reference "
+        "format has no place for them.",
+    ]
+)
+
+
+@app.command("import", help=IMPORT_HELP)
+@handle_errors
+def import_cmd(
+    text_adapter: Annotated[
+        Optional[Path], typer.Option("--text-adapter", help="Reference text_adapter.pth (stage 1).")
+    ] = None,
+    image_adapter: Annotated[
+        Optional[Path], typer.Option("--image-adapter", help="Reference image_adapter_N.pth (stage 2).")
+    ] = None,
+    allow_image_only: Annotated[
+        bool,
+        typer.Option("--allow-image-only", help="Allow --image-adapter alone (text anchors from untrained adapters)."),
+    ] = False,
+    recipe: RecipeOpt = "base",
+    set_: SetOpt = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="MLflow run name.")] = None,
+    tracking_uri: UriOpt = None,
+    experiment: ExpOpt = None,
+    json_: JsonOpt = False,
+):
+    """Register reference adapter files as a run (see IMPORT_HELP)."""
+    from aaclip_core.jobs.transfer import check_import_sources, import_reference_run
+
+    check_import_sources(text_adapter, image_adapter, allow_image_only)
+    r, path = load_recipe_with_flags(recipe, set_, None, experiment)
+    with RichReporter(json_) as rep:
+        result = import_reference_run(r, path, text_adapter, image_adapter, allow_image_only, tracking_uri, rep, name)
+    for w in result["warnings"]:
+        err.print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
+    if json_:
+        print_json(result)
+        return
+    for n in result["notes"]:
+        err.print(f"[dim]note:[/dim] {n}", soft_wrap=True)
+    parts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in result["status"].items())
+    err.print(
+        f"[green]imported[/green] run {result['run_id']} ({parts}; {result['backbone']}, "
+        f"fidelity {result['fidelity']}, relu {str(result['relu']).lower()})",
+        soft_wrap=True,
+    )
+    typer.echo(result["run_id"])
+
+
+@app.command("export", help=EXPORT_HELP)
+@handle_errors
+def export_cmd(
+    directory: Annotated[
+        Path, typer.Argument(help="Directory to write text_adapter.pth and image_adapter_N.pth into.")
+    ],
+    run: Annotated[str, typer.Option("--run", help="Run id to export.")],
+    checkpoint: Annotated[
+        Optional[str], typer.Option("--checkpoint", help="Checkpoint of the run (default: its selected one).")
+    ] = None,
+    tracking_uri: UriOpt = None,
+    json_: JsonOpt = False,
+):
+    """Write a run's checkpoint as reference files (see EXPORT_HELP)."""
+    from aaclip_core.jobs.transfer import export_run
+
+    with RichReporter(json_) as rep:
+        result = export_run(run, directory, checkpoint, tracking_uri, rep)
+    if json_:
+        print_json(result)
+        return
+    for n in result["notes"]:
+        err.print(f"[dim]note:[/dim] {n}", soft_wrap=True)
+    for f in result["files"]:
+        err.print(f"wrote {f['path']}")
+        typer.echo(f["path"])
