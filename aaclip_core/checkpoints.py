@@ -16,7 +16,7 @@ import os
 import pickle
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,17 @@ class Checkpoint:
     adapters: dict[str, torch.Tensor]
     manifest: dict[str, Any]
     optimizer: dict | None = None
+    # Named optimiser states (a job with one optimiser per parameter group) and extra tensors
+    # such as random-number-generator states, for resuming exactly.
+    optimizers: dict[str, dict] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+EXTRA = "state.safetensors"
+
+
+def _optimizer_file(name: str) -> str:
+    return OPTIMIZER if name == "default" else f"optimizer-{name}.safetensors"
 
 
 def save_checkpoint(
@@ -96,17 +107,28 @@ def save_checkpoint(
     adapters: dict[str, torch.Tensor],
     manifest: dict[str, Any],
     optimizer_state: dict | None = None,
+    optimizers: dict[str, dict] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
+    """Write a checkpoint directory atomically. ``optimizer_state`` is one optimiser's state;
+    ``optimizers`` names several; ``extra_tensors`` holds anything else needed to resume."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    named = dict(optimizers or {})
+    if optimizer_state is not None:
+        named["default"] = optimizer_state
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in adapters.items()}, str(tmp / ADAPTERS))
         manifest = {"format_version": FORMAT_VERSION, **manifest}
-        if optimizer_state is not None:
-            tensors, meta = _flatten_optimizer(optimizer_state)
-            save_file(tensors, str(tmp / OPTIMIZER))
-            manifest["optimizer"] = meta
+        if named:
+            manifest["optimizers"] = {}
+            for name, state in named.items():
+                tensors, meta = _flatten_optimizer(state)
+                save_file(tensors, str(tmp / _optimizer_file(name)))
+                manifest["optimizers"][name] = meta
+        if extra_tensors:
+            save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()}, str(tmp / EXTRA))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
         _replace_dir(tmp, directory)
     except BaseException:
@@ -126,12 +148,16 @@ def load_checkpoint(directory: Path, with_optimizer: bool = False) -> Checkpoint
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         adapters = load_file(str(directory / ADAPTERS))
-    except (OSError, ValueError, RuntimeError) as exc:
+        optimizers = {}
+        if with_optimizer:
+            for name, meta in manifest.get("optimizers", {}).items():
+                optimizers[name] = _unflatten_optimizer(load_file(str(directory / _optimizer_file(name))), meta)
+        extra = load_file(str(directory / EXTRA)) if (directory / EXTRA).is_file() else {}
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise CheckpointError(f"Checkpoint '{directory}' cannot be read: {exc}.") from None
-    optimizer = None
-    if with_optimizer and (directory / OPTIMIZER).is_file() and "optimizer" in manifest:
-        optimizer = _unflatten_optimizer(load_file(str(directory / OPTIMIZER)), manifest["optimizer"])
-    return Checkpoint(adapters=adapters, manifest=manifest, optimizer=optimizer)
+    return Checkpoint(
+        adapters=adapters, manifest=manifest, optimizer=optimizers.get("default"), optimizers=optimizers, extra=extra
+    )
 
 
 # ------------------------------------------------------------------------------------------ reference

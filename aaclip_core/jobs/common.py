@@ -91,10 +91,29 @@ def manifest(recipe: Recipe, model: AACLIP, stage: str, epoch: int, loop: int | 
     }
 
 
+def save_checkpoint_dir(session: Session, name: str, model: AACLIP, meta: dict, **states) -> Path:
+    """Write a checkpoint of the model's trainable state into the session's work directory."""
+    return save_checkpoint(session.workdir / "checkpoints" / name, model.adapter_state_dict(), meta, **states)
+
+
 def save_and_log(session: Session, name: str, model: AACLIP, meta: dict, optimizer_state: dict | None = None) -> Path:
-    local = save_checkpoint(session.workdir / "checkpoints" / name, model.adapter_state_dict(), meta, optimizer_state)
+    local = save_checkpoint_dir(session, name, model, meta, optimizer_state=optimizer_state)
     session.mlflow.log_artifacts(str(local), f"checkpoints/{name}")
     return local
+
+
+def load_adapters(model: AACLIP, state: dict[str, torch.Tensor]) -> None:
+    """Load a (possibly partial) adapter state: keys it lacks, e.g. fresh cross-attention modules,
+    keep their current values; keys or shapes the model lacks are refused."""
+    current = model.adapter_state_dict()
+    unknown = sorted(set(state) - set(current))
+    if unknown:
+        raise CheckpointError(f"Checkpoint has keys this model lacks: {', '.join(unknown[:3])}.")
+    current.update({k: v.to(current[k].device) for k, v in state.items()})
+    try:
+        model.load_adapter_state_dict(current)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"Checkpoint does not fit the model: {exc}.") from None
 
 
 def train_data(session: Session, recipe: Recipe) -> list[Sample]:

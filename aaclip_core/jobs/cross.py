@@ -40,7 +40,7 @@ def load_base_adapters(
         name = common.default_checkpoint(session.mlflow, from_run)
         ckpt = common.run_checkpoint(session.mlflow, from_run, name, session.workdir)
         base = {k: v for k, v in ckpt.adapters.items() if k.startswith(("text_adapter.", "image_adapter."))}
-        _load_partial(model, base)
+        common.load_adapters(model, base)
         model.context_source = ckpt.manifest.get("context_source", "dpam")
         return {f"{TAG}parent_run": from_run, f"{TAG}parent_checkpoint": name, "mlflow.parentRunId": from_run}
     if text_file is None or image_file is None:
@@ -52,16 +52,10 @@ def load_base_adapters(
     tags = {}
     for kind, path in (("text", text_file), ("image", image_file)):
         imported = import_reference(path, kind, own, recipe.model.relu)
-        _load_partial(model, imported.adapters)
+        common.load_adapters(model, imported.adapters)
         tags[f"{TAG}base_{kind}_adapter_sha256"] = imported.sha256
         tags[f"{TAG}base_{kind}_adapter_epoch"] = str(imported.epoch)
     return tags
-
-
-def _load_partial(model: AACLIP, state: dict[str, torch.Tensor]) -> None:
-    current = model.adapter_state_dict()
-    current.update({k: v.to(current[k].device) for k, v in state.items()})
-    model.load_adapter_state_dict(current)
 
 
 def train_cross(

@@ -39,6 +39,7 @@ def make_dataset(samples: list[Sample], recipe: Recipe, augment: str) -> Anomaly
         std=tuple(OPENAI_DATASET_STD),
         augment=augment,
         cache=recipe.data.cache_images,
+        seed=recipe.runtime.seed,
     )
 
 

@@ -121,6 +121,7 @@ def run_stage(
     features: str = "dpam",
     metric_prefix: str = "",
     epoch_offset: int = 0,
+    augment_epoch_base: int = 0,
     log: LogFn | None = None,
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -136,6 +137,9 @@ def run_stage(
     hist = StageHistory()
     try:
         for epoch in range(epochs):
+            # Augmentation draws depend only on (seed, epoch id, index): reproducible and resumable.
+            if hasattr(loader.dataset, "set_epoch"):
+                loader.dataset.set_epoch(augment_epoch_base + epoch + 1)
             losses: list[float] = []
             norms: list[dict[str, float]] = []
             for b, batch in enumerate(loader):

@@ -1,0 +1,293 @@
+"""`aaclip train feedback`: stage 1 and stage 2 alternate for N loops, each loop starting from
+everything the previous one learned (SPEC §7, the improved "v2" schedule).
+
+One parent MLflow run holds the job (checkpoints, per-loop held-out metrics, the selected loop);
+one child run per loop holds that loop's per-epoch losses, learning rates and gradient norms.
+Every stage of every loop ends in a checkpoint that carries the optimiser and random-number
+states, so `--resume` continues exactly where an interrupted job stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoints import Checkpoint
+from ..config import Recipe
+from ..data import train_val_split
+from ..errors import ConfigError
+from ..evaluation import evaluate
+from ..model import AACLIP, build_model
+from ..runtime import seed_everything
+from ..tracking import TAG, get_run, list_artifacts, tracked_run
+from ..training.data import make_dataset, make_loader
+from ..training.engine import StageSchedule, run_stage
+from ..training.groups import count_trainable, stage_parameters
+from ..training.schedule import WarmupCosine, loop_epochs, loop_lr
+from . import common
+from .cross import load_base_adapters
+from .reporter import Reporter
+
+_CKPT = re.compile(r"^loop_(\d+)_stage_(\d)$")
+
+
+def checkpoint_name(loop: int, stage: int) -> str:
+    return f"loop_{loop}_stage_{stage}"
+
+
+def parse_checkpoint_name(name: str) -> tuple[int, int] | None:
+    m = _CKPT.match(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def latest_checkpoint(names: list[str]) -> tuple[int, int] | None:
+    """The last completed (loop, stage), ordered numerically (loop 10 after loop 2)."""
+    parsed = [p for p in (parse_checkpoint_name(n) for n in names) if p is not None]
+    return max(parsed) if parsed else None
+
+
+def next_stage(done: tuple[int, int] | None) -> tuple[int, int]:
+    if done is None:
+        return 1, 1
+    loop, stage = done
+    return (loop, 2) if stage == 1 else (loop + 1, 1)
+
+
+@dataclass
+class FeedbackState:
+    model: AACLIP
+    text_opt: torch.optim.Optimizer
+    image_opt: torch.optim.Optimizer
+    generator: torch.Generator
+
+
+def _rng_tensors(state: FeedbackState) -> dict[str, torch.Tensor]:
+    out = {"rng.torch": torch.get_rng_state(), "rng.loader": state.generator.get_state()}
+    if torch.cuda.is_available():
+        out["rng.cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def _restore(state: FeedbackState, ckpt: Checkpoint) -> None:
+    common.load_adapters(state.model, ckpt.adapters)
+    state.text_opt.load_state_dict(ckpt.optimizers["text"])
+    state.image_opt.load_state_dict(ckpt.optimizers["image"])
+    torch.set_rng_state(ckpt.extra["rng.torch"])
+    state.generator.set_state(ckpt.extra["rng.loader"])
+    if "rng.cuda" in ckpt.extra and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt.extra["rng.cuda"])
+    state.model.context_source = ckpt.manifest.get("context_source", "dpam")
+
+
+def _configure_loop(model: AACLIP, recipe: Recipe, loop: int) -> str:
+    """Cross-attention on from `cross_attn_start_loop`; from loop 2 on, stage 1 (and the text
+    cross-attention's context) read the trained image path instead of the DPAM copy."""
+    on = loop >= recipe.feedback.cross_attn_start_loop
+    model.use_text_cross = model.use_image_cross = on
+    model.context_source = "dpam" if loop == 1 else "image_path"
+    return model.context_source
+
+
+def _child_runs(mlflow, parent_id: str) -> dict[int, str]:
+    runs = mlflow.search_runs(
+        experiment_ids=[mlflow.get_run(parent_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+        output_format="list",
+    )
+    return {int(r.data.tags[f"{TAG}loop"]): r.info.run_id for r in runs if f"{TAG}loop" in r.data.tags}
+
+
+def _val_history(mlflow, parent_id: str, metric: str) -> dict[int, float]:
+    client = mlflow.MlflowClient()
+    return {int(m.step): m.value for m in client.get_metric_history(parent_id, f"val/{metric}")}
+
+
+def select_loop(history: dict[int, float], metric: str) -> tuple[int, str]:
+    """The loop with the best held-out metric (earliest on ties), and why."""
+    finite = {k: v for k, v in history.items() if not math.isnan(v)}
+    if not finite:
+        last = max(history) if history else 1
+        return last, f"no finite held-out {metric}; the last loop is used"
+    best = max(sorted(finite), key=lambda k: finite[k])
+    listing = ", ".join(f"{k}: {100 * v:.2f}" for k, v in sorted(finite.items()))
+    return best, f"highest held-out {metric} (x100 per loop: {listing})"
+
+
+def train_feedback(
+    recipe: Recipe,
+    recipe_path: Path | None = None,
+    from_run: str | None = None,
+    resume: str | None = None,
+    tracking_uri: str | None = None,
+    reporter: Reporter | None = None,
+    run_name: str | None = None,
+) -> dict:
+    if resume and from_run:
+        raise ConfigError("--resume continues a feedback run with its own weights; it cannot take --from too.")
+    session = common.open_session(recipe, recipe_path, tracking_uri, reporter)
+    try:
+        if resume:
+            get_run(session.mlflow, resume)
+            recipe = session.recipe = common.run_recipe(session.mlflow, resume, session.workdir)
+            session.generator = seed_everything(recipe.runtime.seed)
+        return _run(session, recipe, from_run, resume, run_name)
+    finally:
+        session.close()
+
+
+def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: str | None, run_name: str | None) -> dict:
+    fb = recipe.feedback
+    mlflow = session.mlflow
+    samples = common.train_data(session, recipe)
+    train_s, val_s = train_val_split(samples, fb.val_fraction, recipe.runtime.seed)
+    session.reporter.info(f"held-out validation split: {len(val_s)} images (seed {recipe.runtime.seed})")
+    text_loader = make_loader(make_dataset(train_s, recipe, "geometric"), recipe.stage1.batch_size, True, recipe,
+                              session.generator)
+    image_loader = make_loader(make_dataset(train_s, recipe, "geometric+colour"), recipe.stage2.batch_size, True,
+                               recipe, session.generator)
+    val_loader = make_loader(make_dataset(val_s, recipe, "none"), recipe.eval.batch_size, False, recipe, None)
+
+    model = build_model(recipe, session.device, with_cross=True)
+    bank = common.anchor_bank(model, samples, recipe.data.train.name)
+    betas = (0.9, 0.999)
+    state = FeedbackState(
+        model=model,
+        text_opt=torch.optim.AdamW(stage_parameters(model, 1), lr=fb.text_lr, betas=betas, weight_decay=fb.weight_decay),
+        image_opt=torch.optim.AdamW(stage_parameters(model, 2), lr=fb.image_lr, betas=betas,
+                                    weight_decay=fb.weight_decay),
+        generator=session.generator,
+    )
+
+    tags = common.run_tags(recipe, "feedback", recipe.data.train.name)
+    done = None
+    if resume:
+        done = latest_checkpoint([Path(p).name for p in list_artifacts(mlflow, resume, "checkpoints")])
+        if done is None:
+            session.reporter.info(f"run {resume} has no finished stage: starting from loop 1")
+        elif done >= (fb.loops, 2):
+            raise ConfigError(f"Feedback run {resume} already finished all {fb.loops} loops; nothing to resume.")
+        else:
+            name = checkpoint_name(*done)
+            _restore(state, common.run_checkpoint(mlflow, resume, name, session.workdir, with_optimizer=True))
+            session.reporter.info(f"resuming run {resume} after {name}")
+    elif from_run:
+        tags.update(load_base_adapters(session, model, from_run, None, None))
+        # A base run's Adam state is not carried into AdamW (SPEC §7): only its weights are.
+    start_loop, start_stage = next_stage(done)
+
+    with tracked_run(mlflow, recipe.tracking.experiment, run_name or f"feedback-{recipe.name}", tags,
+                     run_id=resume) as parent:
+        parent_id = parent.info.run_id
+        if not resume:
+            common.log_recipe(session)
+            common.log_metadata(session, train_s, "train.jsonl", recipe.data.train.root)
+            common.log_metadata(session, val_s, "val.jsonl", recipe.data.train.root)
+            mlflow.log_params({"trainable_parameters": count_trainable(model), "val_images": len(val_s)})
+        children = _child_runs(mlflow, parent_id) if resume else {}
+        started = time.perf_counter()
+        loop_losses: dict[int, dict[str, list[float]]] = {}
+        for loop in range(start_loop, fb.loops + 1):
+            session.reporter.loop(loop, fb.loops)
+            loop_losses[loop] = _run_loop(session, recipe, state, bank, loop, start_stage if loop == start_loop else 1,
+                                          text_loader, image_loader, val_loader, parent_id, children.get(loop))
+        history = _val_history(mlflow, parent_id, fb.selection_metric)
+        best, reason = select_loop(history, fb.selection_metric)
+        mlflow.set_tags({
+            f"{TAG}selected_checkpoint": checkpoint_name(best, 2),
+            f"{TAG}selected_loop": str(best),
+            f"{TAG}selection": reason,
+        })
+        seconds = time.perf_counter() - started
+        mlflow.log_metric("train_seconds", seconds)
+        return {
+            "run_id": parent_id,
+            "stage": "feedback",
+            "loops": fb.loops,
+            "resumed_from": checkpoint_name(*done) if done else None,
+            "selected_loop": best,
+            "selection": reason,
+            "val_metric": fb.selection_metric,
+            "val_per_loop": {str(k): v for k, v in sorted(history.items())},
+            "loop_losses": {str(k): v for k, v in loop_losses.items()},
+            "final_stage1_loss": _last(loop_losses, "stage1"),
+            "final_stage2_loss": _last(loop_losses, "stage2"),
+            "train_seconds": seconds,
+        }
+
+
+def _last(loop_losses: dict[int, dict[str, list[float]]], key: str) -> float | None:
+    for loop in sorted(loop_losses, reverse=True):
+        if loop_losses[loop].get(key):
+            return loop_losses[loop][key][-1]
+    return None
+
+
+def _run_loop(
+    session: common.Session,
+    recipe: Recipe,
+    state: FeedbackState,
+    bank,
+    loop: int,
+    first_stage: int,
+    text_loader,
+    image_loader,
+    val_loader,
+    parent_id: str,
+    child_id: str | None,
+) -> dict[str, list[float]]:
+    fb = recipe.feedback
+    mlflow = session.mlflow
+    model = state.model
+    child_tags = {**common.run_tags(recipe, "feedback-loop", recipe.data.train.name), f"{TAG}loop": str(loop),
+                  "mlflow.parentRunId": parent_id}
+    out: dict[str, list[float]] = {}
+    with tracked_run(mlflow, recipe.tracking.experiment, f"loop {loop}", child_tags, nested=True, run_id=child_id):
+        source = _configure_loop(model, recipe, loop)
+        if child_id is None:
+            mlflow.log_params({"loop": loop, "stage1_features": source, "cross_attention_on": model.use_text_cross})
+        for stage in (1, 2):
+            if stage < first_stage:
+                continue
+            loader, opt, base_lr, per_loop = (
+                (text_loader, state.text_opt, fb.text_lr, fb.text_epochs_per_loop)
+                if stage == 1
+                else (image_loader, state.image_opt, fb.image_lr, fb.image_epochs_per_loop)
+            )
+            epochs = loop_epochs(per_loop, fb.epochs_decay_rate, loop)
+            lr = loop_lr(base_lr, fb.lr_decay_per_loop, loop)
+            sched = WarmupCosine(opt, lr, epochs * len(loader), fb.warmup_epochs * len(loader))
+            hist = run_stage(stage, model, bank, loader, StageSchedule(opt, sched, fb.grad_clip), epochs, recipe,
+                             session.device, features=source, augment_epoch_base=loop * 1000 + stage * 100,
+                             log=mlflow.log_metrics, progress=session.reporter.progress)
+            out[f"stage{stage}"] = hist.losses
+            extra = {}
+            if stage == 2:
+                report = evaluate(model, bank, val_loader, recipe, session.device)
+                extra["val"] = report.mean
+                val = {f"val/{k}": v for k, v in report.mean.items() if not math.isnan(v)}
+                mlflow.log_metrics(val)
+                mlflow.log_metrics({**val, "loop/stage2_loss": hist.losses[-1]}, step=loop, run_id=parent_id)
+                session.reporter.info(
+                    f"loop {loop}: held-out " + ", ".join(f"{k[4:]} {100 * v:.2f}" for k, v in val.items())
+                )
+            else:
+                mlflow.log_metrics({"loop/stage1_loss": hist.losses[-1]}, step=loop, run_id=parent_id)
+            _save(session, state, recipe, loop, stage, epochs, parent_id, extra)
+    return out
+
+
+def _save(session: common.Session, state: FeedbackState, recipe: Recipe, loop: int, stage: int, epochs: int,
+          parent_id: str, extra: dict) -> None:
+    meta = common.manifest(recipe, state.model, f"stage{stage}", epochs, loop=loop, **extra)
+    name = checkpoint_name(loop, stage)
+    local = common.save_checkpoint_dir(
+        session, name, state.model, meta,
+        optimizers={"text": state.text_opt.state_dict(), "image": state.image_opt.state_dict()},
+        extra_tensors=_rng_tensors(state),
+    )
+    session.mlflow.MlflowClient().log_artifacts(parent_id, str(local), f"checkpoints/{name}")
