@@ -55,6 +55,7 @@ def test_run(
     tracking_uri: str | None = None,
     reporter: Reporter | None = None,
     overrides: list[str] | None = None,
+    visualize: int = 0,
 ) -> dict:
     mlflow = connect(tracking_uri)
     source = get_run(mlflow, run_id)
@@ -113,6 +114,12 @@ def test_run(
                 mlflow.log_text(_csv([asdict(r) for r in report.classes]), "results/per_class.csv")
                 mlflow.log_text(_csv(report.image_scores), "results/image_scores.csv")
                 log_json_artifact(mlflow, report.as_dict(), "results/report.json")
+                visualizations = []
+                if visualize > 0:  # `--visualize N`: anomaly-map pictures under visualizations/<class>/
+                    from ..visualize import log_test_visualizations
+
+                    visualizations = log_test_visualizations(mlflow, model, bank, recipe, session.device, samples,
+                                                             report, visualize)
                 return {
                     "run_id": run.info.run_id,
                     "source_run_id": run_id,
@@ -123,6 +130,7 @@ def test_run(
                     "dataset": ref.name,
                     "same_dataset": same,
                     "eval_seconds": seconds,
+                    "visualizations": visualizations,
                     **report.as_dict(),
                 }
         finally:

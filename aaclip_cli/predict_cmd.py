@@ -1,0 +1,98 @@
+"""`aaclip predict`: score new images with a trained run (anomaly maps, image scores, verdicts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .app import JsonOpt, QuietOpt, UriOpt, app, handle_errors
+from .display import RichReporter, err, print_json
+
+EXIT_IMAGE_ERRORS = 1
+MAX_TABLE_ROWS = 50
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+@app.command("predict")
+@handle_errors
+def predict_cmd(
+    inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    run: Annotated[str, typer.Option("--run", help="Run id whose model scores the images.")],
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Output folder (default: ./aaclip-predict-<run id[:8]>).")
+    ] = None,
+    threshold: Annotated[
+        Optional[str],
+        typer.Option(
+            "--threshold",
+            help="Image-score threshold for the verdict: a number, or 'auto' for the F1-optimal threshold of the "
+            "run's latest test run (default: auto when the run has been tested, else no verdict).",
+        ),
+    ] = None,
+    class_name: Annotated[
+        Optional[str],
+        typer.Option("--class", help="Class of every image (default: the nearest parent folder that is a known class)."),
+    ] = None,
+    checkpoint: Annotated[
+        Optional[str], typer.Option("--checkpoint", help="Checkpoint of the run (default: its selected one).")
+    ] = None,
+    save_maps: Annotated[
+        bool, typer.Option("--save-maps", help="Also save each raw anomaly map (float32 .npy, as `test` scores it).")
+    ] = False,
+    batch_size: Annotated[
+        Optional[int], typer.Option("--batch-size", help="Images per forward pass (default: the recipe's eval.batch_size).")
+    ] = None,
+    tracking_uri: UriOpt = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Score images: image score, verdict, anomaly-map overlay PNG and predictions.jsonl, on the scale of
+    the run's latest `aaclip test` (exit 1 when some image could not be scored)."""
+    from aaclip_core.predict import predict_images
+
+    with RichReporter(quiet or json_) as rep:
+        result = predict_images(
+            run, inputs, out, threshold, class_name, checkpoint, save_maps, batch_size, tracking_uri, rep
+        )
+    if json_:
+        print_json(result)
+    else:
+        rows = result["rows"]
+        if not quiet:
+            t = Table(title=f"run {run[:8]} checkpoint '{result['checkpoint']}'")
+            for col, justify in (("image", "left"), ("class", "left"), ("score", "right"), ("threshold", "right"),
+                                 ("verdict", "left")):
+                t.add_column(col, justify=justify)
+            for r in rows[:MAX_TABLE_ROWS]:
+                verdict = r["verdict"] or "-"
+                if r["error"]:
+                    verdict = f"[red]error[/red]: {r['error']}"
+                elif verdict == "anomalous":
+                    verdict = "[bold yellow]anomalous[/bold yellow]"
+                t.add_row(Path(r["path"]).name, r["class_name"] or "-", _fmt(r["image_score"]), _fmt(r["threshold"]),
+                          verdict)
+            err.print(t)
+            if len(rows) > MAX_TABLE_ROWS:
+                err.print(f"... and {len(rows) - MAX_TABLE_ROWS} more rows in {result['predictions']}")
+        cal = result["calibration"]
+        if cal:
+            err.print(f"scores calibrated by {cal['dataset']} test run {cal['test_run_id']}")
+        elif result.get("calibration_note"):
+            err.print(f"[yellow]note:[/yellow] {result['calibration_note']}")
+            if result["threshold"] is None:
+                err.print("[yellow]note:[/yellow] no verdicts without calibration: pass a numeric --threshold")
+        err.print(
+            f"{result['n_images']} images, {result['n_anomalous']} anomalous, {result['n_errors']} errors; "
+            f"overlays and predictions in {result['out_dir']}"
+        )
+        typer.echo(result["predictions"])
+    if result["n_errors"]:
+        if not json_:
+            err.print(f"[red]{result['n_errors']} image(s) could not be scored[/red] (see the error column).")
+        raise typer.Exit(EXIT_IMAGE_ERRORS)
