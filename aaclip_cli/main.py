@@ -90,6 +90,43 @@ def train_cross_cmd(
         typer.echo(result["run_id"])
 
 
+@train_app.command("feedback")
+@handle_errors
+def train_feedback_cmd(
+    loops: Annotated[Optional[int], typer.Option("--loops", help="Number of loops, 1-10 (default: the recipe's).")] = None,
+    from_run: Annotated[Optional[str], typer.Option("--from", help="Start from this run's adapters.")] = None,
+    resume: Annotated[
+        Optional[str], typer.Option("--resume", help="Continue an interrupted feedback run from its last stage.")
+    ] = None,
+    recipe: RecipeOpt = "feedback",
+    set_: SetOpt = None,
+    seed: SeedOpt = None,
+    tracking_uri: UriOpt = None,
+    experiment: ExpOpt = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    run_name: Annotated[Optional[str], typer.Option("--run-name", help="MLflow run name.")] = None,
+):
+    """Feedback training: stage 1 and stage 2 alternate for N loops, each from what the last learned."""
+    from aaclip_core.errors import ConfigError
+    from aaclip_core.jobs.feedback import train_feedback
+
+    if loops is not None and not 1 <= loops <= 10:
+        raise ConfigError(f"--loops {loops}: feedback training runs 1 to 10 loops; pass a number in that range.")
+    sets = list(set_ or []) + ([f"feedback.loops={loops}"] if loops is not None else [])
+    r, path = load_recipe_with_flags(recipe, sets, seed, experiment)
+    with RichReporter(quiet or json_) as rep:
+        result = train_feedback(r, path, from_run, resume, tracking_uri, rep, run_name)
+    if json_:
+        print_json(result)
+    else:
+        err.print(
+            f"[green]done[/green] feedback run {result['run_id']}: selected loop {result['selected_loop']} "
+            f"({result['selection']})"
+        )
+        typer.echo(result["run_id"])
+
+
 # ------------------------------------------------------------------------------------------ test
 
 
@@ -104,6 +141,9 @@ def test_cmd(
     ] = None,
     checkpoint: Annotated[
         Optional[str], typer.Option("--checkpoint", help="Checkpoint of the run (default: its selected one).")
+    ] = None,
+    loop: Annotated[
+        Optional[int], typer.Option("--loop", help="Feedback runs: evaluate this loop's final checkpoint.")
     ] = None,
     same_dataset: Annotated[
         bool, typer.Option("--same-dataset", help="Allow testing on the training dataset (tagged).")
@@ -123,8 +163,13 @@ def test_cmd(
     ] = 0,
 ):
     """Evaluate a run with the reference protocol: per-class pixel/image AUROC and AP, plus AUPRO, F1-max."""
+    from aaclip_core.errors import ConfigError
     from aaclip_core.jobs.test import test_run
 
+    if loop is not None:
+        if checkpoint is not None:
+            raise ConfigError("Pass either --loop or --checkpoint, not both.")
+        checkpoint = f"loop_{loop}_stage_2"
     with RichReporter(quiet or json_) as rep:
         result = test_run(run, dataset, data_root, layout, checkpoint, same_dataset, tracking_uri, rep, set_,
                           visualize=visualize)
@@ -138,6 +183,8 @@ def test_cmd(
     err.print(results_table(result, title))
     if result["same_dataset"]:
         err.print("[yellow]note:[/yellow] tested on the training dataset (declared; the test run is tagged).")
+    if result.get("visualizations"):
+        err.print(f"{len(result['visualizations'])} anomaly-map pictures logged under visualizations/<class>/")
     err.print(f"test run {result['run_id']}")
     typer.echo(result["run_id"])
 
