@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
@@ -153,8 +154,11 @@ def load_checkpoint(directory: Path, with_optimizer: bool = False) -> Checkpoint
             for name, meta in manifest.get("optimizers", {}).items():
                 optimizers[name] = _unflatten_optimizer(load_file(str(directory / _optimizer_file(name))), meta)
         extra = load_file(str(directory / EXTRA)) if (directory / EXTRA).is_file() else {}
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise CheckpointError(f"Checkpoint '{directory}' cannot be read: {exc}.") from None
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        raise CheckpointError(
+            f"Checkpoint '{directory}' cannot be read ({exc}); it may be truncated or corrupt. Re-download it "
+            "from the run's artifacts or use another checkpoint (--checkpoint)."
+        ) from None
     return Checkpoint(
         adapters=adapters, manifest=manifest, optimizer=optimizers.get("default"), optimizers=optimizers, extra=extra
     )

@@ -175,11 +175,19 @@ class Recipe(_Strict):
         return self
 
     @property
+    def openai_weights(self) -> bool:
+        """Whether the backbone weights are OpenAI's: the tag, or a local file whose name or folder
+        says so (as the Hugging Face copies do, e.g. ``vit_large_patch14_clip_336.openai``)."""
+        p = self.model.pretrained
+        return p == "openai" or ("/" in p or p.endswith((".safetensors", ".bin", ".pt", ".pth"))) and "openai" in p.lower()
+
+    @property
     def quick_gelu(self) -> bool:
-        """The activation actually used: explicit setting, else what the fidelity mode implies."""
+        """The activation actually used: explicit setting, else what the fidelity mode implies
+        (official reproduces the reference's plain GELU; corrected uses QuickGELU for OpenAI weights)."""
         if self.model.quick_gelu is not None:
             return self.model.quick_gelu
-        return self.fidelity == "corrected" and self.model.pretrained == "openai"
+        return self.fidelity == "corrected" and self.openai_weights
 
 
 def _check_depth(field: str, value: int, layers: int) -> None:
@@ -198,7 +206,8 @@ def shipped_recipes() -> list[str]:
 def resolve_recipe_path(name_or_path: str) -> Path:
     """A shipped recipe name (``demo``) or a path to a TOML file."""
     candidate = Path(name_or_path).expanduser()
-    if candidate.suffix == ".toml" or candidate.exists():
+    # A folder that happens to share a recipe's name must not hide the shipped recipe.
+    if candidate.suffix == ".toml" or candidate.is_file():
         if not candidate.is_file():
             raise ConfigError(
                 f"Recipe file '{candidate}' does not exist. Pass a shipped recipe name "

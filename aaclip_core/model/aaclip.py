@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CrossAttentionConfig, ModelConfig
+from ..errors import ConfigError
 from .adapters import Adapter, Projection, norm_matched_mix, xavier_init_
 from .cross_attention import CrossAttention, ScaledCrossAttention
 from .dpam import dpam_block_forward
@@ -59,10 +60,17 @@ class AACLIP(nn.Module):
         self.cfg = cfg
         self.fidelity = fidelity
         self.dims = d = Dims.of(clip)
-        if max(cfg.levels) > d.vision_layers or cfg.image_adapt_until > d.vision_layers:
-            raise ValueError(f"levels/image_adapt_until exceed the backbone's {d.vision_layers} blocks")
-        if cfg.text_adapt_until > d.text_layers:
-            raise ValueError(f"text_adapt_until exceeds the backbone's {d.text_layers} text blocks")
+        for field, value, depth, what in (
+            ("model.levels", max(cfg.levels), d.vision_layers, "vision"),
+            ("model.image_adapt_until", cfg.image_adapt_until, d.vision_layers, "vision"),
+            ("model.surgery_until_layer", cfg.surgery_until_layer - 1, d.vision_layers, "vision"),
+            ("model.text_adapt_until", cfg.text_adapt_until, d.text_layers, "text"),
+        ):
+            if value > depth:
+                raise ConfigError(
+                    f"{field} reaches block {value}, but {cfg.name} has {depth} {what} blocks; set {field} "
+                    f"to fit (e.g. levels evenly spaced up to {d.vision_layers})."
+                )
         # Block index (0-based) from which the stage-1 copy uses DPAM attention.
         self.dpam_start = max(0, d.vision_layers - (cfg.surgery_until_layer - 1))
 

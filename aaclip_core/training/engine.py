@@ -128,6 +128,8 @@ def run_stage(
 ) -> StageHistory:
     """Train one stage for ``epochs`` epochs; logs loss, lr and gradient norms per epoch."""
     params = set_trainable(model, stage)
+    # Gradients left from the other stage would otherwise be counted in this stage's norms.
+    model.zero_grad(set_to_none=True)
     model.train(True)
     if stage == 1:
         bank.unfreeze()
