@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -35,7 +34,8 @@ def pct(x: float | None) -> str:
 
 
 class RichReporter(Reporter):
-    """Progress bars on a terminal; plain one-line notes when stderr is not a TTY; nothing when quiet."""
+    """Progress bars (loop, stage, epoch, batch, loss, ETA) on a terminal; when stderr is not a TTY
+    only the short notes (data, loops, held-out metrics); nothing at all when quiet."""
 
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
@@ -44,7 +44,6 @@ class RichReporter(Reporter):
         self._task = None
         self._key = None
         self._loop = ""
-        self._last_note = 0.0
 
     def __enter__(self) -> RichReporter:
         if self.live:
@@ -75,8 +74,6 @@ class RichReporter(Reporter):
 
     def progress(self, stage: str, epoch: int, epochs: int, batch: int, batches: int, loss: float) -> None:
         if self._progress is None:
-            if not self.quiet and batch == batches and time.monotonic() - self._last_note > 0:
-                err.print(f"{self._loop}{stage} epoch {epoch}/{epochs} loss {loss:.4f}")
             return
         key = (self._loop, stage, epoch)
         desc = f"{self._loop}{stage} epoch {epoch}/{epochs}"
