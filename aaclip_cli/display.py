@@ -75,12 +75,13 @@ class RichReporter(Reporter):
     def progress(self, stage: str, epoch: int, epochs: int, batch: int, batches: int, loss: float) -> None:
         if self._progress is None:
             return
-        key = (self._loop, stage, epoch)
+        # One bar per stage (per loop), so the ETA covers the whole stage.
+        key = (self._loop, stage)
         desc = f"{self._loop}{stage} epoch {epoch}/{epochs}"
         if key != self._key:
-            self._task = self._progress.add_task(desc, total=batches, loss="-")
+            self._task = self._progress.add_task(desc, total=epochs * batches, loss="-")
             self._key = key
-        self._progress.update(self._task, completed=batch, loss=f"{loss:.4f}")
+        self._progress.update(self._task, description=desc, completed=(epoch - 1) * batches + batch, loss=f"{loss:.4f}")
 
     def eval_progress(self, batch: int, batches: int) -> None:
         if self._progress is None:

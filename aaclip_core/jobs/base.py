@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..config import Recipe
-from ..model import build_model
+from ..model import AACLIP, build_model
 from ..tracking import TAG, tracked_run
 from ..training.engine import StageSchedule, run_stage
 from ..training.groups import count_trainable, stage_parameters
@@ -27,44 +27,53 @@ def train_base(
     session = common.open_session(recipe, recipe_path, tracking_uri, reporter)
     try:
         samples = common.train_data(session, recipe)
-        text_loader, image_loader = common.loaders(session, samples)
         session.reporter.info(f"building {recipe.model.name} ({recipe.model.pretrained}) on {session.device}")
         model = build_model(recipe, session.device)
-        bank = common.anchor_bank(model, samples, recipe.data.train.name)
         tags = common.run_tags(recipe, "base", recipe.data.train.name)
         with tracked_run(session.mlflow, recipe.tracking.experiment, run_name or f"base-{recipe.name}", tags) as run:
-            mlflow = session.mlflow
-            common.log_recipe(session)
-            common.log_metadata(session, samples, "train.jsonl", recipe.data.train.root)
-            mlflow.log_param("trainable_parameters", count_trainable(model))
-            started = time.perf_counter()
-
-            s1 = recipe.stage1
-            opt1 = torch.optim.Adam(stage_parameters(model, 1), lr=s1.lr, betas=s1.betas)
-            h1 = run_stage(1, model, bank, text_loader, StageSchedule(opt1), s1.epochs, recipe, session.device,
-                           log=mlflow.log_metrics, progress=session.reporter.progress)
-            common.save_and_log(session, "stage1", model,
-                                common.manifest(recipe, model, "stage1", s1.epochs), opt1.state_dict())
-
-            s2 = recipe.stage2
-            opt2 = torch.optim.Adam(stage_parameters(model, 2), lr=s2.lr, betas=s2.betas)
-            sched2 = torch.optim.lr_scheduler.MultiStepLR(opt2, milestones=s2.milestones, gamma=s2.gamma)
-            h2 = run_stage(2, model, bank, image_loader, StageSchedule(opt2, sched2), s2.epochs, recipe,
-                           session.device, log=mlflow.log_metrics, progress=session.reporter.progress)
-            meta = common.manifest(recipe, model, "stage2", s2.epochs, text_epoch=s1.epochs)
-            common.save_and_log(session, "final", model, meta, opt2.state_dict())
-            seconds = time.perf_counter() - started
-            mlflow.log_metric("train_seconds", seconds)
-            mlflow.set_tag(f"{TAG}selected_checkpoint", "final")
-            return {
-                "run_id": run.info.run_id,
-                "stage": "base",
-                "stage1_loss": h1.losses,
-                "stage2_loss": h2.losses,
-                "final_stage1_loss": h1.losses[-1] if h1.losses else None,
-                "final_stage2_loss": h2.losses[-1] if h2.losses else None,
-                "train_seconds": seconds,
-                "checkpoint": "final",
-            }
+            result = train_reference_stages(session, model, samples)
+            return {"run_id": run.info.run_id, "stage": "base", **result}
     finally:
         session.close()
+
+
+def train_reference_stages(session: common.Session, model: AACLIP, samples: list, features: str = "dpam") -> dict:
+    """Inside an open run: log the recipe and data, train stage 1 (Adam) then stage 2 (Adam +
+    MultiStepLR), checkpoint both, select the final one. Shared by `train base` and `train cross`."""
+    recipe, mlflow = session.recipe, session.mlflow
+    text_loader, image_loader = common.loaders(session, samples)
+    bank = common.anchor_bank(model, samples, recipe.data.train.name)
+    common.log_recipe(session)
+    common.log_metadata(session, samples, "train.jsonl", recipe.data.train.root)
+    mlflow.log_param("trainable_parameters", count_trainable(model))
+    started = time.perf_counter()
+    probe = common.probe_batch(samples, recipe)
+
+    s1 = recipe.stage1
+    opt1 = torch.optim.Adam(stage_parameters(model, 1), lr=s1.lr, betas=s1.betas)
+    h1 = run_stage(1, model, bank, text_loader, StageSchedule(opt1), s1.epochs, recipe, session.device,
+                   features=features, log=mlflow.log_metrics, progress=session.reporter.progress,
+                   probe_batch=probe)
+    common.save_and_log(session, "stage1", model, common.manifest(recipe, model, "stage1", s1.epochs),
+                        opt1.state_dict())
+
+    s2 = recipe.stage2
+    opt2 = torch.optim.Adam(stage_parameters(model, 2), lr=s2.lr, betas=s2.betas)
+    sched2 = torch.optim.lr_scheduler.MultiStepLR(opt2, milestones=s2.milestones, gamma=s2.gamma)
+    h2 = run_stage(2, model, bank, image_loader, StageSchedule(opt2, sched2), s2.epochs, recipe, session.device,
+                   log=mlflow.log_metrics, progress=session.reporter.progress, probe_batch=probe)
+    meta = common.manifest(recipe, model, "stage2", s2.epochs, text_epoch=s1.epochs)
+    common.save_and_log(session, "final", model, meta, opt2.state_dict())
+    seconds = time.perf_counter() - started
+    mlflow.log_metric("train_seconds", seconds)
+    mlflow.set_tag(f"{TAG}selected_checkpoint", "final")
+    return {
+        "stage1_loss": h1.losses,
+        "stage2_loss": h2.losses,
+        "final_stage1_loss": h1.losses[-1] if h1.losses else None,
+        "final_stage2_loss": h2.losses[-1] if h2.losses else None,
+        "stage1_probe_loss": h1.probe_losses,
+        "stage2_probe_loss": h2.probe_losses,
+        "train_seconds": seconds,
+        "checkpoint": "final",
+    }

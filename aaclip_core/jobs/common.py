@@ -116,6 +116,20 @@ def load_adapters(model: AACLIP, state: dict[str, torch.Tensor]) -> None:
         raise CheckpointError(f"Checkpoint does not fit the model: {exc}.") from None
 
 
+def probe_batch(samples: list[Sample], recipe: Recipe, size: int = 16) -> dict:
+    """A fixed, un-augmented batch spread over the training images, for the per-epoch probe loss."""
+    step = max(1, len(samples) // size)
+    picked = samples[::step][:size]
+    ds = make_dataset(picked, recipe, "none")
+    items = [ds[i] for i in range(len(ds))]
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "mask": torch.stack([it["mask"] for it in items]),
+        "label": torch.stack([it["label"] for it in items]),
+        "class_name": [it["class_name"] for it in items],
+    }
+
+
 def train_data(session: Session, recipe: Recipe) -> list[Sample]:
     samples = load_samples(recipe.data.train, recipe.runtime.seed)
     session.reporter.info(

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-
-import torch
 
 from ..backbone import backbone_id
 from ..checkpoints import import_reference
@@ -13,9 +10,8 @@ from ..config import Recipe
 from ..errors import ConfigError
 from ..model import AACLIP, build_model
 from ..tracking import TAG, get_run, tracked_run
-from ..training.engine import StageSchedule, run_stage
-from ..training.groups import count_trainable, stage_parameters
 from . import common
+from .base import train_reference_stages
 from .reporter import Reporter
 
 
@@ -74,45 +70,12 @@ def train_cross(
         if from_run:
             get_run(session.mlflow, from_run)
         samples = common.train_data(session, recipe)
-        text_loader, image_loader = common.loaders(session, samples)
         model = build_model(recipe, session.device, with_cross=True)
         origin = load_base_adapters(session, model, from_run, text_file, image_file)
-        bank = common.anchor_bank(model, samples, recipe.data.train.name)
         tags = {**common.run_tags(recipe, "cross", recipe.data.train.name), **origin}
         with tracked_run(session.mlflow, recipe.tracking.experiment, run_name or f"cross-{recipe.name}", tags) as run:
-            mlflow = session.mlflow
-            common.log_recipe(session)
-            common.log_metadata(session, samples, "train.jsonl", recipe.data.train.root)
-            mlflow.log_param("trainable_parameters", count_trainable(model))
-            started = time.perf_counter()
-            s1, s2 = recipe.stage1, recipe.stage2
-            opt1 = torch.optim.Adam(stage_parameters(model, 1), lr=s1.lr, betas=s1.betas)
-            h1 = run_stage(1, model, bank, text_loader, StageSchedule(opt1), s1.epochs, recipe, session.device,
-                           features=_stage1_features(model), log=mlflow.log_metrics,
-                           progress=session.reporter.progress)
-            common.save_and_log(session, "stage1", model, common.manifest(recipe, model, "stage1", s1.epochs),
-                                opt1.state_dict())
-            opt2 = torch.optim.Adam(stage_parameters(model, 2), lr=s2.lr, betas=s2.betas)
-            sched2 = torch.optim.lr_scheduler.MultiStepLR(opt2, milestones=s2.milestones, gamma=s2.gamma)
-            h2 = run_stage(2, model, bank, image_loader, StageSchedule(opt2, sched2), s2.epochs, recipe,
-                           session.device, log=mlflow.log_metrics, progress=session.reporter.progress)
-            common.save_and_log(session, "final", model,
-                                common.manifest(recipe, model, "stage2", s2.epochs, text_epoch=s1.epochs),
-                                opt2.state_dict())
-            seconds = time.perf_counter() - started
-            mlflow.log_metric("train_seconds", seconds)
-            mlflow.set_tag(f"{TAG}selected_checkpoint", "final")
-            return {
-                "run_id": run.info.run_id,
-                "stage": "cross",
-                "parent_run_id": from_run,
-                "stage1_loss": h1.losses,
-                "stage2_loss": h2.losses,
-                "final_stage1_loss": h1.losses[-1] if h1.losses else None,
-                "final_stage2_loss": h2.losses[-1] if h2.losses else None,
-                "train_seconds": seconds,
-                "checkpoint": "final",
-            }
+            result = train_reference_stages(session, model, samples, features=_stage1_features(model))
+            return {"run_id": run.info.run_id, "stage": "cross", "parent_run_id": from_run, **result}
     finally:
         session.close()
 

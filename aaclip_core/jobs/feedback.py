@@ -151,6 +151,7 @@ def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: 
     image_loader = make_loader(make_dataset(train_s, recipe, "geometric+colour"), recipe.stage2.batch_size, True,
                                recipe, session.generator)
     val_loader = make_loader(make_dataset(val_s, recipe, "none"), recipe.eval.batch_size, False, recipe, None)
+    probe = common.probe_batch(train_s, recipe)
 
     model = build_model(recipe, session.device, with_cross=True)
     bank = common.anchor_bank(model, samples, recipe.data.train.name)
@@ -194,7 +195,8 @@ def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: 
         for loop in range(start_loop, fb.loops + 1):
             session.reporter.loop(loop, fb.loops)
             loop_losses[loop] = _run_loop(session, recipe, state, bank, loop, start_stage if loop == start_loop else 1,
-                                          text_loader, image_loader, val_loader, parent_id, children.get(loop))
+                                          text_loader, image_loader, val_loader, probe, parent_id,
+                                          children.get(loop))
         history = _val_history(mlflow, parent_id, fb.selection_metric)
         best, reason = select_loop(history, fb.selection_metric)
         mlflow.set_tags({
@@ -237,6 +239,7 @@ def _run_loop(
     text_loader,
     image_loader,
     val_loader,
+    probe: dict,
     parent_id: str,
     child_id: str | None,
 ) -> dict[str, list[float]]:
@@ -263,8 +266,9 @@ def _run_loop(
             sched = WarmupCosine(opt, lr, epochs * len(loader), fb.warmup_epochs * len(loader))
             hist = run_stage(stage, model, bank, loader, StageSchedule(opt, sched, fb.grad_clip), epochs, recipe,
                              session.device, features=source, augment_epoch_base=loop * 1000 + stage * 100,
-                             log=mlflow.log_metrics, progress=session.reporter.progress)
+                             log=mlflow.log_metrics, progress=session.reporter.progress, probe_batch=probe)
             out[f"stage{stage}"] = hist.losses
+            out[f"stage{stage}_probe"] = hist.probe_losses
             extra = {}
             if stage == 2:
                 report = evaluate(model, bank, val_loader, recipe, session.device)

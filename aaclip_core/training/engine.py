@@ -29,6 +29,9 @@ LogFn = Callable[[dict[str, float], int], None]
 @dataclass
 class StageHistory:
     losses: list[float] = field(default_factory=list)
+    # Loss on a fixed, un-augmented probe batch before the stage (index 0) and after each epoch:
+    # a paired measurement of whether the stage lowers its objective, free of augmentation noise.
+    probe_losses: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
     grad_norms: list[dict[str, float]] = field(default_factory=list)
     steps: int = 0
@@ -108,6 +111,24 @@ def stage2_loss(model: AACLIP, bank: AnchorBank, recipe: Recipe, images, masks, 
     return loss
 
 
+@torch.no_grad()
+def probe_loss(stage: int, model: AACLIP, bank: AnchorBank, recipe: Recipe, batch: dict, device: torch.device,
+               features: str) -> float:
+    """The stage's loss on a fixed batch, in eval mode (no dropout, no random draws)."""
+    was_training = model.training
+    model.train(False)
+    try:
+        images, masks, labels, classes = _batch_to(batch, device)
+        with autocast(device, recipe.runtime.precision):
+            if stage == 1:
+                loss = stage1_loss(model, bank, recipe, images, masks, classes, features)
+            else:
+                loss = stage2_loss(model, bank, recipe, images, masks, labels, classes)
+        return float(loss)
+    finally:
+        model.train(was_training)
+
+
 def run_stage(
     stage: int,
     model: AACLIP,
@@ -125,6 +146,7 @@ def run_stage(
     log: LogFn | None = None,
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
+    probe_batch: dict | None = None,
 ) -> StageHistory:
     """Train one stage for ``epochs`` epochs; logs loss, lr and gradient norms per epoch."""
     params = set_trainable(model, stage)
@@ -137,7 +159,17 @@ def run_stage(
         bank.freeze()
     name = f"stage{stage}"
     hist = StageHistory()
+
+    def probe(epoch: int) -> None:
+        if probe_batch is None:
+            return
+        value = probe_loss(stage, model, bank, recipe, probe_batch, device, features)
+        hist.probe_losses.append(value)
+        if log is not None:
+            log({f"{metric_prefix}{name}/probe_loss": value}, epoch_offset + epoch)
+
     try:
+        probe(0)
         for epoch in range(epochs):
             # Augmentation draws depend only on (seed, epoch id, index): reproducible and resumable.
             if hasattr(loader.dataset, "set_epoch"):
@@ -169,6 +201,7 @@ def run_stage(
                 metrics.update({f"{metric_prefix}{name}/grad_norm/{k}": v for k, v in epoch_norms.items()})
                 metrics.update({f"{metric_prefix}{k}": v for k, v in cross_weights(model).items()})
                 log(metrics, epoch_offset + epoch + 1)
+            probe(epoch + 1)
             if should_stop is not None and should_stop():
                 break
     finally:
