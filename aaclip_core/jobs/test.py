@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..config import DatasetRef, Recipe, apply_overrides, recipe_from_dict
+from ..config import DatasetRef, Recipe, apply_overrides, flatten, recipe_from_dict
 from ..errors import ConfigError
 from ..evaluation import METRIC_NAMES, evaluate
 from ..tracking import TAG, connect, get_run, log_json_artifact, tracked_run
@@ -111,6 +111,9 @@ def test_run(
                 metrics["eval_seconds"] = seconds
                 mlflow.log_metrics(metrics)
                 mlflow.log_params({"test.dataset": ref.name, "test.root": ref.root, "test.checkpoint": ckpt_name})
+                # The protocol settings this test ran with (the run's recipe after --set), for `compare`.
+                mlflow.log_params({f"protocol.{k}": v for k, v in flatten(recipe).items()
+                                   if k.startswith("eval.") or k == "data.domain"})
                 mlflow.log_text(_csv([asdict(r) for r in report.classes]), "results/per_class.csv")
                 mlflow.log_text(_csv(report.image_scores), "results/image_scores.csv")
                 log_json_artifact(mlflow, report.as_dict(), "results/report.json")

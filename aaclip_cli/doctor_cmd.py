@@ -1,0 +1,65 @@
+"""`aaclip doctor`: the SPEC §10 checks, each pass / warn / fail with its number and a fix."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from .app import JsonOpt, SetOpt, UriOpt, app, handle_errors
+from .display import err, print_json
+
+EXIT_FAILED = 1
+_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+
+
+def _value(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_value(x)}" for k, x in v.items())
+    return str(v)
+
+
+def print_report(report) -> None:
+    head = f"aaclip doctor: run {report.run_id}" if report.run_id else "aaclip doctor: recipe checks"
+    err.print(f"[bold]{head}[/bold]")
+    for c in report.checks:
+        style = _STYLE[c.status]
+        err.print(f"[{style}]{c.status.upper():4s}[/{style}] {escape(c.name)} = {escape(_value(c.value))}",
+                  soft_wrap=True)
+        err.print(f"     {escape(c.detail)}", soft_wrap=True)
+        if c.fix and c.status in ("warn", "fail"):
+            err.print(f"     [bold]fix:[/bold] {escape(c.fix)}", soft_wrap=True)
+    s = report.summary
+    err.print(f"{s['pass']} pass, {s['warn']} warn, {s['fail']} fail, {s['skip']} skipped")
+
+
+@app.command("doctor")
+@handle_errors
+def doctor_cmd(
+    run_id: Annotated[Optional[str], typer.Argument(help="Run to diagnose (default: check a recipe only).")] = None,
+    probe: Annotated[
+        bool, typer.Option("--probe", help="Measure gradient dilution on the run's checkpoint and 8 training images.")
+    ] = False,
+    json_: JsonOpt = False,
+    tracking_uri: UriOpt = None,
+    recipe: Annotated[
+        Optional[str], typer.Option("--recipe", "-r", help="Recipe to check without a run (default: base).")
+    ] = None,
+    set_: SetOpt = None,
+):
+    """Check a recipe or a run: cross-attention weights, gradient dilution, gradient norms, loss trend,
+    loop-over-loop held-out metric, weights/QuickGELU/fidelity, data, tracking, device. Exit 1 if a check fails."""
+    from aaclip_core.doctor import diagnose
+
+    report = diagnose(run_id, recipe, set_, probe, tracking_uri)
+    if json_:
+        print_json(report.as_dict())
+    else:
+        print_report(report)
+    if report.failed:
+        raise typer.Exit(EXIT_FAILED)

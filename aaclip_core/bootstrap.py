@@ -1,0 +1,191 @@
+"""Paired bootstrap of the difference in mean image AUROC between two test runs (`compare`).
+
+Both runs scored the same test images (paired by image path, from ``results/image_scores.csv``).
+One bootstrap replicate resamples, within every class, the anomalous and the normal images
+with replacement (stratified by label, so every replicate keeps both labels and the per-class
+AUROC stays defined), applies the *same* resample to both runs, and recomputes per-class
+image AUROC and its mean over classes for each run; the difference of the two means is one
+replicate. The 95 % interval is the 2.5 / 97.5 percentile of the replicates.
+
+The image scores are taken as the test run computed them (min-max normalised over the whole
+test class): the scorer is held fixed and only the choice of test images varies.
+
+Each replicate's AUROC is computed exactly, without re-sorting: for a class with P anomalous
+and N normal images, ``M[i, j] = 1`` when anomalous image ``i`` outscores normal image ``j``
+(½ on a tie), and a resample drawing anomalous image ``i`` ``a_i`` times and normal image
+``j`` ``b_j`` times has AUROC ``a @ M @ b / (P * N)`` — the Mann-Whitney statistic of the
+resampled scores, i.e. what :func:`aaclip_core.metrics.auroc` returns on them (tested).
+
+Pixel AUROC is not bootstrapped: the test runs store per-image scores, not per-pixel maps, so
+a resampled pixel AUROC cannot be recomputed from what is logged; `compare` says so.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics
+
+DEFAULT_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    path: str
+    class_name: str
+    label: int
+    score: float
+
+
+def read_image_scores(path: Path) -> list[ImageScore]:
+    """Rows of a test run's ``results/image_scores.csv``."""
+    with Path(path).open(newline="", encoding="utf-8") as fh:
+        return [
+            ImageScore(r["path"], r["class_name"], int(r["label"]), float(r["image_score"]))
+            for r in csv.DictReader(fh)
+        ]
+
+
+@dataclass
+class BootstrapResult:
+    metric: str
+    resamples: int
+    seed: int
+    confidence: float
+    diff: float  # point estimate on all paired images: mean-over-classes AUROC, row minus reference
+    ci_low: float
+    ci_high: float
+    p_not_better: float  # share of replicates with difference <= 0
+    n_images: int  # paired images used
+    n_classes: int  # classes with both labels (where AUROC is defined)
+    unpaired_images: int = 0  # images only one of the two runs scored (left out)
+    label_mismatches: int = 0  # paired paths whose labels disagree (left out)
+    skipped_classes: list[str] = field(default_factory=list)  # one label only
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def pair_matrix(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """``M[i, j]`` = 1 if ``pos[i] > neg[j]``, ½ if equal, else 0 (float64)."""
+    pos = np.asarray(pos, dtype=np.float64)[:, None]
+    neg = np.asarray(neg, dtype=np.float64)[None, :]
+    return (pos > neg) + 0.5 * (pos == neg)
+
+
+def resampled_auroc(m: np.ndarray, pos_counts: np.ndarray, neg_counts: np.ndarray) -> np.ndarray:
+    """AUROC of each resample (rows of the count matrices) from the pair matrix ``m``."""
+    p, n = m.shape
+    return ((pos_counts @ m) * neg_counts).sum(axis=1) / (p * n)
+
+
+def _counts(rng: np.random.Generator, n: int, resamples: int) -> np.ndarray:
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+
+
+def paired_image_auroc(
+    row: list[ImageScore],
+    ref: list[ImageScore],
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = CONFIDENCE,
+) -> BootstrapResult | None:
+    """CI of (mean image AUROC of ``row``) - (that of ``ref``) over the images both scored.
+
+    Returns None when no class has both anomalous and normal paired images.
+    """
+    if resamples < 1:
+        raise ValueError("resamples must be >= 1")
+    by_path_ref = {s.path: s for s in ref}
+    by_path_row = {s.path: s for s in row}
+    common = sorted(set(by_path_ref) & set(by_path_row))
+    unpaired = len(set(by_path_ref) ^ set(by_path_row))
+    mismatched = [p for p in common if by_path_ref[p].label != by_path_row[p].label]
+    bad = set(mismatched)
+    classes: dict[str, list[str]] = {}
+    for p in common:
+        if p not in bad:
+            classes.setdefault(by_path_ref[p].class_name, []).append(p)
+
+    rng = np.random.default_rng(seed)
+    total = np.zeros(resamples)
+    point = 0.0
+    used, images, skipped = 0, 0, []
+    for cname in sorted(classes):
+        paths = classes[cname]
+        pos = [p for p in paths if by_path_ref[p].label == 1]
+        neg = [p for p in paths if by_path_ref[p].label == 0]
+        if not pos or not neg:
+            skipped.append(cname)
+            continue
+        pos_counts = _counts(rng, len(pos), resamples)
+        neg_counts = _counts(rng, len(neg), resamples)
+        diff_b = np.zeros(resamples)
+        diff = 0.0
+        for sign, table in ((1.0, by_path_row), (-1.0, by_path_ref)):
+            s_pos = np.array([table[p].score for p in pos])
+            s_neg = np.array([table[p].score for p in neg])
+            diff_b += sign * resampled_auroc(pair_matrix(s_pos, s_neg), pos_counts, neg_counts)
+            labels = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+            diff += sign * metrics.auroc(np.r_[s_pos, s_neg], labels)
+        total += diff_b
+        point += diff
+        used += 1
+        images += len(paths)
+    if used == 0:
+        return None
+    reps = total / used
+    alpha = (1.0 - confidence) / 2
+    lo, hi = np.quantile(reps, [alpha, 1.0 - alpha])
+    return BootstrapResult(
+        metric="image_auroc",
+        resamples=resamples,
+        seed=seed,
+        confidence=confidence,
+        diff=point / used,
+        ci_low=float(lo),
+        ci_high=float(hi),
+        p_not_better=float(np.mean(reps <= 0)),
+        n_images=images,
+        n_classes=used,
+        unpaired_images=unpaired,
+        label_mismatches=len(mismatched),
+        skipped_classes=skipped,
+    )
+
+
+def verdict(result: BootstrapResult) -> str:
+    """'better' / 'worse' when the interval excludes 0, else 'no significant difference'."""
+    if result.ci_low > 0:
+        return "better"
+    if result.ci_high < 0:
+        return "worse"
+    return "no significant difference"
+
+
+def describe(result: BootstrapResult, row_label: str, ref_label: str, dataset: str) -> str:
+    """One sentence: the claim, the point difference and its interval (x100 points)."""
+    v = verdict(result)
+    claim = {
+        "better": f"{row_label} beats {ref_label}",
+        "worse": f"{row_label} is worse than {ref_label}",
+    }.get(v, f"{row_label} does not differ significantly from {ref_label}")
+    pct = int(round(100 * result.confidence))
+    return (
+        f"{claim} on {dataset}: image AUROC {100 * result.diff:+.2f} points "
+        f"({pct}% CI {100 * result.ci_low:+.2f} to {100 * result.ci_high:+.2f}; paired bootstrap, "
+        f"{result.resamples} resamples of {result.n_images} images in {result.n_classes} classes)"
+    )
+
+
+PIXEL_CI_UNAVAILABLE = (
+    "pixel AUROC CI not available: test runs store per-image scores (results/image_scores.csv), "
+    "not per-pixel maps, so pixel AUROC cannot be recomputed on resampled images"
+)
+
