@@ -112,10 +112,11 @@ def print_comparison(result) -> None:
             err.print("  " + escape(c["statement"]), soft_wrap=True)
         elif c.get("bootstrap_missing"):
             err.print(f"  no bootstrap: {escape(c['bootstrap_missing'])}")
-    if result.comparisons and result.bootstrap_resamples > 0:
-        from aaclip_core.bootstrap import PIXEL_CI_UNAVAILABLE
-
-        err.print(f"[dim]{escape(PIXEL_CI_UNAVAILABLE)}[/dim]", soft_wrap=True)
+        pixel = c.get("pixel_ci") or {}
+        if pixel.get("available"):
+            err.print("  " + escape(pixel["statement"]), soft_wrap=True)
+        elif result.bootstrap_resamples > 0 and c.get("delta"):
+            err.print(f"  [dim]{escape(pixel.get('reason', ''))}[/dim]", soft_wrap=True)
     for n in result.notes:
         err.print(f"[yellow]note:[/yellow] {escape(n)}")
 

@@ -16,8 +16,10 @@ and N normal images, ``M[i, j] = 1`` when anomalous image ``i`` outscores normal
 ``j`` ``b_j`` times has AUROC ``a @ M @ b / (P * N)`` — the Mann-Whitney statistic of the
 resampled scores, i.e. what :func:`aaclip_core.metrics.auroc` returns on them (tested).
 
-Pixel AUROC is not bootstrapped: the test runs store per-image scores, not per-pixel maps, so
-a resampled pixel AUROC cannot be recomputed from what is logged; `compare` says so.
+Pixel AUROC is bootstrapped the same way from the exact per-class pixel pair counts that
+`aaclip test` stores (``results/pixel_pairs.npz``, see :mod:`aaclip_core.pixel_pairs`): a resample
+weights each image by how often it was drawn. Test runs made before that artifact existed have
+no pixel interval; `compare` says so.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
+from .pixel_pairs import PixelPairs
 
 DEFAULT_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
@@ -177,15 +180,66 @@ def describe(result: BootstrapResult, row_label: str, ref_label: str, dataset: s
         "worse": f"{row_label} is worse than {ref_label}",
     }.get(v, f"{row_label} does not differ significantly from {ref_label}")
     pct = int(round(100 * result.confidence))
+    metric = result.metric.replace("_auroc", " AUROC")
     return (
-        f"{claim} on {dataset}: image AUROC {100 * result.diff:+.2f} points "
+        f"{claim} on {dataset}: {metric} {100 * result.diff:+.2f} points "
         f"({pct}% CI {100 * result.ci_low:+.2f} to {100 * result.ci_high:+.2f}; paired bootstrap, "
         f"{result.resamples} resamples of {result.n_images} images in {result.n_classes} classes)"
     )
 
 
 PIXEL_CI_UNAVAILABLE = (
-    "pixel AUROC CI not available: test runs store per-image scores (results/image_scores.csv), "
-    "not per-pixel maps, so pixel AUROC cannot be recomputed on resampled images"
+    "pixel AUROC CI not available: a test run has no results/pixel_pairs.npz (tested before aaclip "
+    "stored it, or with eval.pixel_pairs = false); re-run `aaclip test` to get it"
 )
+
+
+def paired_pixel_auroc(
+    row: dict[str, tuple[list[str], PixelPairs]],
+    ref: dict[str, tuple[list[str], PixelPairs]],
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = CONFIDENCE,
+) -> BootstrapResult | None:
+    """CI of (mean pixel AUROC of ``row``) - (that of ``ref``) over the images both scored,
+    resampling anomalous and normal images within each class, the same draw for both runs."""
+    if resamples < 1:
+        raise ValueError("resamples must be >= 1")
+    rng = np.random.default_rng(seed)
+    total = np.zeros(resamples)
+    point, used, images, skipped, unpaired = 0.0, 0, 0, [], 0
+    for cname in sorted(set(row) & set(ref)):
+        paths_a, pa = row[cname]
+        paths_b, pb = ref[cname]
+        common = sorted(set(paths_a) & set(paths_b))
+        unpaired += len(set(paths_a) ^ set(paths_b))
+        ia = np.array([paths_a.index(p) for p in common], dtype=int)
+        ib = np.array([paths_b.index(p) for p in common], dtype=int)
+        anomalous = pa.pos[ia] > 0
+        if not anomalous.any() or anomalous.all():
+            skipped.append(cname)
+            continue
+        order = np.r_[np.flatnonzero(anomalous), np.flatnonzero(~anomalous)]
+        ia, ib = ia[order], ib[order]
+        k = int(anomalous.sum())
+        weights = np.c_[_counts(rng, k, resamples), _counts(rng, len(order) - k, resamples)]
+        diff_b = np.zeros(resamples)
+        for sign, pp, idx in ((1.0, pa, ia), (-1.0, pb, ib)):
+            sub = PixelPairs(pp.counts[np.ix_(idx, idx)], pp.pos[idx], pp.neg[idx])
+            numer = np.einsum("bi,ij,bj->b", weights, sub.counts, weights)
+            diff_b += sign * numer / ((weights @ sub.pos) * (weights @ sub.neg))
+            point += sign * sub.auroc()
+        total += diff_b
+        used += 1
+        images += len(order)
+    if used == 0:
+        return None
+    reps = total / used
+    alpha = (1.0 - confidence) / 2
+    lo, hi = np.quantile(reps, [alpha, 1.0 - alpha])
+    return BootstrapResult(
+        metric="pixel_auroc", resamples=resamples, seed=seed, confidence=confidence, diff=point / used,
+        ci_low=float(lo), ci_high=float(hi), p_not_better=float(np.mean(reps <= 0)), n_images=images,
+        n_classes=used, unpaired_images=unpaired, skipped_classes=skipped,
+    )
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from . import bootstrap as bs
+from .pixel_pairs import load_pixel_pairs
 from .errors import ConfigError, TrackingError
 from .evaluation import METRIC_NAMES
 from .tracking import TAG, connect
@@ -540,8 +541,7 @@ class Comparison:
                 "resamples": self.bootstrap_resamples,
                 "seed": bs.BOOTSTRAP_SEED,
                 "confidence": bs.CONFIDENCE,
-                "metric": "image_auroc",
-                "pixel_ci": bs.PIXEL_CI_UNAVAILABLE,
+                "metrics": ["image_auroc", "pixel_auroc"],
             },
             "notes": self.notes,
         }
@@ -580,6 +580,16 @@ def _image_scores(client, test_run_id: str, cache: dict, workdir: Path) -> list[
         try:
             local = client.download_artifacts(test_run_id, "results/image_scores.csv", str(workdir / test_run_id))
             cache[test_run_id] = bs.read_image_scores(Path(local))
+        except Exception:
+            cache[test_run_id] = None
+    return cache[test_run_id]
+
+
+def _pixel_pairs(client, test_run_id: str, cache: dict, workdir: Path):
+    if test_run_id not in cache:
+        try:
+            local = client.download_artifacts(test_run_id, "results/pixel_pairs.npz", str(workdir / f"{test_run_id}-px"))
+            cache[test_run_id] = load_pixel_pairs(Path(local))
         except Exception:
             cache[test_run_id] = None
     return cache[test_run_id]
@@ -637,6 +647,7 @@ def compare_runs(
                      f"`{ref.test_command}` (or choose another with --reference)")
 
     cache: dict[str, list[bs.ImageScore] | None] = {}
+    pixel_cache: dict[str, dict | None] = {}
     image_sets: dict[tuple[str, str], set[str] | None] = {}
     comparisons = []
     with tempfile.TemporaryDirectory(prefix="aaclip-compare-") as tmp:
@@ -677,6 +688,16 @@ def compare_runs(
                     entry["bootstrap"] = None
                     entry["statement"] = None
                 entry["pixel_ci"] = {"available": False, "reason": bs.PIXEL_CI_UNAVAILABLE}
+                if resamples > 0 and d in ref.tests:
+                    pa = _pixel_pairs(client, r.tests[d].run_id, pixel_cache, workdir)
+                    pb = _pixel_pairs(client, ref.tests[d].run_id, pixel_cache, workdir)
+                    res = bs.paired_pixel_auroc(pa, pb, resamples) if pa is not None and pb is not None else None
+                    if res is not None:
+                        statement = bs.describe(res, r.label, ref.label, d)
+                        if not entry["fair"]:
+                            statement += " [UNFAIR: " + "; ".join(entry["unfair"]) + "]"
+                        entry["pixel_ci"] = {"available": True, "bootstrap": res.as_dict(),
+                                             "verdict": bs.verdict(res), "statement": statement}
                 comparisons.append(entry)
     for r in rows:
         r.attrs.pop("_parent", None)

@@ -20,6 +20,7 @@ from . import metrics
 from .anchors import AnchorBank
 from .config import Recipe
 from .model import AACLIP
+from .pixel_pairs import PixelPairs, pixel_pairs
 from .runtime import autocast
 from .similarity import test_map
 
@@ -60,6 +61,8 @@ class EvalReport:
     # Per class: the raw ranges behind the min-max normalisation and the F1-optimal image threshold,
     # so new images (`predict`) can be scored on the scale the held-out results were computed on.
     calibration: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Per class: exact pixel pair counts and the image paths they are indexed by (`compare`).
+    pixel_pairs: dict[str, tuple[list[str], PixelPairs]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"classes": [asdict(c) for c in self.classes], "mean": self.mean, "calibration": self.calibration}
@@ -189,10 +192,15 @@ def evaluate(
     results = [score_class(c, per_class[c], recipe) for c in sorted(per_class)]
     rows = []
     calibration = {}
+    pairs = {}
     for c in sorted(per_class):
         cm = per_class[c]
-        _, score = image_scores(cm, recipe.data.domain)
+        maps, score = image_scores(cm, recipe.data.domain)
         calibration[c] = class_calibration(cm, score)
+        if recipe.eval.pixel_pairs:
+            # On the normalised maps the metrics were computed on, so the counts reproduce them exactly.
+            paths = [sample_paths[i] if sample_paths else str(i) for i in cm.indices]
+            pairs[c] = (paths, pixel_pairs(maps, cm.masks))
         raw_max = cm.maps.flatten(1).max(dim=1).values
         for j, idx in enumerate(cm.indices):
             rows.append(
@@ -205,7 +213,8 @@ def evaluate(
                     "raw_det": float(cm.det[j]),
                 }
             )
-    return EvalReport(classes=results, mean=mean_over_classes(results), image_scores=rows, calibration=calibration)
+    return EvalReport(classes=results, mean=mean_over_classes(results), image_scores=rows, calibration=calibration,
+                      pixel_pairs=pairs)
 
 
 def class_calibration(cm: ClassMaps, score: torch.Tensor) -> dict[str, float]:

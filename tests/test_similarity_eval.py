@@ -264,3 +264,33 @@ def test_evaluate_end_to_end_matches_per_image_protocol(make_model, demo_recipe)
         assert r.image_ap == pytest.approx(average_precision_score(labels, score.numpy()), abs=1e-6)
     for m in ("pixel_auroc", "image_auroc"):
         assert report.mean[m] == pytest.approx(np.mean([getattr(r, m) for r in report.classes]))
+
+
+def test_pixel_pair_counts_give_exact_pixel_auroc_for_any_resample():
+    """The stored pair counts reproduce sklearn's pixel AUROC on the images and on a resample."""
+    from aaclip_core.pixel_pairs import pixel_pairs
+
+    g = torch.Generator().manual_seed(3)
+    maps = (torch.rand(7, 12, 12, generator=g) * 10).round() / 10  # many ties
+    masks = torch.rand(7, 12, 12, generator=g) > 0.85
+    masks[4:] = False  # three normal images
+    pp = pixel_pairs(maps, masks)
+    assert pp.auroc() == pytest.approx(roc_auc_score(masks.flatten().numpy(), maps.flatten().numpy()), abs=1e-12)
+    w = np.array([2, 0, 1, 3, 1, 0, 2], dtype=float)
+    idx = np.repeat(np.arange(7), w.astype(int))
+    expected = roc_auc_score(masks[idx].flatten().numpy(), maps[idx].flatten().numpy())
+    assert pp.auroc(w) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pixel_pairs_round_trip_without_pickle(tmp_path):
+    from aaclip_core.pixel_pairs import load_pixel_pairs, pixel_pairs, save_pixel_pairs
+
+    maps = torch.rand(3, 5, 5)
+    masks = torch.zeros(3, 5, 5, dtype=torch.bool)
+    masks[0, 1:3, 1:3] = True
+    pp = pixel_pairs(maps, masks)
+    save_pixel_pairs(tmp_path / "p.npz", {"bottle": (["a.png", "b.png", "c.png"], pp)})
+    paths, back = load_pixel_pairs(tmp_path / "p.npz")["bottle"]
+    assert paths == ["a.png", "b.png", "c.png"]
+    np.testing.assert_array_equal(back.counts, pp.counts)
+    np.testing.assert_array_equal(back.pos, pp.pos)

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..config import DatasetRef, Recipe, apply_overrides, flatten, recipe_from_dict
 from ..errors import ConfigError
 from ..evaluation import METRIC_NAMES, evaluate
+from ..pixel_pairs import save_pixel_pairs
 from ..tracking import TAG, connect, get_run, log_json_artifact, tracked_run
 from ..training.data import load_samples, make_dataset, make_loader
 from . import common
@@ -117,6 +118,10 @@ def test_run(
                 mlflow.log_text(_csv([asdict(r) for r in report.classes]), "results/per_class.csv")
                 mlflow.log_text(_csv(report.image_scores), "results/image_scores.csv")
                 log_json_artifact(mlflow, report.as_dict(), "results/report.json")
+                if report.pixel_pairs:
+                    pairs_file = workdir / "pixel_pairs.npz"
+                    save_pixel_pairs(pairs_file, report.pixel_pairs)
+                    mlflow.log_artifact(str(pairs_file), "results")
                 visualizations = []
                 if visualize > 0:  # `--visualize N`: anomaly-map pictures under visualizations/<class>/
                     from ..visualize import log_test_visualizations
