@@ -141,13 +141,20 @@ def paired_image_auroc(
         point += diff
         used += 1
         images += len(paths)
+    return _result("image_auroc", total, point, used, resamples, seed, confidence, n_images=images,
+                   unpaired_images=unpaired, label_mismatches=len(mismatched), skipped_classes=skipped)
+
+
+def _result(metric: str, total: np.ndarray, point: float, used: int, resamples: int, seed: int,
+            confidence: float, **counts) -> BootstrapResult | None:
+    """Mean over classes of the summed per-class replicate differences -> percentile interval."""
     if used == 0:
         return None
     reps = total / used
     alpha = (1.0 - confidence) / 2
     lo, hi = np.quantile(reps, [alpha, 1.0 - alpha])
     return BootstrapResult(
-        metric="image_auroc",
+        metric=metric,
         resamples=resamples,
         seed=seed,
         confidence=confidence,
@@ -155,11 +162,8 @@ def paired_image_auroc(
         ci_low=float(lo),
         ci_high=float(hi),
         p_not_better=float(np.mean(reps <= 0)),
-        n_images=images,
         n_classes=used,
-        unpaired_images=unpaired,
-        label_mismatches=len(mismatched),
-        skipped_classes=skipped,
+        **counts,
     )
 
 
@@ -232,14 +236,6 @@ def paired_pixel_auroc(
         total += diff_b
         used += 1
         images += len(order)
-    if used == 0:
-        return None
-    reps = total / used
-    alpha = (1.0 - confidence) / 2
-    lo, hi = np.quantile(reps, [alpha, 1.0 - alpha])
-    return BootstrapResult(
-        metric="pixel_auroc", resamples=resamples, seed=seed, confidence=confidence, diff=point / used,
-        ci_low=float(lo), ci_high=float(hi), p_not_better=float(np.mean(reps <= 0)), n_images=images,
-        n_classes=used, unpaired_images=unpaired, skipped_classes=skipped,
-    )
+    return _result("pixel_auroc", total, point, used, resamples, seed, confidence, n_images=images,
+                   unpaired_images=unpaired, skipped_classes=skipped)
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .anchors import AnchorBank
 from .config import Recipe
 from .model import AACLIP

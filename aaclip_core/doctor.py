@@ -482,23 +482,14 @@ def run_checks(client, mlflow, run, recipe: Recipe | None, tracking_uri: str | N
 
 
 def _probe_batch(samples, recipe: Recipe):
-    import torch
-
-    from .training.data import make_dataset
+    from .training.data import fixed_batch
 
     half = PROBE_IMAGES // 2
     anomalous = [s for s in samples if s.label == 1]
     normal = [s for s in samples if s.label == 0]
     picked = anomalous[:half] + normal[: PROBE_IMAGES - min(half, len(anomalous))]
     picked = picked[:PROBE_IMAGES] or samples[:PROBE_IMAGES]
-    ds = make_dataset(picked, recipe, "none")
-    items = [ds[i] for i in range(len(ds))]
-    return {
-        "image": torch.stack([it["image"] for it in items]),
-        "mask": torch.stack([it["mask"] for it in items]),
-        "label": torch.stack([it["label"] for it in items]),
-        "class_name": [it["class_name"] for it in items],
-    }, picked
+    return fixed_batch(picked, recipe), picked
 
 
 def probe_checks(mlflow, run, recipe: Recipe | None, workdir: Path) -> list[Check]:

@@ -53,16 +53,9 @@ def make_model(demo_recipe):
 @pytest.fixture
 def demo_batch(demo_recipe):
     """A few preprocessed demo images with masks, labels and class names."""
-    from aaclip_core.training.data import load_samples, make_dataset
+    from aaclip_core.training.data import fixed_batch, load_samples
 
     samples = load_samples(demo_recipe.data.train, demo_recipe.runtime.seed)
     # Two anomalous and two normal images of two classes.
     picked = [s for s in samples if s.label == 1][:2] + [s for s in samples if s.label == 0][-2:]
-    ds = make_dataset(picked, demo_recipe, "none")
-    items = [ds[i] for i in range(len(ds))]
-    return {
-        "image": torch.stack([it["image"] for it in items]),
-        "mask": torch.stack([it["mask"] for it in items]),
-        "label": torch.stack([it["label"] for it in items]),
-        "class_name": [it["class_name"] for it in items],
-    }
+    return fixed_batch(picked, demo_recipe)

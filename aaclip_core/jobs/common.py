@@ -20,7 +20,7 @@ from ..errors import CheckpointError, ConfigError
 from ..model import AACLIP, build_model
 from ..runtime import configure_threads, seed_everything, select_device
 from ..tracking import TAG, aaclip_version, connect, download, get_run, git_commit, log_json_artifact, log_params
-from ..training.data import load_samples, make_dataset, make_loader
+from ..training.data import fixed_batch, load_samples, make_dataset, make_loader
 from .reporter import Reporter
 
 
@@ -119,15 +119,7 @@ def load_adapters(model: AACLIP, state: dict[str, torch.Tensor]) -> None:
 def probe_batch(samples: list[Sample], recipe: Recipe, size: int = 16) -> dict:
     """A fixed, un-augmented batch spread over the training images, for the per-epoch probe loss."""
     step = max(1, len(samples) // size)
-    picked = samples[::step][:size]
-    ds = make_dataset(picked, recipe, "none")
-    items = [ds[i] for i in range(len(ds))]
-    return {
-        "image": torch.stack([it["image"] for it in items]),
-        "mask": torch.stack([it["mask"] for it in items]),
-        "label": torch.stack([it["label"] for it in items]),
-        "class_name": [it["class_name"] for it in items],
-    }
+    return fixed_batch(samples[::step][:size], recipe)
 
 
 def train_data(session: Session, recipe: Recipe) -> list[Sample]:

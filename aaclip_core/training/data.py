@@ -57,3 +57,15 @@ def make_loader(
         generator=generator,
         drop_last=False,
     )
+
+
+def fixed_batch(samples: list[Sample], recipe: Recipe) -> dict:
+    """The un-augmented items of ``samples`` stacked as one loader-style batch."""
+    ds = make_dataset(samples, recipe, "none")
+    items = [ds[i] for i in range(len(ds))]
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "mask": torch.stack([it["mask"] for it in items]),
+        "label": torch.stack([it["label"] for it in items]),
+        "class_name": [it["class_name"] for it in items],
+    }

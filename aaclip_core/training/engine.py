@@ -111,6 +111,16 @@ def stage2_loss(model: AACLIP, bank: AnchorBank, recipe: Recipe, images, masks, 
     return loss
 
 
+def stage_loss(stage: int, model: AACLIP, bank: AnchorBank, recipe: Recipe, batch: dict, device: torch.device,
+               features: str) -> torch.Tensor:
+    """The loss a stage optimises, on one loader batch, under the recipe's precision."""
+    images, masks, labels, classes = _batch_to(batch, device)
+    with autocast(device, recipe.runtime.precision):
+        if stage == 1:
+            return stage1_loss(model, bank, recipe, images, masks, classes, features)
+        return stage2_loss(model, bank, recipe, images, masks, labels, classes)
+
+
 @torch.no_grad()
 def probe_loss(stage: int, model: AACLIP, bank: AnchorBank, recipe: Recipe, batch: dict, device: torch.device,
                features: str) -> float:
@@ -118,13 +128,7 @@ def probe_loss(stage: int, model: AACLIP, bank: AnchorBank, recipe: Recipe, batc
     was_training = model.training
     model.train(False)
     try:
-        images, masks, labels, classes = _batch_to(batch, device)
-        with autocast(device, recipe.runtime.precision):
-            if stage == 1:
-                loss = stage1_loss(model, bank, recipe, images, masks, classes, features)
-            else:
-                loss = stage2_loss(model, bank, recipe, images, masks, labels, classes)
-        return float(loss)
+        return float(stage_loss(stage, model, bank, recipe, batch, device, features))
     finally:
         model.train(was_training)
 
@@ -177,12 +181,7 @@ def run_stage(
             losses: list[float] = []
             norms: list[dict[str, float]] = []
             for b, batch in enumerate(loader):
-                images, masks, labels, classes = _batch_to(batch, device)
-                with autocast(device, recipe.runtime.precision):
-                    if stage == 1:
-                        loss = stage1_loss(model, bank, recipe, images, masks, classes, features)
-                    else:
-                        loss = stage2_loss(model, bank, recipe, images, masks, labels, classes)
+                loss = stage_loss(stage, model, bank, recipe, batch, device, features)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{name} loss became {loss.item()} at epoch {epoch + 1}")
                 norms.append(_step(loss, model, params, schedule))
