@@ -78,7 +78,7 @@ def test_run(
             ckpt_name = checkpoint or common.default_checkpoint(mlflow, run_id)
             ckpt = common.run_checkpoint(mlflow, run_id, ckpt_name, workdir)
             model = common.model_from_checkpoint(recipe, ckpt, session.device)
-            samples = load_samples(ref, recipe.runtime.seed)
+            samples = load_samples(ref, recipe.runtime.seed, field="data.test")
             session.reporter.info(
                 f"testing run {run_id} checkpoint '{ckpt_name}' (stage {ckpt.manifest.get('stage')}, "
                 f"epoch {ckpt.manifest.get('epoch')}, loop {ckpt.manifest.get('loop')}) on {ref.name}: "

@@ -11,12 +11,19 @@ from torch.utils.data import DataLoader
 from ..config import DatasetRef, Recipe
 from ..data import AnomalyDataset, Sample, index_dataset, k_shot, select_classes, validate_samples
 from ..data.synthetic import ensure_demo_data
+from ..errors import DataError
 
 
-def load_samples(ref: DatasetRef, seed: int, validate: bool = True) -> list[Sample]:
+def load_samples(ref: DatasetRef, seed: int, validate: bool = True, field: str = "data.train") -> list[Sample]:
     """The labelled images of a dataset (its test split in the MVTec sense), filtered and sub-sampled
-    as the recipe says."""
+    as the recipe says. ``field`` names the recipe table in error messages."""
     root = Path(ref.root).expanduser()
+    if ref.layout != "synthetic" and not root.exists():
+        raise DataError(
+            f"Dataset root '{root}' ({field}.root, dataset {ref.name}) does not exist. Point it at the "
+            f"dataset with --set {field}.root=/path/to/{ref.name} (layouts: MVTec AD, VisA, BTAD, MPDD, "
+            "a plain folder, or reference JSON-lines metadata), or use --recipe demo for the built-in data."
+        )
     layout = ref.layout
     if layout == "synthetic":
         # The demo data is generated on first use: root names one of the two generated halves.
