@@ -16,14 +16,20 @@ err = Console(stderr=True, highlight=False)
 
 
 def print_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    """Strict JSON: undefined metrics (NaN) become null, which every JSON parser accepts."""
+    text = json.dumps(_finite(obj), indent=2, sort_keys=True, default=str, allow_nan=False)
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
 
-def _json_default(o):
-    if isinstance(o, float) and math.isnan(o):
+def _finite(o):
+    if isinstance(o, float) and not math.isfinite(o):
         return None
-    return str(o)
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
 
 
 def pct(x: float | None) -> str:

@@ -113,8 +113,19 @@ def train_feedback_cmd(
 
     if loops is not None and not 1 <= loops <= 10:
         raise ConfigError(f"--loops {loops}: feedback training runs 1 to 10 loops; pass a number in that range.")
-    sets = list(set_ or []) + ([f"feedback.loops={loops}"] if loops is not None else [])
-    r, path = load_recipe_with_flags(recipe, sets, seed, experiment)
+    if resume:
+        given = [flag for flag, value in (("--loops", loops), ("--set", set_), ("--seed", seed),
+                                          ("--experiment", experiment), ("--from", from_run),
+                                          ("--recipe", recipe if recipe != "feedback" else None)) if value]
+        if given:
+            raise ConfigError(
+                f"--resume continues the run with its own recipe; drop {', '.join(given)} (to change "
+                "settings, start a new run with --from RUN_ID instead)."
+            )
+        r, path = None, None
+    else:
+        sets = list(set_ or []) + ([f"feedback.loops={loops}"] if loops is not None else [])
+        r, path = load_recipe_with_flags(recipe, sets, seed, experiment)
     with RichReporter(quiet or json_) as rep:
         result = train_feedback(r, path, from_run, resume, tracking_uri, rep, run_name)
     if json_:

@@ -31,6 +31,7 @@ class AnchorBank:
         self.prefix = model.text_prefix(self.tokens.flatten(0, 1)).view(*self.tokens.shape, -1)
         self._context_prefix: torch.Tensor | None = None
         self._frozen: torch.Tensor | None = None
+        self._frozen_text_context: torch.Tensor | None = None
 
     def class_index(self, class_names: list[str]) -> torch.Tensor:
         try:
@@ -56,20 +57,31 @@ class AnchorBank:
     def freeze(self) -> None:
         """Cache the per-class anchors (only meaningful when they do not depend on the image)."""
         self._frozen = None
+        self._frozen_text_context = None
+        if self.model.image_cross_attn is not None:
+            # The first text adapter is frozen wherever anchors are: its tokens are computed once.
+            self._frozen_text_context = self._text_context_of(torch.arange(len(self.class_names)))
         if not self.model.conditions_text:
             emb = self.model.encode_text(self.tokens, self.prefix)
             self._frozen = anchors_from_embeddings(emb)
 
     def unfreeze(self) -> None:
         self._frozen = None
+        self._frozen_text_context = None
 
     @torch.no_grad()
     def text_context(self, class_names: list[str]) -> torch.Tensor:
         """[B, 16*77, D] prompt tokens (full context length, as specified) of each image's class for
         the image cross-attention."""
+        idx = self.class_index(class_names)
+        if self._frozen_text_context is not None:
+            return self._frozen_text_context[idx]
+        return self._text_context_of(idx)
+
+    @torch.no_grad()
+    def _text_context_of(self, idx: torch.Tensor) -> torch.Tensor:
         if self._context_prefix is None:
             self._context_prefix = self.model.text_prefix(self.full_tokens.flatten(0, 1)).view(
                 *self.full_tokens.shape, -1
             )
-        idx = self.class_index(class_names)
-        return self.model.text_context_tokens(self._context_prefix[idx]).flatten(1, 2)
+        return self.model.text_context_tokens(self._context_prefix[idx.to(self._context_prefix.device)]).flatten(1, 2)

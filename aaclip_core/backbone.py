@@ -71,7 +71,7 @@ def build_clip(recipe: Recipe, device: torch.device | str = "cpu") -> nn.Module:
     weights = _resolve_weights(m.name, m.pretrained)
     try:
         # Weights are loaded below, so OpenCLIP's "no pretrained weights loaded" warning is noise.
-        with _silence_logging():
+        with _silence_logging(), _seeded(recipe.runtime.seed if weights is None else None):
             model = open_clip.create_model(
                 m.name,
                 pretrained=None,
@@ -96,6 +96,18 @@ def build_clip(recipe: Recipe, device: torch.device | str = "cpu") -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(device)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    """Random backbone weights drawn from the recipe's seed on a forked generator: training, test,
+    predict and doctor all rebuild the identical backbone, and the caller's RNG is untouched."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 @contextlib.contextmanager

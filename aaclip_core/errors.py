@@ -26,5 +26,9 @@ class CheckpointError(AaclipError):
     """A checkpoint cannot be read, is unsafe, or does not fit the model."""
 
 
+class TrainingDiverged(AaclipError):
+    """The loss became NaN or infinite."""
+
+
 class TrackingError(AaclipError):
     """The MLflow store cannot be reached or a run is missing."""

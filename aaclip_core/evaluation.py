@@ -77,8 +77,12 @@ def predict_batch(model: AACLIP, bank: AnchorBank, images: torch.Tensor, class_n
     text_ctx = bank.text_context(class_names) if model.image_cross_attn is not None and model.use_image_cross else None
     seg, det = model.encode_image(images, text_ctx)
     size = recipe.model.image_size
-    maps = sum(test_map(f.float(), anchors.float(), size, recipe.data.domain) for f in seg)
-    det_score = (torch.einsum("be,be->b", det.float(), anchors[..., 1].float()) + 1) / 2
+    # Scores are computed in fp32 even when the backbone ran under bf16/fp16 autocast: the maps
+    # are what the metrics rank, and reduced precision would quantise them into ties.
+    with torch.autocast(images.device.type, enabled=False):
+        anchors = anchors.float()
+        maps = sum(test_map(f.float(), anchors, size, recipe.data.domain) for f in seg)
+        det_score = (torch.einsum("be,be->b", det.float(), anchors[..., 1]) + 1) / 2
     return maps, det_score
 
 

@@ -137,7 +137,7 @@ def test_interrupted_job_resumes_to_the_same_weights(fast_recipe, tmp_path, monk
     assert len(killed) == 1
     interrupted_id = killed[0].info.run_id
 
-    resumed = train_feedback(recipe, path, resume=interrupted_id, tracking_uri=uri)
+    resumed = train_feedback(None, resume=interrupted_id, tracking_uri=uri)
     assert resumed["run_id"] == interrupted_id
     assert resumed["resumed_from"] == checkpoint_name(1, 2)
     assert mlflow.get_run(interrupted_id).info.status == "FINISHED"

@@ -85,6 +85,7 @@ def manifest(recipe: Recipe, model: AACLIP, stage: str, epoch: int, loop: int | 
         "fidelity": recipe.fidelity,
         "backbone": backbone_id(recipe),
         "cross_attention": model.text_cross_attn is not None,
+        "cross_attention_on": {"text": model.use_text_cross, "image": model.use_image_cross},
         "context_source": model.context_source,
         "recipe": recipe.model_dump(mode="json"),
         **extra,
@@ -163,6 +164,9 @@ def model_from_checkpoint(recipe: Recipe, ckpt: Checkpoint, device: torch.device
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"Checkpoint does not fit the run's recipe: {exc}.") from None
     model.context_source = meta.get("context_source", "dpam")
+    switches = meta.get("cross_attention_on")
+    if switches:
+        model.use_text_cross, model.use_image_cross = bool(switches["text"]), bool(switches["image"])
     return model
 
 
@@ -175,6 +179,16 @@ def anchor_bank(model: AACLIP, samples: list[Sample], dataset_name: str) -> Anch
     return AnchorBank(model, [s.class_name for s in samples], dataset_name)
 
 
+def check_trainable(recipe: Recipe) -> None:
+    """Settings that are valid for evaluation but not for training."""
+    if recipe.runtime.precision == "fp16":
+        raise ConfigError(
+            "runtime.precision = 'fp16' is for evaluation only: fp16 training would need loss scaling. "
+            "Train with bf16 (GPU) or fp32."
+        )
+
+
 def check_train_samples(recipe: Recipe) -> None:
+    check_trainable(recipe)
     if recipe.stage1.epochs == 0 and recipe.stage2.epochs == 0:
         raise ConfigError("stage1.epochs and stage2.epochs are both 0: nothing to train.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,7 @@ from ..data import train_val_split
 from ..errors import ConfigError
 from ..evaluation import evaluate
 from ..model import AACLIP, build_model
-from ..runtime import seed_everything
-from ..tracking import TAG, get_run, list_artifacts, tracked_run
+from ..tracking import TAG, connect, get_run, list_artifacts, tracked_run
 from ..training.data import make_dataset, make_loader
 from ..training.engine import StageSchedule, run_stage
 from ..training.groups import count_trainable, stage_parameters
@@ -119,7 +119,7 @@ def select_loop(history: dict[int, float], metric: str) -> tuple[int, str]:
 
 
 def train_feedback(
-    recipe: Recipe,
+    recipe: Recipe | None,
     recipe_path: Path | None = None,
     from_run: str | None = None,
     resume: str | None = None,
@@ -127,17 +127,38 @@ def train_feedback(
     reporter: Reporter | None = None,
     run_name: str | None = None,
 ) -> dict:
-    if resume and from_run:
-        raise ConfigError("--resume continues a feedback run with its own weights; it cannot take --from too.")
+    """Train a feedback job, or (``resume``, with ``recipe`` None) continue one with its own recipe."""
+    if resume:
+        if from_run or recipe is not None:
+            raise ConfigError(
+                "--resume continues a feedback run with its own recipe and weights; it takes no --from, "
+                "--recipe, --set, --seed or --loops."
+            )
+        recipe = _resumable_recipe(tracking_uri, resume)
+        recipe_path = None
+    elif recipe is None:
+        raise ConfigError("train feedback needs a recipe (--recipe) or --resume RUN_ID.")
+    else:
+        common.check_trainable(recipe)
     session = common.open_session(recipe, recipe_path, tracking_uri, reporter)
     try:
-        if resume:
-            get_run(session.mlflow, resume)
-            recipe = session.recipe = common.run_recipe(session.mlflow, resume, session.workdir)
-            session.generator = seed_everything(recipe.runtime.seed)
         return _run(session, recipe, from_run, resume, run_name)
     finally:
         session.close()
+
+
+def _resumable_recipe(tracking_uri: str | None, run_id: str) -> Recipe:
+    """The recipe of a feedback parent run; any other run is refused rather than taken over."""
+    mlflow = connect(tracking_uri)
+    run = get_run(mlflow, run_id)
+    stage = run.data.tags.get(f"{TAG}stage")
+    if stage != "feedback":
+        raise ConfigError(
+            f"Run {run_id} is a '{stage}' run, not a feedback job; --resume only continues an interrupted "
+            "`aaclip train feedback` run (its parent run id, as printed when it started)."
+        )
+    with tempfile.TemporaryDirectory(prefix="aaclip-resume-") as tmp:
+        return common.run_recipe(mlflow, run_id, Path(tmp))
 
 
 def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: str | None, run_name: str | None) -> dict:

@@ -21,6 +21,11 @@ from .reporter import Reporter
 
 
 def test_dataset(recipe: Recipe, dataset: str | None, data_root: str | None, layout: str | None) -> DatasetRef:
+    if data_root and not dataset:
+        raise ConfigError(
+            f"--data-root {data_root} needs --dataset NAME too (e.g. MVTec, VisA): the name selects the "
+            "class-name table and is what the zero-shot check and the run's tags use."
+        )
     ref = recipe.data.test.model_copy()
     updates = {}
     if dataset:
@@ -34,7 +39,10 @@ def test_dataset(recipe: Recipe, dataset: str | None, data_root: str | None, lay
 
 
 def is_same_dataset(recipe: Recipe, ref: DatasetRef) -> bool:
-    return ref.name.lower() == recipe.data.train.name.lower()
+    """Same name, or the same folder under another name."""
+    if ref.name.lower() == recipe.data.train.name.lower():
+        return True
+    return Path(ref.root).expanduser().resolve() == Path(recipe.data.train.root).expanduser().resolve()
 
 
 def _csv(rows: list[dict]) -> str:

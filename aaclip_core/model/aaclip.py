@@ -211,39 +211,46 @@ class AACLIP(nn.Module):
         return F.normalize(visual.ln_post(tokens[:, 1:]) @ visual.proj, dim=-1)
 
     @torch.no_grad()
-    def stage1_features(self, images: torch.Tensor, isolate: bool = False) -> list[torch.Tensor]:
+    def stage1_features(
+        self, images: torch.Tensor, isolate: bool = False, first_level_only: bool = False
+    ) -> list[torch.Tensor]:
         """Frozen stage-1 image features from the DPAM path (SPEC §3): per level, normalised patch
         tokens plus the normalised CLIP image embedding. The DPAM and ordinary paths share every
         block before ``dpam_start``, so that prefix runs once. ``isolate`` evaluates the official
-        variant as if each image were alone (used outside stage-1 training)."""
+        variant as if each image were alone (used outside stage-1 training). ``first_level_only``
+        stops the DPAM path after the first level (the cross-attention context needs no more)."""
         blocks = self.clip.visual.transformer.resblocks
         mode = "tokens" if self.fidelity == "corrected" else ("self" if isolate else "batch")
         x = self._embed(images)
-        levels = set(self.cfg.levels)
+        wanted = self.cfg.levels[:1] if first_level_only else self.cfg.levels
+        levels = set(wanted)
         out: dict[int, torch.Tensor] = {}
         for i in range(self.dpam_start):
             x = blocks[i](x)
             if i + 1 in levels:
                 out[i + 1] = self._patch_to_joint(x)
         ordinary, surgery = x, x
+        last_needed = max(wanted)
         for i in range(self.dpam_start, len(blocks)):
-            ordinary = blocks[i](ordinary)
-            surgery = dpam_block_forward(blocks[i], surgery, mode)
-            if i + 1 in levels:
-                out[i + 1] = self._patch_to_joint(surgery)
+            ordinary = blocks[i](ordinary)  # the CLIP image embedding needs the full ordinary path
+            if i < last_needed:
+                surgery = dpam_block_forward(blocks[i], surgery, mode)
+                if i + 1 in levels:
+                    out[i + 1] = self._patch_to_joint(surgery)
         visual = self.clip.visual
         cls = F.normalize(visual.ln_post(ordinary[:, 0]) @ visual.proj, dim=-1)
-        return [out[level] + cls.unsqueeze(1) for level in self.cfg.levels]
+        return [out[level] + cls.unsqueeze(1) for level in wanted]
 
     def encode_image(
-        self, images: torch.Tensor, text_context: torch.Tensor | None = None
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        self, images: torch.Tensor, text_context: torch.Tensor | None = None, first_level_only: bool = False
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Adapted image path (SPEC §2): per-level normalised patch maps [B, P, E] and the
-        detection embedding [B, E]. ``text_context`` [B, S, Dt] feeds the image cross-attention."""
+        detection embedding [B, E]. ``text_context`` [B, S, Dt] feeds the image cross-attention.
+        ``first_level_only`` stops after the first level (no detection embedding)."""
         blocks = self.clip.visual.transformer.resblocks
         adapters = self.image_adapter["layer_adapters"]
         x = self._embed(images)
-        levels = self.cfg.levels
+        levels = self.cfg.levels[:1] if first_level_only else self.cfg.levels
         tokens: list[torch.Tensor] = []
         for i in range(max(levels)):
             x = blocks[i](x)
@@ -254,6 +261,8 @@ class AACLIP(nn.Module):
             if i + 1 in levels:
                 tokens.append(self.clip.visual.ln_post(x[:, 1:]))
         seg = [F.normalize(proj(t), dim=-1) for proj, t in zip(self.image_adapter["seg_proj"], tokens)]
+        if first_level_only:
+            return seg, None
         det = F.normalize(self.image_adapter["det_proj"](tokens[-1]), dim=-1).mean(dim=1)
         return seg, det
 
@@ -266,8 +275,8 @@ class AACLIP(nn.Module):
     def anchor_context(self, images: torch.Tensor) -> torch.Tensor:
         """The text cross-attention's key/value context [B, P, E] for these images."""
         if self.context_source == "image_path":
-            return self.image_path_features(images)[0]
-        return self.stage1_features(images, isolate=True)[0]
+            return self.encode_image(images, first_level_only=True)[0][0]
+        return self.stage1_features(images, isolate=True, first_level_only=True)[0]
 
     @property
     def conditions_text(self) -> bool:

@@ -12,6 +12,7 @@ from ..config import DatasetRef, Recipe
 from ..data import AnomalyDataset, Sample, index_dataset, k_shot, select_classes, validate_samples
 from ..data.synthetic import ensure_demo_data
 from ..errors import DataError
+from ..runtime import select_device
 
 
 def load_samples(ref: DatasetRef, seed: int, validate: bool = True, field: str = "data.train") -> list[Sample]:
@@ -54,13 +55,18 @@ def make_loader(
     dataset: AnomalyDataset, batch_size: int, shuffle: bool, recipe: Recipe, generator: torch.Generator | None
 ) -> DataLoader:
     workers = recipe.data.num_workers
+    if workers > 0 and recipe.data.cache_images:
+        # Decode once in the main process, so forked workers share the filled cache.
+        dataset.preload()
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0,
+        pin_memory=select_device(recipe.runtime.device).type == "cuda",
+        # Workers are re-created every epoch so that they see the dataset's epoch (set_epoch), which
+        # keys the augmentation draws; persistent workers would repeat epoch 1's draws forever.
+        persistent_workers=False,
         generator=generator,
         drop_last=False,
     )

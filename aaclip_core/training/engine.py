@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from ..anchors import AnchorBank
 from ..config import Recipe
+from ..errors import TrainingDiverged
 from ..losses import detection_loss, orthogonality_loss, segmentation_loss
 from ..model import AACLIP
 from ..runtime import autocast
@@ -88,7 +89,13 @@ def stage1_loss(
     in its level loop); ``corrected`` sums all levels. One orthogonality term either way.
     """
     feats = model.stage1_features(images) if features == "dpam" else model.image_path_features(images)
-    anchors = bank.anchors(class_names, feats[0] if model.conditions_text else None)
+    context = None
+    if model.conditions_text:
+        # The official DPAM features mix batch-mates (the reproduced quirk, loss features only);
+        # the cross-attention context is each image's own, exactly as in stage 2 and at test.
+        mixed = features == "dpam" and model.fidelity == "official"
+        context = model.anchor_context(images) if mixed else feats[0]
+    anchors = bank.anchors(class_names, context)
     size = recipe.model.image_size
     if recipe.fidelity == "official":
         seg = segmentation_loss(training_probs(feats[-1], anchors, size), masks)
@@ -183,7 +190,12 @@ def run_stage(
             for b, batch in enumerate(loader):
                 loss = stage_loss(stage, model, bank, recipe, batch, device, features)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{name} loss became {loss.item()} at epoch {epoch + 1}")
+                    raise TrainingDiverged(
+                        f"The {name} loss became {loss.item()} at epoch {epoch + 1}, batch {b + 1}: training "
+                        f"diverged. Lower the learning rate (stage{stage}.lr, or feedback."
+                        f"{'text' if stage == 1 else 'image'}_lr for feedback runs), or use runtime.precision"
+                        " = \"fp32\" if it runs in reduced precision."
+                    )
                 norms.append(_step(loss, model, params, schedule))
                 losses.append(float(loss.detach()))
                 hist.steps += 1
