@@ -28,11 +28,21 @@ def register_custom_config(name: str, config: dict) -> None:
     factory._MODEL_CONFIGS[name] = copy.deepcopy(config)
 
 
-def _resolve_weights(name: str, pretrained: str) -> Path | None:
+def weights_kind(pretrained: str) -> str:
+    """How ``model.pretrained`` is read: "random" weights, a local "file", or an OpenCLIP "tag"."""
     if pretrained.lower() in ("", "none", "random"):
+        return "random"
+    if Path(pretrained).suffix or Path(pretrained).expanduser().exists() or "/" in pretrained:
+        return "file"
+    return "tag"
+
+
+def _resolve_weights(name: str, pretrained: str) -> Path | None:
+    kind = weights_kind(pretrained)
+    if kind == "random":
         return None
     path = Path(pretrained).expanduser()
-    if path.suffix or path.exists() or "/" in pretrained:
+    if kind == "file":
         if not path.is_file():
             raise WeightsError(
                 f"Backbone weights file '{path}' (model.pretrained) does not exist. Put the OpenCLIP "

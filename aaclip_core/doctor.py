@@ -36,9 +36,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .backbone import weights_kind
 from .config import Recipe, apply_overrides, recipe_from_dict
 from .errors import AaclipError, ConfigError, TrackingError
-from .tracking import TAG, resolve_tracking_uri
+from .tracking import TAG, loop_runs, resolve_tracking_uri
 
 CROSS_WEIGHT_BAND = (0.05, 0.2)
 CROSS_WEIGHT_FAIL = 0.5
@@ -175,14 +176,15 @@ def _tag_cache(model_name: str, tag: str) -> tuple[bool | None, str]:
 def check_weights(recipe: Recipe, name: str = "backbone weights") -> Check:
     m = recipe.model
     p = m.pretrained
-    if p.lower() in ("", "none", "random"):
+    kind = weights_kind(p)
+    if kind == "random":
         if m.custom_config is not None:
             return Check(name, "pass", p, f"random weights on the custom backbone '{m.name}' (demo/tests; its "
                                           "numbers say nothing about CLIP)")
         return Check(name, "warn", p, f"random weights on {m.name}: results say nothing about CLIP",
                      "--set model.pretrained=openai (or a local open_clip_model.safetensors)")
     path = Path(p).expanduser()
-    if path.suffix or path.exists() or "/" in p:
+    if kind == "file":
         if path.is_file():
             return Check(name, "pass", str(path), f"weights file exists ({path.stat().st_size / 2**20:.1f} MiB)")
         return Check(name, "fail", str(path), f"model.pretrained = '{p}': no such file",
@@ -310,10 +312,7 @@ def _loop_runs(client, run) -> dict[int, Any]:
     """loop -> the MLflow run holding that loop's per-epoch metrics."""
     if run.data.tags.get(f"{TAG}stage") != "feedback":
         return {1: run}
-    children = client.search_runs(
-        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'", max_results=1000
-    )
-    return {int(c.data.tags[f"{TAG}loop"]): c for c in children if f"{TAG}loop" in c.data.tags}
+    return loop_runs(client, run)
 
 
 def gradient_checks(client, loops: dict[int, Any], feedback: bool) -> list[Check]:

@@ -39,10 +39,10 @@ import numpy as np
 import torch
 
 from .config import Recipe
+from .data.layouts import IMAGE_EXTENSIONS
 from .errors import ConfigError, DataError
 from .tracking import TAG, connect, download, get_run
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SKIP_DIRS = ("ground_truth",)
 CLASS_SEARCH_DEPTH = 3
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -160,7 +160,7 @@ def score_image(raw_map: torch.Tensor, raw_det: float, cal: dict[str, float] | N
 
 
 def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def collect_images(inputs: list[Path], out_dir: Path) -> list[ImageJob]:
@@ -187,13 +187,13 @@ def collect_images(inputs: list[Path], out_dir: Path) -> list[ImageJob]:
                 rel = f.relative_to(p)
                 if any(part in SKIP_DIRS or part.startswith(".") for part in rel.parts):
                     continue
-                if f.suffix.lower() not in IMAGE_SUFFIXES or not f.is_file():
+                if f.suffix.lower() not in IMAGE_EXTENSIONS or not f.is_file():
                     continue
                 if out_res in f.resolve().parents:
                     continue
                 found.append(f)
             if not found:
-                raise DataError(f"Folder {p} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
+                raise DataError(f"Folder {p} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
             name = p.resolve().name or "input"
             for f in found:
                 add(f, Path(name) / f.relative_to(p))

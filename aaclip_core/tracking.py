@@ -126,5 +126,13 @@ def download(mlflow, run_id: str, artifact_path: str, dst: Path) -> Path:
         ) from None
 
 
+def loop_runs(client, run) -> dict[int, Any]:
+    """loop number -> child run of a feedback parent run (tag ``aaclip.loop``)."""
+    children = client.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'", max_results=1000
+    )
+    return {int(c.data.tags[f"{TAG}loop"]): c for c in children if f"{TAG}loop" in c.data.tags}
+
+
 def list_artifacts(mlflow, run_id: str, path: str | None = None) -> list[str]:
     return [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, path)]

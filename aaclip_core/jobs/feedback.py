@@ -24,7 +24,7 @@ from ..data import train_val_split
 from ..errors import ConfigError
 from ..evaluation import evaluate
 from ..model import AACLIP, build_model
-from ..tracking import TAG, connect, get_run, list_artifacts, tracked_run
+from ..tracking import TAG, connect, get_run, list_artifacts, loop_runs, tracked_run
 from ..training.data import make_dataset, make_loader
 from ..training.engine import StageSchedule, run_stage
 from ..training.groups import count_trainable, stage_parameters
@@ -94,12 +94,8 @@ def _configure_loop(model: AACLIP, recipe: Recipe, loop: int) -> str:
 
 
 def _child_runs(mlflow, parent_id: str) -> dict[int, str]:
-    runs = mlflow.search_runs(
-        experiment_ids=[mlflow.get_run(parent_id).info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-        output_format="list",
-    )
-    return {int(r.data.tags[f"{TAG}loop"]): r.info.run_id for r in runs if f"{TAG}loop" in r.data.tags}
+    client = mlflow.MlflowClient()
+    return {loop: run.info.run_id for loop, run in loop_runs(client, client.get_run(parent_id)).items()}
 
 
 def _val_history(mlflow, parent_id: str, metric: str) -> dict[int, float]:
