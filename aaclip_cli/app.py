@@ -59,6 +59,7 @@ UriOpt = Annotated[
 ExpOpt = Annotated[Optional[str], typer.Option("--experiment", help="MLflow experiment name.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+RunNameOpt = Annotated[Optional[str], typer.Option("--run-name", help="MLflow run name.")]
 
 
 def load_recipe_with_flags(recipe: str, sets: list[str] | None, seed: int | None, experiment: str | None):

@@ -17,6 +17,7 @@ from .app import (
     JsonOpt,
     QuietOpt,
     RecipeOpt,
+    RunNameOpt,
     SeedOpt,
     SetOpt,
     UriOpt,
@@ -43,7 +44,7 @@ def train_base_cmd(
     experiment: ExpOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
-    run_name: Annotated[Optional[str], typer.Option("--run-name", help="MLflow run name.")] = None,
+    run_name: RunNameOpt = None,
 ):
     """Train base AA-CLIP: stage 1 (text anchors) then stage 2 (patch features)."""
     from aaclip_core.jobs.base import train_base
@@ -51,11 +52,7 @@ def train_base_cmd(
     r, path = load_recipe_with_flags(recipe, set_, seed, experiment)
     with RichReporter(quiet or json_) as rep:
         result = train_base(r, path, tracking_uri, rep, run_name)
-    if json_:
-        print_json(result)
-    else:
-        err.print(f"[green]done[/green] run {result['run_id']} ({loss_summary(result)})")
-        typer.echo(result["run_id"])
+    _report_trained(result, json_, f"base run {result['run_id']} ({loss_summary(result)})")
 
 
 @train_app.command("cross")
@@ -75,7 +72,7 @@ def train_cross_cmd(
     experiment: ExpOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
-    run_name: Annotated[Optional[str], typer.Option("--run-name", help="MLflow run name.")] = None,
+    run_name: RunNameOpt = None,
 ):
     """Add text<->image cross-attention to a base run and train stage 1 and stage 2 once."""
     from aaclip_core.jobs.cross import train_cross
@@ -83,11 +80,7 @@ def train_cross_cmd(
     r, path = load_recipe_with_flags(recipe, set_, seed, experiment)
     with RichReporter(quiet or json_) as rep:
         result = train_cross(r, path, from_run, base_text_adapter, base_image_adapter, tracking_uri, rep, run_name)
-    if json_:
-        print_json(result)
-    else:
-        err.print(f"[green]done[/green] cross run {result['run_id']} ({loss_summary(result)})")
-        typer.echo(result["run_id"])
+    _report_trained(result, json_, f"cross run {result['run_id']} ({loss_summary(result)})")
 
 
 @train_app.command("feedback")
@@ -105,7 +98,7 @@ def train_feedback_cmd(
     experiment: ExpOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
-    run_name: Annotated[Optional[str], typer.Option("--run-name", help="MLflow run name.")] = None,
+    run_name: RunNameOpt = None,
 ):
     """Feedback training: stage 1 and stage 2 alternate for N loops, each from what the last learned."""
     from aaclip_core.errors import ConfigError
@@ -128,13 +121,18 @@ def train_feedback_cmd(
         r, path = load_recipe_with_flags(recipe, sets, seed, experiment)
     with RichReporter(quiet or json_) as rep:
         result = train_feedback(r, path, from_run, resume, tracking_uri, rep, run_name)
-    if json_:
+    _report_trained(
+        result, json_,
+        f"feedback run {result['run_id']}: selected loop {result['selected_loop']} ({result['selection']})",
+    )
+
+
+def _report_trained(result: dict, as_json: bool, summary: str) -> None:
+    """--json: the whole result on stdout; else a summary on stderr and the run id on stdout."""
+    if as_json:
         print_json(result)
     else:
-        err.print(
-            f"[green]done[/green] feedback run {result['run_id']}: selected loop {result['selected_loop']} "
-            f"({result['selection']})"
-        )
+        err.print(f"[green]done[/green] {summary}")
         typer.echo(result["run_id"])
 
 
