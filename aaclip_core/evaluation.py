@@ -25,7 +25,6 @@ from .runtime import autocast
 from .similarity import test_map
 
 METRIC_NAMES = ("pixel_auroc", "pixel_ap", "image_auroc", "image_ap", "aupro", "pixel_f1_max", "image_f1_max")
-OFFICIAL_METRICS = METRIC_NAMES[:4]
 
 
 @dataclass

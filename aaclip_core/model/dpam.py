@@ -12,9 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-MODES = ("batch", "tokens", "self")
-
-
 def value_value_attention(attn: nn.MultiheadAttention, x: torch.Tensor, mode: str) -> torch.Tensor:
     """``x`` is [B, N, D] (already layer-normed); returns the attention output [B, N, D].
 

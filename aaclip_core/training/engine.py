@@ -35,7 +35,6 @@ class StageHistory:
     probe_losses: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
     grad_norms: list[dict[str, float]] = field(default_factory=list)
-    steps: int = 0
 
 
 @dataclass
@@ -151,12 +150,9 @@ def run_stage(
     device: torch.device,
     *,
     features: str = "dpam",
-    metric_prefix: str = "",
-    epoch_offset: int = 0,
     augment_epoch_base: int = 0,
     log: LogFn | None = None,
     progress: ProgressFn | None = None,
-    should_stop: Callable[[], bool] | None = None,
     probe_batch: dict | None = None,
 ) -> StageHistory:
     """Train one stage for ``epochs`` epochs; logs loss, lr and gradient norms per epoch."""
@@ -177,7 +173,7 @@ def run_stage(
         value = probe_loss(stage, model, bank, recipe, probe_batch, device, features)
         hist.probe_losses.append(value)
         if log is not None:
-            log({f"{metric_prefix}{name}/probe_loss": value}, epoch_offset + epoch)
+            log({f"{name}/probe_loss": value}, epoch)
 
     try:
         probe(0)
@@ -198,7 +194,6 @@ def run_stage(
                     )
                 norms.append(_step(loss, model, params, schedule))
                 losses.append(float(loss.detach()))
-                hist.steps += 1
                 if progress is not None:
                     progress(name, epoch + 1, epochs, b + 1, len(loader), losses[-1])
             lr = schedule.optimizer.param_groups[0]["lr"]
@@ -208,13 +203,11 @@ def run_stage(
             hist.lrs.append(lr)
             hist.grad_norms.append(epoch_norms)
             if log is not None:
-                metrics = {f"{metric_prefix}{name}/loss": epoch_loss, f"{metric_prefix}{name}/lr": lr}
-                metrics.update({f"{metric_prefix}{name}/grad_norm/{k}": v for k, v in epoch_norms.items()})
-                metrics.update({f"{metric_prefix}{k}": v for k, v in cross_weights(model).items()})
-                log(metrics, epoch_offset + epoch + 1)
+                metrics = {f"{name}/loss": epoch_loss, f"{name}/lr": lr}
+                metrics.update({f"{name}/grad_norm/{k}": v for k, v in epoch_norms.items()})
+                metrics.update(cross_weights(model))
+                log(metrics, epoch + 1)
             probe(epoch + 1)
-            if should_stop is not None and should_stop():
-                break
     finally:
         model.train(False)
         for p in model.parameters():
