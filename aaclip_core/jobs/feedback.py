@@ -163,10 +163,7 @@ def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: 
     samples = common.train_data(session, recipe)
     train_s, val_s = train_val_split(samples, fb.val_fraction, recipe.runtime.seed)
     session.reporter.info(f"held-out validation split: {len(val_s)} images (seed {recipe.runtime.seed})")
-    text_loader = make_loader(make_dataset(train_s, recipe, "geometric"), recipe.stage1.batch_size, True, recipe,
-                              session.generator)
-    image_loader = make_loader(make_dataset(train_s, recipe, "geometric+colour"), recipe.stage2.batch_size, True,
-                               recipe, session.generator)
+    text_loader, image_loader = common.loaders(session, train_s)
     val_loader = make_loader(make_dataset(val_s, recipe, "none"), recipe.eval.batch_size, False, recipe, None)
     probe = common.probe_batch(train_s, recipe)
 
