@@ -74,13 +74,20 @@ def predict_batch(model: AACLIP, bank: AnchorBank, images: torch.Tensor, class_n
     context = model.anchor_context(images) if model.conditions_text else None
     anchors = bank.anchors(class_names, context)
     text_ctx = bank.text_context(class_names) if model.image_cross_attn is not None and model.use_image_cross else None
-    seg, det = model.encode_image(images, text_ctx)
-    size = recipe.model.image_size
+    return raw_scores(model, images, anchors, text_ctx, recipe.model.image_size, recipe.data.domain)
+
+
+def raw_scores(
+    model: AACLIP, images: torch.Tensor, anchors: torch.Tensor, text_context: torch.Tensor | None, size: int, domain: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw pixel maps [B, S, S] and detection scores [B] from each image's anchors [B, E, 2]: the
+    part of the protocol shared by `test`, `predict` and the exported graph (`deploy.graph`)."""
+    seg, det = model.encode_image(images, text_context)
     # Scores are computed in fp32 even when the backbone ran under bf16/fp16 autocast: the maps
     # are what the metrics rank, and reduced precision would quantise them into ties.
     with torch.autocast(images.device.type, enabled=False):
         anchors = anchors.float()
-        maps = sum(test_map(f.float(), anchors, size, recipe.data.domain) for f in seg)
+        maps = sum(test_map(f.float(), anchors, size, domain) for f in seg)
         det_score = (torch.einsum("be,be->b", det.float(), anchors[..., 1]) + 1) / 2
     return maps, det_score
 

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.functional import gaussian_blur
 
 BLUR = {"industrial": (7, 1.0), "medical": (9, 1.5)}
 
 
 def patch_logits(patches: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """100 * patches @ T -> [B, 2, g, g] for patches [B, P, E] and anchors [B, E, 2]."""
-    b, p, _ = patches.shape
-    g = int(round(p**0.5))
+    p = int(patches.shape[1])  # a Python int even while tracing: the grid is fixed by the image size
+    g = math.isqrt(p)
     if g * g != p:
         raise ValueError(f"{p} patch tokens do not form a square grid")
     s = 100.0 * torch.einsum("bpe,bec->bcp", patches, anchors)
-    return s.reshape(b, 2, g, g)
+    return s.reshape(-1, 2, g, g)  # -1: the batch stays a free dimension in exported graphs
 
 
 def training_probs(patches: torch.Tensor, anchors: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -30,6 +31,26 @@ def test_map(patches: torch.Tensor, anchors: torch.Tensor, image_size: int, doma
     blur on the grid, then bilinear up-sampling."""
     s = patch_logits(patches, anchors)
     score = ((s[:, 1] + 1 - s[:, 0]) / 2).unsqueeze(1)
-    k, sigma = BLUR[domain]
-    score = gaussian_blur(score, [k, k], [sigma, sigma])
+    score = gaussian_blur(score, *BLUR[domain])
     return F.interpolate(score, size=image_size, mode="bilinear", align_corners=True)[:, 0]
+
+
+def gaussian_kernel(size: int, sigma: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The [size, size] kernel of ``torchvision.transforms.functional.gaussian_blur``, built by the
+    same operations so that blurred maps are bit-identical to it (a test holds them equal)."""
+    half = (size - 1) * 0.5
+    x = torch.linspace(-half, half, steps=size, dtype=dtype)
+    pdf = torch.exp(-0.5 * (x / sigma).pow(2))
+    k1 = pdf / pdf.sum()
+    return torch.mm(k1[:, None], k1[None, :])
+
+
+def gaussian_blur(x: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """Gaussian blur of single-channel maps [B, 1, H, W] with reflect padding, as torchvision's.
+
+    Not torchvision's own function: it expands its kernel by the input's channel count, which the
+    ONNX exporter sees as a traced value and then cannot export the convolution; here the kernel is
+    a constant of the graph."""
+    kernel = gaussian_kernel(size, sigma, x.dtype).to(x.device)[None, None]
+    pad = size // 2
+    return F.conv2d(F.pad(x, [pad, pad, pad, pad], mode="reflect"), kernel)
