@@ -234,7 +234,7 @@ def test_class_option_overrides_folder_names(env, uncalibrated):
 
 
 def test_mask_boundary_and_panels():
-    from aaclip_core.visualize import PRED_COLOUR, mask_boundary, overlay_panels
+    from aaclip_core.overlay import PRED_COLOUR, mask_boundary, overlay_panels
 
     mask = np.zeros((8, 8), bool)
     mask[2:6, 2:6] = True
