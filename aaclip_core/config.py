@@ -320,3 +320,12 @@ def flatten(recipe: Recipe) -> dict[str, str]:
 
     walk("", recipe.model_dump(mode="json"))
     return out
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """sha256 of the recipe's canonical JSON: names the exact settings a model was built with."""
+    import hashlib
+    import json
+
+    text = json.dumps(recipe.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
