@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from aaclip_core.jobs.reporter import Reporter
+from aaclip_core.reporter import Reporter
 
 err = Console(stderr=True, highlight=False)
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -30,6 +31,24 @@ FORMAT_VERSION = 1
 ADAPTERS = "adapters.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 MANIFEST = "manifest.json"
+
+# ------------------------------------------------------------------------------------------ names
+# A run's checkpoints are artifacts under ``checkpoints/<name>``: base, cross and imported runs end
+# in FINAL (base also keeps STAGE1); a feedback run keeps one per stage of every loop.
+FINAL = "final"
+STAGE1 = "stage1"
+_LOOP_NAME = re.compile(r"^loop_(\d+)_stage_(\d)$")
+
+
+def checkpoint_name(loop: int, stage: int) -> str:
+    """The name of a feedback run's checkpoint after ``stage`` (1 or 2) of ``loop``."""
+    return f"loop_{loop}_stage_{stage}"
+
+
+def parse_checkpoint_name(name: str | None) -> tuple[int, int] | None:
+    """(loop, stage) of a feedback checkpoint name; None for any other name."""
+    m = _LOOP_NAME.match(name or "")
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 # ------------------------------------------------------------------------------------------ atomic IO

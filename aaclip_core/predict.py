@@ -253,9 +253,10 @@ def predict_images(
     ``out_dir``. Returns a summary with every row; unreadable images are rows with an ``error``."""
     from .data.dataset import load_image_tensor
     from .evaluation import predict_batch
-    from .jobs import common
     from .anchors import AnchorBank
-    from .runtime import autocast
+    from .model_io import default_checkpoint, model_from_checkpoint, run_checkpoint, run_recipe
+    from .reporter import Reporter
+    from .runtime import autocast, configure_threads, seed_everything, select_device
     from .visualize import CLIP_MEAN, CLIP_STD, denormalise, save_overlay
 
     thr = parse_threshold(threshold)
@@ -268,8 +269,8 @@ def predict_images(
 
     with tempfile.TemporaryDirectory(prefix="aaclip-predict-") as tmp:
         workdir = Path(tmp)
-        recipe = common.run_recipe(mlflow, run_id, workdir)
-        ckpt_name = checkpoint or common.default_checkpoint(mlflow, run_id)
+        recipe = run_recipe(mlflow, run_id, workdir)
+        ckpt_name = checkpoint or default_checkpoint(mlflow, run_id)
         calibration, note = find_calibration(mlflow, run_id, ckpt_name, workdir)
         hint = f"aaclip test --run {run_id}" + (f" --checkpoint {ckpt_name}" if checkpoint else "")
         note_full = None
@@ -294,89 +295,89 @@ def predict_images(
             except DataError as exc:
                 job.error = str(exc)
 
-        session = common.open_session(recipe, None, tracking_uri, reporter)
-        try:
-            ckpt = common.run_checkpoint(mlflow, run_id, ckpt_name, workdir)
-            model = common.model_from_checkpoint(recipe, ckpt, session.device)
-            model.eval()
-            dataset_name = calibration.dataset if calibration else recipe.data.test.name
-            # The test run's own class set when calibrated, so the anchors are computed exactly as in `test`.
-            classes = sorted({j.class_name for j in jobs if j.error is None} | set(cal_classes))
-            bank = AnchorBank(model, classes, dataset_name) if classes else None
-            if bank is not None:
-                bank.freeze()
-            size = recipe.model.image_size
-            bs = batch_size or recipe.eval.batch_size
-            session.reporter.info(
-                f"predicting {len(jobs)} images with run {run_id} checkpoint '{ckpt_name}'"
-                + (f", calibrated by {calibration.dataset} test run {calibration.test_run_id}" if calibration else "")
-            )
+        configure_threads(recipe.runtime.threads)
+        seed_everything(recipe.runtime.seed)
+        device = select_device(recipe.runtime.device)
+        reporter = reporter or Reporter()
+        ckpt = run_checkpoint(mlflow, run_id, ckpt_name, workdir)
+        model = model_from_checkpoint(recipe, ckpt, device)
+        model.eval()
+        dataset_name = calibration.dataset if calibration else recipe.data.test.name
+        # The test run's own class set when calibrated, so the anchors are computed exactly as in `test`.
+        classes = sorted({j.class_name for j in jobs if j.error is None} | set(cal_classes))
+        bank = AnchorBank(model, classes, dataset_name) if classes else None
+        if bank is not None:
+            bank.freeze()
+        size = recipe.model.image_size
+        bs = batch_size or recipe.eval.batch_size
+        reporter.info(
+            f"predicting {len(jobs)} images with run {run_id} checkpoint '{ckpt_name}'"
+            + (f", calibrated by {calibration.dataset} test run {calibration.test_run_id}" if calibration else "")
+        )
 
-            rows: list[dict | None] = [None] * len(jobs)
-            out_dir.mkdir(parents=True, exist_ok=True)
+        rows: list[dict | None] = [None] * len(jobs)
+        out_dir.mkdir(parents=True, exist_ok=True)
 
-            def threshold_for(c: str) -> tuple[float | None, str]:
-                if isinstance(mode, float):
-                    return mode, "user"
-                if mode == "auto":
-                    t = cal_classes.get(c, {}).get("image_threshold")
-                    return (float(t), calibration.source) if t is not None else (None, calibration.source)
-                return None, "none"
+        def threshold_for(c: str) -> tuple[float | None, str]:
+            if isinstance(mode, float):
+                return mode, "user"
+            if mode == "auto":
+                t = cal_classes.get(c, {}).get("image_threshold")
+                return (float(t), calibration.source) if t is not None else (None, calibration.source)
+            return None, "none"
 
-            def flush(batch: list[tuple[int, ImageJob, torch.Tensor]]) -> None:
-                images = torch.stack([b[2] for b in batch]).to(session.device)
-                with torch.no_grad(), autocast(session.device, recipe.runtime.precision):
-                    maps, det = predict_batch(model, bank, images, [b[1].class_name for b in batch], recipe)
-                maps, det = maps.float().cpu(), det.float().cpu()
-                for (pos, job, image), raw_map, raw_det in zip(batch, maps, det):
-                    cal = cal_classes.get(job.class_name)
-                    score, heat = score_image(raw_map, float(raw_det), cal, recipe.data.domain)
-                    t, source = threshold_for(job.class_name)
-                    error = None
-                    if mode == "auto" and t is None:
-                        error = (f"no F1-optimal threshold for class '{job.class_name}' in test run "
-                                 f"{calibration.test_run_id}; pass a numeric --threshold")
-                    overlay = save_overlay(out_dir / "overlays" / job.key.with_suffix(".png"),
-                                           denormalise(image, CLIP_MEAN, CLIP_STD), heat, contour_level)
-                    map_path = None
-                    if save_maps:
-                        map_path = out_dir / "overlays" / job.key.with_suffix(".npy")
-                        np.save(map_path, raw_map.numpy().astype(np.float32))
-                    rows[pos] = _row(
-                        job,
-                        image_score=score,
-                        raw_map_max=float(raw_map.max()),
-                        raw_det=float(raw_det),
-                        threshold=t,
-                        threshold_source=source,
-                        verdict=None if t is None else ("anomalous" if score >= t else "normal"),
-                        overlay=str(overlay.resolve()),
-                        map=str(map_path.resolve()) if map_path else None,
-                        error=error,
-                    )
+        def flush(batch: list[tuple[int, ImageJob, torch.Tensor]]) -> None:
+            images = torch.stack([b[2] for b in batch]).to(device)
+            with torch.no_grad(), autocast(device, recipe.runtime.precision):
+                maps, det = predict_batch(model, bank, images, [b[1].class_name for b in batch], recipe)
+            maps, det = maps.float().cpu(), det.float().cpu()
+            for (pos, job, image), raw_map, raw_det in zip(batch, maps, det):
+                cal = cal_classes.get(job.class_name)
+                score, heat = score_image(raw_map, float(raw_det), cal, recipe.data.domain)
+                t, source = threshold_for(job.class_name)
+                error = None
+                if mode == "auto" and t is None:
+                    error = (f"no F1-optimal threshold for class '{job.class_name}' in test run "
+                             f"{calibration.test_run_id}; pass a numeric --threshold")
+                overlay = save_overlay(out_dir / "overlays" / job.key.with_suffix(".png"),
+                                       denormalise(image, CLIP_MEAN, CLIP_STD), heat, contour_level)
+                map_path = None
+                if save_maps:
+                    map_path = out_dir / "overlays" / job.key.with_suffix(".npy")
+                    np.save(map_path, raw_map.numpy().astype(np.float32))
+                rows[pos] = _row(
+                    job,
+                    image_score=score,
+                    raw_map_max=float(raw_map.max()),
+                    raw_det=float(raw_det),
+                    threshold=t,
+                    threshold_source=source,
+                    verdict=None if t is None else ("anomalous" if score >= t else "normal"),
+                    overlay=str(overlay.resolve()),
+                    map=str(map_path.resolve()) if map_path else None,
+                    error=error,
+                )
 
-            batch: list[tuple[int, ImageJob, torch.Tensor]] = []
-            todo = [i for i, j in enumerate(jobs) if j.error is None]
-            n_batches, done = max(1, math.ceil(len(todo) / bs)), 0
-            for pos, job in enumerate(jobs):
-                if job.error is None:
-                    try:
-                        batch.append((pos, job, load_image_tensor(job.path, size, CLIP_MEAN, CLIP_STD)))
-                    except DataError as exc:
-                        job.error = str(exc)
-                if job.error is not None:
-                    t, source = threshold_for(job.class_name)
-                    rows[pos] = _row(job, threshold=t, threshold_source=source, error=job.error)
-                if len(batch) == bs:
-                    flush(batch)
-                    batch = []
-                    done += 1
-                    session.reporter.eval_progress(done, n_batches)
-            if batch:
+        batch: list[tuple[int, ImageJob, torch.Tensor]] = []
+        todo = [i for i, j in enumerate(jobs) if j.error is None]
+        n_batches, done = max(1, math.ceil(len(todo) / bs)), 0
+        for pos, job in enumerate(jobs):
+            if job.error is None:
+                try:
+                    batch.append((pos, job, load_image_tensor(job.path, size, CLIP_MEAN, CLIP_STD)))
+                except DataError as exc:
+                    job.error = str(exc)
+            if job.error is not None:
+                t, source = threshold_for(job.class_name)
+                rows[pos] = _row(job, threshold=t, threshold_source=source, error=job.error)
+            if len(batch) == bs:
                 flush(batch)
-                session.reporter.eval_progress(n_batches, n_batches)
-        finally:
-            session.close()
+                batch = []
+                done += 1
+                reporter.eval_progress(done, n_batches)
+        if batch:
+            flush(batch)
+            reporter.eval_progress(n_batches, n_batches)
 
     final = [r for r in rows if r is not None]
     pred_path = out_dir / PREDICTIONS_FILE

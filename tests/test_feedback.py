@@ -18,7 +18,7 @@ from aaclip_core.jobs.feedback import (
     select_loop,
     train_feedback,
 )
-from aaclip_core.jobs.reporter import Reporter
+from aaclip_core.reporter import Reporter
 from aaclip_core.training.schedule import WarmupCosine, loop_epochs, loop_lr, warmup_cosine_factor
 
 runner = CliRunner()

@@ -13,7 +13,7 @@ from ..tracking import TAG, tracked_run
 from ..training.engine import StageSchedule, run_stage
 from ..training.groups import count_trainable, stage_parameters
 from . import common
-from .reporter import Reporter
+from ..reporter import Reporter
 
 
 def train_base(

@@ -1,8 +1,8 @@
-"""What every job shares: session set-up, run tags, checkpoint logging and loading runs back."""
+"""What every job shares: session set-up, run tags and checkpoint logging. Loading runs back is
+:mod:`aaclip_core.model_io`, re-exported here for the jobs."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -13,15 +13,23 @@ import torch
 
 from ..anchors import AnchorBank
 from ..backbone import backbone_id
-from ..checkpoints import Checkpoint, load_checkpoint, save_checkpoint
-from ..config import Recipe, flatten, recipe_from_dict
+from ..checkpoints import save_checkpoint
+from ..config import Recipe, flatten
 from ..data import Sample, write_metadata_jsonl
-from ..errors import CheckpointError, ConfigError
-from ..model import AACLIP, build_model
+from ..errors import ConfigError
+from ..model import AACLIP
+from ..model_io import (  # noqa: F401 - re-exported: the jobs call them as common.X
+    default_checkpoint,
+    load_adapters,
+    manifest,
+    model_from_checkpoint,
+    run_checkpoint,
+    run_recipe,
+)
+from ..reporter import Reporter
 from ..runtime import configure_threads, seed_everything, select_device
-from ..tracking import TAG, aaclip_version, connect, download, get_run, git_commit, log_json_artifact, log_params
+from ..tracking import TAG, aaclip_version, connect, git_commit, log_json_artifact, log_params
 from ..training.data import fixed_batch, load_samples, make_dataset, make_loader
-from .reporter import Reporter
 
 
 @dataclass
@@ -77,21 +85,6 @@ def log_metadata(session: Session, samples: list[Sample], name: str, root: str) 
     session.mlflow.log_artifact(str(path), "data")
 
 
-def manifest(recipe: Recipe, model: AACLIP, stage: str, epoch: int, loop: int | None = None, **extra) -> dict:
-    return {
-        "stage": stage,
-        "epoch": epoch,
-        "loop": loop,
-        "fidelity": recipe.fidelity,
-        "backbone": backbone_id(recipe),
-        "cross_attention": model.text_cross_attn is not None,
-        "cross_attention_on": {"text": model.use_text_cross, "image": model.use_image_cross},
-        "context_source": model.context_source,
-        "recipe": recipe.model_dump(mode="json"),
-        **extra,
-    }
-
-
 def save_checkpoint_dir(session: Session, name: str, model: AACLIP, meta: dict, **states) -> Path:
     """Write a checkpoint of the model's trainable state into the session's work directory."""
     return save_checkpoint(session.workdir / "checkpoints" / name, model.adapter_state_dict(), meta, **states)
@@ -101,20 +94,6 @@ def save_and_log(session: Session, name: str, model: AACLIP, meta: dict, optimiz
     local = save_checkpoint_dir(session, name, model, meta, optimizer_state=optimizer_state)
     session.mlflow.log_artifacts(str(local), f"checkpoints/{name}")
     return local
-
-
-def load_adapters(model: AACLIP, state: dict[str, torch.Tensor]) -> None:
-    """Load a (possibly partial) adapter state: keys it lacks, e.g. fresh cross-attention modules,
-    keep their current values; keys or shapes the model lacks are refused."""
-    current = model.adapter_state_dict()
-    unknown = sorted(set(state) - set(current))
-    if unknown:
-        raise CheckpointError(f"Checkpoint has keys this model lacks: {', '.join(unknown[:3])}.")
-    current.update({k: v.to(current[k].device) for k, v in state.items()})
-    try:
-        model.load_adapter_state_dict(current)
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"Checkpoint does not fit the model: {exc}.") from None
 
 
 def probe_batch(samples: list[Sample], recipe: Recipe, size: int = 16) -> dict:
@@ -140,39 +119,6 @@ def loaders(session: Session, samples: list[Sample]):
         make_loader(text_ds, r.stage1.batch_size, True, r, session.generator),
         make_loader(image_ds, r.stage2.batch_size, True, r, session.generator),
     )
-
-
-# ------------------------------------------------------------------------------------------ loading runs
-
-
-def run_recipe(mlflow, run_id: str, workdir: Path) -> Recipe:
-    get_run(mlflow, run_id)
-    path = download(mlflow, run_id, "recipe.json", workdir / run_id)
-    return recipe_from_dict(json.loads(path.read_text(encoding="utf-8")), f"of run {run_id}")
-
-
-def run_checkpoint(mlflow, run_id: str, name: str, workdir: Path, with_optimizer: bool = False) -> Checkpoint:
-    local = download(mlflow, run_id, f"checkpoints/{name}", workdir / run_id / "ckpt")
-    return load_checkpoint(local, with_optimizer=with_optimizer)
-
-
-def model_from_checkpoint(recipe: Recipe, ckpt: Checkpoint, device: torch.device) -> AACLIP:
-    meta = ckpt.manifest
-    model = build_model(recipe, device, with_cross=bool(meta.get("cross_attention")))
-    try:
-        model.load_adapter_state_dict({k: v.to(device) for k, v in ckpt.adapters.items()})
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"Checkpoint does not fit the run's recipe: {exc}.") from None
-    model.context_source = meta.get("context_source", "dpam")
-    switches = meta.get("cross_attention_on")
-    if switches:
-        model.use_text_cross, model.use_image_cross = bool(switches["text"]), bool(switches["image"])
-    return model
-
-
-def default_checkpoint(mlflow, run_id: str) -> str:
-    run = get_run(mlflow, run_id)
-    return run.data.tags.get(f"{TAG}selected_checkpoint", "final")
 
 
 def anchor_bank(model: AACLIP, samples: list[Sample], dataset_name: str) -> AnchorBank:

@@ -12,7 +12,7 @@ from ..model import AACLIP, build_model
 from ..tracking import TAG, get_run, tracked_run
 from . import common
 from .base import train_reference_stages
-from .reporter import Reporter
+from ..reporter import Reporter
 
 
 def load_base_adapters(

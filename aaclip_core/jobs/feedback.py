@@ -10,7 +10,6 @@ states, so `--resume` continues exactly where an interrupted job stopped.
 from __future__ import annotations
 
 import math
-import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import Checkpoint
+from ..checkpoints import Checkpoint, checkpoint_name, parse_checkpoint_name
 from ..config import Recipe
 from ..data import train_val_split
 from ..errors import ConfigError
@@ -31,19 +30,7 @@ from ..training.groups import count_trainable, stage_parameters
 from ..training.schedule import WarmupCosine, loop_epochs, loop_lr
 from . import common
 from .cross import load_base_adapters
-from .reporter import Reporter
-
-_CKPT = re.compile(r"^loop_(\d+)_stage_(\d)$")
-
-
-def checkpoint_name(loop: int, stage: int) -> str:
-    return f"loop_{loop}_stage_{stage}"
-
-
-def parse_checkpoint_name(name: str) -> tuple[int, int] | None:
-    m = _CKPT.match(name)
-    return (int(m.group(1)), int(m.group(2))) if m else None
-
+from ..reporter import Reporter
 
 def latest_checkpoint(names: list[str]) -> tuple[int, int] | None:
     """The last completed (loop, stage), ordered numerically (loop 10 after loop 2)."""

@@ -1,19 +1,6 @@
-"""How jobs tell the caller what they are doing, without knowing who listens."""
+"""Kept so that ``aaclip_core.jobs.reporter.Reporter`` still imports; the class lives in
+:mod:`aaclip_core.reporter`, below the jobs, because predict, doctor and compare report too."""
 
-from __future__ import annotations
+from ..reporter import Reporter
 
-
-class Reporter:
-    """No-op base; the CLI subclasses it with a rich progress display."""
-
-    def info(self, message: str) -> None:  # noqa: D401 - a sink
-        pass
-
-    def progress(self, stage: str, epoch: int, epochs: int, batch: int, batches: int, loss: float) -> None:
-        pass
-
-    def eval_progress(self, batch: int, batches: int) -> None:
-        pass
-
-    def loop(self, loop: int, loops: int) -> None:
-        pass
+__all__ = ["Reporter"]

@@ -17,7 +17,7 @@ from ..pixel_pairs import save_pixel_pairs
 from ..tracking import TAG, connect, get_run, log_json_artifact, tracked_run
 from ..training.data import load_samples, make_dataset, make_loader
 from . import common
-from .reporter import Reporter
+from ..reporter import Reporter
 
 
 def test_dataset(recipe: Recipe, dataset: str | None, data_root: str | None, layout: str | None) -> DatasetRef:

@@ -26,7 +26,7 @@ from ..errors import CheckpointError, ConfigError
 from ..model import build_model
 from ..tracking import TAG, connect, get_run, log_json_artifact, tracked_run
 from . import common
-from .reporter import Reporter
+from ..reporter import Reporter
 
 ADAPTER_PREFIXES = ("text_adapter.", "image_adapter.")
 

@@ -1,0 +1,113 @@
+"""What compare reads from the MLflow store: experiments, runs (by id or unique prefix), the latest
+test run per (source run, dataset, checkpoint), and a test run's per-image scores and pixel pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .. import bootstrap as bs
+from ..checkpoints import FINAL
+from ..errors import ConfigError, TrackingError
+from ..pixel_pairs import load_pixel_pairs
+from ..tracking import TAG
+from .rows import TRAINING_STAGES
+
+def search_runs(client, experiment_ids: list[str], filter_string: str = "") -> list:
+    out, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token,
+                                  order_by=["attributes.start_time ASC"])
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def experiment_ids(client, names: list[str] | None) -> list[str]:
+    if not names:
+        return [e.experiment_id for e in client.search_experiments()]
+    ids = []
+    for name in names:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
+            raise ConfigError(f"--experiment '{name}': no such MLflow experiment (known: {known}).")
+        ids.append(exp.experiment_id)
+    return ids
+
+
+def resolve_runs(client, ids: list[str], experiment_ids: list[str]) -> list:
+    runs, candidates = [], None
+    for rid in ids:
+        try:
+            runs.append(client.get_run(rid))
+            continue
+        except Exception:
+            pass
+        if candidates is None:  # a short id: match a unique prefix among the store's runs
+            candidates = search_runs(client, experiment_ids)
+        matches = [r for r in candidates if r.info.run_id.startswith(rid)]
+        if len(matches) != 1:
+            raise TrackingError(
+                f"Run '{rid}' is {'ambiguous' if matches else 'not in the store'} "
+                f"'{client._tracking_client.tracking_uri}'. Pass a full run id (`aaclip compare` with no "
+                "ids lists every training run), or point --tracking-uri at the store that holds it."
+            )
+        runs.append(matches[0])
+    for r in runs:
+        stage = r.data.tags.get(f"{TAG}stage")
+        if stage == "test":
+            raise ConfigError(
+                f"Run {r.info.run_id} is a test run; compare takes training runs (its source is "
+                f"{r.data.tags.get(f'{TAG}source_run')})."
+            )
+        if stage not in TRAINING_STAGES:
+            raise ConfigError(
+                f"Run {r.info.run_id} has aaclip.stage '{stage}'; compare takes training runs "
+                f"({', '.join(TRAINING_STAGES)})."
+            )
+    return runs
+
+
+def latest_tests(client, experiment_ids: list[str], source_ids: set[str]) -> dict[str, dict[tuple[str, str], Any]]:
+    """source run -> (dataset, checkpoint) -> the latest FINISHED test run."""
+    runs = search_runs(client, experiment_ids, f"tags.`{TAG}stage` = 'test' and attributes.status = 'FINISHED'")
+    out: dict[str, dict[tuple[str, str], Any]] = {}
+    for r in runs:  # oldest first: later ones overwrite
+        src = r.data.tags.get(f"{TAG}source_run")
+        if src not in source_ids:
+            continue
+        key = (r.data.tags.get(f"{TAG}dataset", "?"), r.data.tags.get(f"{TAG}checkpoint", FINAL))
+        out.setdefault(src, {})[key] = r
+    return out
+
+
+class TestArtifacts:
+    """A test run's per-image scores and pixel pairs, downloaded once per comparison (None: the run
+    has none)."""
+
+    def __init__(self, client, workdir: Path):
+        self.client, self.workdir = client, workdir
+        self._scores: dict[str, list[bs.ImageScore] | None] = {}
+        self._pixels: dict[str, dict | None] = {}
+
+    def image_scores(self, test_run_id: str) -> list[bs.ImageScore] | None:
+        if test_run_id not in self._scores:
+            try:
+                local = self.client.download_artifacts(test_run_id, "results/image_scores.csv",
+                                                       str(self.workdir / test_run_id))
+                self._scores[test_run_id] = bs.read_image_scores(Path(local))
+            except Exception:
+                self._scores[test_run_id] = None
+        return self._scores[test_run_id]
+
+    def pixel_pairs(self, test_run_id: str) -> dict | None:
+        if test_run_id not in self._pixels:
+            try:
+                local = self.client.download_artifacts(test_run_id, "results/pixel_pairs.npz",
+                                                       str(self.workdir / f"{test_run_id}-px"))
+                self._pixels[test_run_id] = load_pixel_pairs(Path(local))
+            except Exception:
+                self._pixels[test_run_id] = None
+        return self._pixels[test_run_id]

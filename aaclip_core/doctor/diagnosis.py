@@ -1,0 +1,60 @@
+"""`diagnose`: the static checks of a recipe, or a run's checks (and its probe)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from ..config import apply_overrides, recipe_from_dict
+from ..errors import ConfigError, TrackingError
+from ..tracking import TAG
+from .checks import Check, DoctorReport
+from .history import run_checks
+from .probe import probe_checks
+from .static import check_tracking, static_checks
+
+def diagnose(
+    run_id: str | None = None,
+    recipe: str | None = None,
+    overrides: list[str] | None = None,
+    probe: bool = False,
+    tracking_uri: str | None = None,
+) -> DoctorReport:
+    from ..config import load_recipe
+
+    if run_id is None:
+        if probe:
+            raise ConfigError("--probe needs a RUN_ID: it loads that run's selected checkpoint.")
+        r, _ = load_recipe(recipe or "base", overrides)
+        return DoctorReport(None, static_checks(r, tracking_uri))
+    if recipe is not None:
+        raise ConfigError("--recipe checks a recipe without a run; with RUN_ID the run's own recipe is checked "
+                          "(adjust it with --set).")
+    from ..model_io import run_recipe as load_run_recipe
+    from ..tracking import connect, get_run
+
+    mlflow = connect(tracking_uri)
+    tracking = check_tracking(tracking_uri)
+    if tracking.status == "fail":
+        raise TrackingError(tracking.detail + ". " + tracking.fix)
+    run = get_run(mlflow, run_id)
+    client = mlflow.MlflowClient()
+    checks = [tracking]
+    stage = run.data.tags.get(f"{TAG}stage")
+    if stage in ("test", "feedback-loop"):
+        key = "source_run" if stage == "test" else None
+        target = run.data.tags.get(f"{TAG}{key}") if key else run.data.tags.get("mlflow.parentRunId")
+        checks.append(Check("run kind", "pass", stage, f"a {stage} run: checking the training run {target}"))
+        run = get_run(mlflow, target)
+    with tempfile.TemporaryDirectory(prefix="aaclip-doctor-") as tmp:
+        workdir = Path(tmp)
+        try:
+            run_recipe = load_run_recipe(mlflow, run.info.run_id, workdir)
+        except TrackingError:
+            run_recipe = None
+        if run_recipe is not None and overrides:
+            run_recipe = recipe_from_dict(apply_overrides(run_recipe.model_dump(mode="json"), overrides), "with --set")
+        checks += run_checks(client, mlflow, run, run_recipe, tracking_uri)
+        if probe:
+            checks += probe_checks(mlflow, run, run_recipe, workdir)
+    return DoctorReport(run.info.run_id, checks)

@@ -1,0 +1,186 @@
+"""Checks of a run's logged history: status, gradient norms per module group, stage-2 loss per loop,
+held-out metric per loop and the cross-attention weights it trained with."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..config import Recipe
+from ..tracking import TAG, loop_runs
+from .checks import GRAD_BAND, GRAD_DEAD, GRAD_VANISHING, LOSS_NEARLY_FLAT, Check
+from .static import check_activation, check_cross_weight, check_data, check_device, check_weights
+
+def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((int(m.step), float(m.value)) for m in client.get_metric_history(run_id, key))
+
+
+def _loop_runs(client, run) -> dict[int, Any]:
+    """loop -> the MLflow run holding that loop's per-epoch metrics."""
+    if run.data.tags.get(f"{TAG}stage") != "feedback":
+        return {1: run}
+    return loop_runs(client, run)
+
+
+def gradient_checks(client, loops: dict[int, Any], feedback: bool) -> list[Check]:
+    series: dict[str, list[tuple[int, int, float]]] = {}
+    for loop, r in sorted(loops.items()):
+        for key in sorted(r.data.metrics):
+            if "/grad_norm/" in key:
+                series.setdefault(key, []).extend((loop, step, v) for step, v in _history(client, r.info.run_id, key))
+    checks = []
+    lo, hi = GRAD_BAND
+    for key in sorted(series):
+        stage, _, group = key.partition("/grad_norm/")
+        vals = series[key]
+        name = f"gradient norm {stage}/{group}"
+
+        def where(item):
+            return (f"loop {item[0]} " if feedback else "") + f"epoch {item[1]}"
+
+        bad = [v for v in vals if not math.isfinite(v[2])]
+        if bad:
+            checks.append(Check(name, "fail", bad[0][2], f"non-finite gradient norm at {where(bad[0])}",
+                                "lower the learning rate; check the data for broken images"))
+            continue
+        low = min(vals, key=lambda v: v[2])
+        top = max(v[2] for v in vals)
+        below = sum(v[2] < lo for v in vals)
+        above = sum(v[2] > hi for v in vals)
+        detail = (f"{len(vals)} epochs, range {low[2]:.3g}-{top:.3g} (healthy band {lo}-{hi}; "
+                  f"{below} below, {above} above)")
+        fix = ("raise the stage's learning rate (feedback.image_lr: try 2e-3 per SPEC §7), keep "
+               "cross.*_weight at 0.1, run `aaclip doctor RUN_ID --probe`")
+        if low[2] < GRAD_DEAD:
+            checks.append(Check(name, "fail", low[2], f"dead: {low[2]:.2g} < {GRAD_DEAD} at {where(low)}; " + detail,
+                                fix))
+        elif low[2] < GRAD_VANISHING:
+            checks.append(Check(name, "warn", low[2],
+                                f"vanishing: {low[2]:.2g} < {GRAD_VANISHING} at {where(low)}; " + detail, fix))
+        else:
+            checks.append(Check(name, "pass", low[2], f"lowest {low[2]:.3g} at {where(low)}; " + detail))
+    return checks
+
+
+def loss_checks(client, loops: dict[int, Any], feedback: bool, lr_key: str) -> list[Check]:
+    """Stage-2 loss within each loop. Where the run logged ``stage2/probe_loss`` (the loss on one fixed
+    batch in eval mode, step 0 = before the stage trained) that is judged, being free of augmentation
+    and batch-order noise; otherwise the per-epoch mean ``stage2/loss``, first epoch against last."""
+    checks = []
+    for loop, r in sorted(loops.items()):
+        name = "stage-2 loss trend" + (f" loop {loop}" if feedback else "")
+        hist = _history(client, r.info.run_id, "stage2/probe_loss")
+        what = "fixed-batch probe loss, before training -> after the last epoch"
+        if len(hist) < 2:
+            hist = _history(client, r.info.run_id, "stage2/loss")
+            what = "epoch-mean loss, first -> last epoch"
+        if not hist:
+            checks.append(Check(name, "skip", None, "no stage-2 loss logged"))
+            continue
+        if len(hist) < 2:
+            checks.append(Check(name, "skip", hist[0][1], "one epoch: no trend to judge"))
+            continue
+        first, last = hist[0][1], hist[-1][1]
+        change = (last - first) / abs(first) if first else 0.0
+        detail = f"{what}: {first:.4f} -> {last:.4f} ({len(hist)} points, {100 * change:+.1f} %)"
+        fix = (f"raise {lr_key} (SPEC §7: try 2e-3 if the image loss stays flat), keep cross.image_weight at 0.1, "
+               "run `aaclip doctor RUN_ID --probe`")
+        if not last < first:
+            checks.append(Check(name, "fail", change, "flat: the last epoch's loss is not below the first; " + detail,
+                                fix))
+        elif -change < LOSS_NEARLY_FLAT:
+            checks.append(Check(name, "warn", change,
+                                f"nearly flat (< {100 * LOSS_NEARLY_FLAT:.0f} % drop; SPEC §6's starved run went "
+                                "3.16 -> 3.13); " + detail, fix))
+        else:
+            checks.append(Check(name, "pass", change, detail))
+    return checks
+
+
+def loop_metric_check(client, run, metric: str) -> Check:
+    name = f"held-out {metric} per loop"
+    hist = {k: v for k, v in _history(client, run.info.run_id, f"val/{metric}") if math.isfinite(v)}
+    if len(hist) < 2:
+        return Check(name, "skip", None, f"{len(hist)} loop(s) with a held-out {metric}: nothing to compare")
+    listing = ", ".join(f"{k}: {100 * v:.2f}" for k, v in sorted(hist.items()))
+    best = max(sorted(hist), key=lambda k: hist[k])
+    first = hist[min(hist)]
+    worse = [k for k in sorted(hist) if k > min(hist) and hist[k] < first]
+    value = hist[best]
+    detail = f"best loop {best} ({100 * hist[best]:.2f}); x100 per loop: {listing}"
+    fix = ("fewer loops or a lower feedback.lr_decay_per_loop/learning rate; check the stage-2 loss and "
+           "gradient checks; the selected loop is the held-out best")
+    if best == min(hist):
+        return Check(name, "fail", value, "no later loop beats loop 1 on held-out data; " + detail, fix)
+    if worse:
+        return Check(name, "warn", value, f"loop(s) {', '.join(map(str, worse))} worse than loop 1; " + detail, fix)
+    return Check(name, "pass", value, detail)
+
+
+def _bool(x) -> bool | None:
+    return None if x is None else str(x).lower() == "true"
+
+
+def _run_cross_checks(client, run, loops: dict[int, Any], recipe: Recipe | None) -> list[Check]:
+    p = run.data.params
+    checks = []
+    for kind in ("image", "text"):
+        # What the run trained with (its params), else its recipe.
+        if f"cross.{kind}_weight" in p:
+            w = float(p[f"cross.{kind}_weight"])
+        else:
+            w = getattr(recipe.cross, f"{kind}_weight") if recipe is not None else None
+        checks.append(check_cross_weight(kind, w, f"run cross.{kind}_weight"))
+        logged = []
+        for _, r in sorted(loops.items()):
+            logged += [v for _, v in _history(client, r.info.run_id, f"cross/{kind}_weight")]
+        if logged:
+            c = check_cross_weight(kind, logged[-1], f"logged cross/{kind}_weight")
+            c.detail = f"last of {len(logged)} logged values (first {logged[0]:g}); " + c.detail
+            checks.append(c)
+    return checks
+
+
+def run_checks(client, mlflow, run, recipe: Recipe | None, tracking_uri: str | None) -> list[Check]:
+    t, p = run.data.tags, run.data.params
+    stage = t.get(f"{TAG}stage", "?")
+    status = run.info.status
+    checks = []
+    if status == "FINISHED":
+        checks.append(Check("run status", "pass", status, f"{stage} run, finished"))
+    elif status == "FAILED":
+        checks.append(Check("run status", "fail", status, f"{stage} run ended FAILED",
+                            "read the error of the failed command and train again"))
+    else:
+        fix = f"aaclip train feedback --resume {run.info.run_id}" if stage == "feedback" else "train it again"
+        checks.append(Check("run status", "warn", status, f"{stage} run ended {status}", fix))
+
+    if recipe is not None:
+        checks += [check_weights(recipe), check_data(recipe, "train"), check_device(recipe)]
+        fidelity, quick, pretrained = recipe.fidelity, recipe.quick_gelu, recipe.model.pretrained
+    else:
+        checks.append(Check("run recipe", "skip", None, "the run has no recipe.json (not made by `aaclip train`): "
+                                                       "weights, data and device checks skipped"))
+        fidelity, pretrained = t.get(f"{TAG}fidelity"), p.get("model.pretrained")
+        quick = _bool(t.get(f"{TAG}quick_gelu"))
+    if t.get(f"{TAG}quick_gelu") is not None:
+        quick = _bool(t.get(f"{TAG}quick_gelu"))  # the activation the run actually used
+    checks.append(check_activation(fidelity, quick, pretrained, "run activation (QuickGELU vs fidelity vs weights)"))
+
+    loops = _loop_runs(client, run)
+    feedback = stage == "feedback"
+    if stage in ("cross", "feedback"):
+        checks += _run_cross_checks(client, run, loops, recipe)
+    else:
+        checks.append(Check("run cross-attention weights", "skip", None, f"a {stage} run has no cross-attention"))
+    if stage == "imported":
+        checks.append(Check("logged training history", "skip", None, "imported runs carry no training history"))
+        return checks
+    checks += gradient_checks(client, loops, feedback)
+    checks += loss_checks(client, loops, feedback, "feedback.image_lr" if feedback else "stage2.lr")
+    if feedback:
+        metric = p.get("feedback.selection_metric") or (recipe.feedback.selection_metric if recipe else "pixel_auroc")
+        checks.append(loop_metric_check(client, run, metric))
+    return checks
+
+

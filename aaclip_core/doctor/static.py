@@ -1,0 +1,228 @@
+"""Checks of a recipe without a run: cross-attention weights, activation vs fidelity vs weights,
+weights available offline, data paths, tracking store, device and precision."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from ..backbone import weights_kind
+from ..config import Recipe
+from ..errors import AaclipError, ConfigError
+from ..tracking import resolve_tracking_uri
+from .checks import CROSS_WEIGHT_BAND, CROSS_WEIGHT_FAIL, Check
+
+def check_cross_weight(kind: str, weight: float | None, name: str | None = None) -> Check:
+    """``kind`` is 'image' or 'text'."""
+    name = name or f"cross.{kind}_weight"
+    key = f"cross.{kind}_weight"
+    if weight is None:
+        return Check(name, "skip", None, "not recorded")
+    lo, hi = CROSS_WEIGHT_BAND
+    fix = f"--set {key}=0.1 (the SPEC §6 default)"
+    if not math.isfinite(weight) or weight >= CROSS_WEIGHT_FAIL:
+        return Check(name, "fail", weight,
+                     f"{key} = {weight:g} >= {CROSS_WEIGHT_FAIL}: the cross-attention takes most of the "
+                     f"stage-{2 if kind == 'image' else 1} gradient and starves the adapters (SPEC §6: at 1.0 the "
+                     "image adapter kept 37 % of its gradient and the stage-2 loss stayed flat)", fix)
+    if not lo <= weight <= hi:
+        why = "0 switches the module off in effect" if weight == 0 else "far from the 0.1 the SPEC measured"
+        return Check(name, "warn", weight, f"{key} = {weight:g} is outside [{lo}, {hi}] ({why})", fix)
+    return Check(name, "pass", weight, f"{key} = {weight:g} within [{lo}, {hi}]")
+
+
+def _openai_weights(pretrained: str) -> bool:
+    return Recipe.model_validate({"model": {"pretrained": pretrained}}).openai_weights
+
+
+def check_activation(fidelity: str | None, quick_gelu: bool | None, pretrained: str | None,
+                     name: str = "activation (QuickGELU vs fidelity vs weights)") -> Check:
+    if fidelity is None or quick_gelu is None or pretrained is None:
+        return Check(name, "skip", None, "fidelity, QuickGELU or weights not recorded")
+    act = "QuickGELU" if quick_gelu else "GELU"
+    openai = _openai_weights(pretrained)
+    value = f"{fidelity}/{act}/{'openai' if openai else pretrained}"
+    if fidelity == "official" and quick_gelu:
+        return Check(name, "fail", value,
+                     "fidelity=official reproduces the reference, which ran the OpenAI weights with plain GELU "
+                     "(its model config omitted quick_gelu); model.quick_gelu=true departs from it",
+                     "--set model.quick_gelu=false (or unset it), or use --set fidelity=corrected")
+    if fidelity == "corrected" and openai and not quick_gelu:
+        return Check(name, "fail", value,
+                     f"fidelity=corrected with OpenAI weights ('{pretrained}') must use QuickGELU, the activation "
+                     "those weights were trained with; model.quick_gelu=false runs them with GELU",
+                     "unset model.quick_gelu (corrected picks QuickGELU for OpenAI weights) "
+                     "or --set model.quick_gelu=true")
+    if fidelity == "official" and openai:
+        return Check(name, "pass", value,
+                     "official: GELU on the OpenAI weights, as the reference did (its config omitted quick_gelu; "
+                     "the weights were trained with QuickGELU - fidelity=corrected uses it)")
+    if openai:
+        return Check(name, "pass", value, "corrected: QuickGELU on the OpenAI weights, as they were trained")
+    return Check(name, "pass", value, f"{act} on non-OpenAI weights '{pretrained}' (fidelity {fidelity})")
+
+
+def _tag_cache(model_name: str, tag: str) -> tuple[bool | None, str]:
+    """(cached?, where) for an OpenCLIP pretrained tag, without any download. None: unknown tag."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model_name, tag)
+    if not cfg:
+        return None, ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
+    if "file" in cfg:
+        return Path(cfg["file"]).is_file(), cfg["file"]
+    places = []
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        repo, filename = os.path.split(hub)
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if filename.endswith((".bin", ".pth")):
+            names.insert(0, filename[:-4] + ".safetensors")
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            for n in names:
+                hit = try_to_load_from_cache(repo, n)
+                if isinstance(hit, str):
+                    return True, hit
+        except ImportError:
+            pass
+        places.append(f"Hugging Face cache ({repo})")
+    url = cfg.get("url", "")
+    if url:
+        target = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if target.is_file():
+            return True, str(target)
+        places.append(str(target))
+    return False, " or ".join(places) or "nowhere"
+
+
+def check_weights(recipe: Recipe, name: str = "backbone weights") -> Check:
+    m = recipe.model
+    p = m.pretrained
+    kind = weights_kind(p)
+    if kind == "random":
+        if m.custom_config is not None:
+            return Check(name, "pass", p, f"random weights on the custom backbone '{m.name}' (demo/tests; its "
+                                          "numbers say nothing about CLIP)")
+        return Check(name, "warn", p, f"random weights on {m.name}: results say nothing about CLIP",
+                     "--set model.pretrained=openai (or a local open_clip_model.safetensors)")
+    path = Path(p).expanduser()
+    if kind == "file":
+        if path.is_file():
+            return Check(name, "pass", str(path), f"weights file exists ({path.stat().st_size / 2**20:.1f} MiB)")
+        return Check(name, "fail", str(path), f"model.pretrained = '{p}': no such file",
+                     f"put the OpenCLIP weights of {m.name} there, or --set model.pretrained=PATH to the "
+                     "open_clip_model.safetensors you have")
+    if m.custom_config is not None:
+        from ..backbone import register_custom_config
+
+        register_custom_config(m.name, m.custom_config)
+    cached, where = _tag_cache(m.name, p)
+    if cached is None:
+        return Check(name, "fail", p, f"'{p}' is neither a file nor an OpenCLIP tag of {m.name} (tags: {where})",
+                     "--set model.pretrained=PATH to a local weights file, or a valid tag")
+    if cached:
+        return Check(name, "pass", p, f"tag '{p}' is in the local cache: {where}")
+    return Check(name, "warn", p,
+                 f"tag '{p}' is not cached ({where}): the first run downloads it and needs the network",
+                 "on a machine with network access fetch open_clip_model.safetensors (e.g. Hugging Face "
+                 "timm/vit_large_patch14_clip_336.openai), copy it here and --set model.pretrained=PATH")
+
+
+def check_data(recipe: Recipe, split: str) -> Check:
+    from ..data import index_dataset, k_shot, select_classes
+
+    ref = getattr(recipe.data, split)
+    name = f"data.{split}"
+    root = Path(ref.root).expanduser()
+    fix = f"--set data.{split}.root=PATH (and data.{split}.layout) to where the {ref.name} images are"
+    layout = ref.layout
+    if layout == "synthetic":
+        if not root.exists():
+            return Check(name, "pass", str(root), f"synthetic demo data: generated on first use under {root.parent}")
+        layout = "mvtec"
+    try:
+        samples = index_dataset(root, layout=layout, split="test")
+        samples = select_classes(samples, ref.classes)
+        classes = sorted({s.class_name for s in samples})
+        found, anomalous = len(samples), sum(s.label for s in samples)
+        if ref.shot:
+            samples = k_shot(samples, ref.shot, recipe.runtime.seed)
+    except AaclipError as exc:
+        return Check(name, "fail", str(root), str(exc), fix)
+    detail = f"{ref.name} at {root}: {found} images ({anomalous} anomalous) in {len(classes)} classes"
+    if ref.shot:
+        detail += f"; {ref.shot}-shot uses {len(samples)}"
+    if anomalous == 0:
+        return Check(name, "warn", len(samples), detail + ": no anomalous image, AUROC is undefined", fix)
+    return Check(name, "pass", len(samples), detail)
+
+
+def check_tracking(tracking_uri: str | None) -> Check:
+    name = "tracking store"
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.exists():
+            if db.parent.is_dir() and os.access(db.parent, os.W_OK):
+                return Check(name, "pass", uri, f"{db} does not exist yet; the first run creates it")
+            return Check(name, "fail", uri, f"{db.parent} is not a writable folder",
+                         "--tracking-uri sqlite:///PATH/mlflow.db in a writable folder")
+    try:
+        from ..tracking import connect
+
+        client = connect(tracking_uri).MlflowClient()
+        n = len(client.search_experiments(max_results=100))
+    except Exception as exc:
+        return Check(name, "fail", uri, f"cannot read the store ({type(exc).__name__}: {exc})",
+                     "check --tracking-uri / MLFLOW_TRACKING_URI, or unset them to use ./mlflow.db")
+    return Check(name, "pass", uri, f"reachable, {n} experiment(s)")
+
+
+def check_device(recipe: Recipe) -> Check:
+    import torch
+
+    from ..runtime import select_device
+
+    name = "device / precision"
+    prec = recipe.runtime.precision
+    try:
+        device = select_device(recipe.runtime.device)
+    except ConfigError as exc:
+        return Check(name, "fail", recipe.runtime.device, str(exc), "--set runtime.device=auto")
+    value = f"{device}/{prec}"
+    detail = f"torch {torch.__version__} on {device}"
+    if device.type == "cuda":
+        detail += f" ({torch.cuda.get_device_name(device)})"
+        if prec == "bf16" and not torch.cuda.is_bf16_supported():
+            return Check(name, "fail", value, detail + ": this GPU has no bf16", "--set runtime.precision=fp32")
+        if prec == "fp16":
+            return Check(name, "warn", value, detail + ": fp16 autocast without a gradient scaler can underflow",
+                         "--set runtime.precision=bf16 (or fp32)")
+    elif device.type == "cpu":
+        if prec == "fp16":
+            return Check(name, "fail", value, detail + ": fp16 needs a GPU", "--set runtime.precision=fp32")
+        if prec == "bf16":
+            return Check(name, "warn", value, detail + ": bf16 on the CPU is slow on most processors",
+                         "--set runtime.precision=fp32")
+        if recipe.model.custom_config is None:
+            return Check(name, "warn", value,
+                         detail + f": no GPU visible; {recipe.model.name} at {recipe.model.image_size} px trains very "
+                         "slowly on the CPU", "run on a machine with a CUDA GPU (runtime.device=auto picks it)")
+    return Check(name, "pass", value, detail)
+
+
+def static_checks(recipe: Recipe, tracking_uri: str | None, data_splits=("train", "test")) -> list[Check]:
+    checks = [
+        check_cross_weight("image", recipe.cross.image_weight),
+        check_cross_weight("text", recipe.cross.text_weight),
+        check_activation(recipe.fidelity, recipe.quick_gelu, recipe.model.pretrained),
+        check_weights(recipe),
+    ]
+    checks += [check_data(recipe, s) for s in data_splits]
+    checks += [check_tracking(tracking_uri), check_device(recipe)]
+    return checks
+
+

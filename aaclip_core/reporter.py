@@ -1,0 +1,19 @@
+"""How the library tells the caller what it is doing, without knowing who listens."""
+
+from __future__ import annotations
+
+
+class Reporter:
+    """No-op base; the CLI subclasses it with a rich progress display."""
+
+    def info(self, message: str) -> None:  # noqa: D401 - a sink
+        pass
+
+    def progress(self, stage: str, epoch: int, epochs: int, batch: int, batches: int, loss: float) -> None:
+        pass
+
+    def eval_progress(self, batch: int, batches: int) -> None:
+        pass
+
+    def loop(self, loop: int, loops: int) -> None:
+        pass
