@@ -42,7 +42,7 @@ def _fingerprint(model) -> tuple[float, ...]:
 def trained(tmp_path_factory, demo_overrides):
     """`aaclip train base --recipe demo` then `aaclip test` on the trained run."""
     import aaclip_core.jobs.base as base_job
-    import aaclip_core.jobs.common as common_job
+    import aaclip_core.model_io as loading
 
     workdir = tmp_path_factory.mktemp("cli-base")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
@@ -59,7 +59,7 @@ def trained(tmp_path_factory, demo_overrides):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(workdir)
         mp.setattr(base_job, "build_model", recording("train", base_job.build_model))
-        mp.setattr(common_job, "build_model", recording("test", common_job.build_model))
+        mp.setattr(loading, "build_model", recording("test", loading.build_model))
         train = _invoke(["train", "base", "--recipe", "demo", "--json", "--tracking-uri", uri, *_sets(demo_overrides)])
         assert train.exit_code == 0, train.output
         train_json = json.loads(train.stdout)
