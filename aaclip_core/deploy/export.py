@@ -93,7 +93,9 @@ def export_torchscript(graph: DetectorGraph, path: Path) -> Path:
     graph.eval()
     with _atomic(path) as tmp, _no_mha_fastpath(), torch.no_grad():
         traced = torch.jit.trace(graph, example_inputs(graph), check_trace=False)
-        torch.jit.save(traced, str(tmp))
+        # Frozen: the weights become constants and what the graph does not use (CLIP's text tower
+        # when the anchors are baked in) is dropped from the file.
+        torch.jit.save(torch.jit.freeze(traced.eval()), str(tmp))
     return path
 
 
