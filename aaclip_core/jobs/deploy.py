@@ -22,11 +22,11 @@ from ..deploy.contract import INPUT_NAMES, OUTPUT_NAMES
 from ..deploy.export import FORMATS, OPSET, SUFFIX, export_graph, quantize_int8, write_sidecar
 from ..deploy.graph import DetectorGraph
 from ..errors import ConfigError
+from ..model_io import default_checkpoint, model_from_checkpoint, run_checkpoint, run_recipe
 from ..predict import find_calibration, training_classes
+from ..reporter import Reporter
 from ..tracking import aaclip_version, connect, get_run, git_commit
 from ..visualize import CLIP_MEAN, CLIP_STD
-from . import common
-from .reporter import Reporter
 
 STEM = "detector"
 
@@ -115,14 +115,14 @@ def export_detector(
     get_run(mlflow, run_id)
     with tempfile.TemporaryDirectory(prefix="aaclip-export-") as tmp:
         workdir = Path(tmp)
-        recipe = common.run_recipe(mlflow, run_id, workdir)
-        ckpt_name = checkpoint or common.default_checkpoint(mlflow, run_id)
+        recipe = run_recipe(mlflow, run_id, workdir)
+        ckpt_name = checkpoint or default_checkpoint(mlflow, run_id)
         calibration, note = find_calibration(mlflow, run_id, ckpt_name, workdir)
         names = _classes(mlflow, run_id, recipe, calibration, workdir, classes)
-        ckpt = common.run_checkpoint(mlflow, run_id, ckpt_name, workdir)
+        ckpt = run_checkpoint(mlflow, run_id, ckpt_name, workdir)
     # Exported on the CPU: a graph traced on a GPU would carry the device into the file.
     device = torch.device("cpu")
-    model = common.model_from_checkpoint(recipe, ckpt, device)
+    model = model_from_checkpoint(recipe, ckpt, device)
     dataset = calibration.dataset if calibration else recipe.data.test.name
     bank = AnchorBank(model, names, dataset)
     graph = DetectorGraph(model, bank, calibration.classes if calibration else {}, recipe.model.image_size,
