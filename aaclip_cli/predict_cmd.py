@@ -23,7 +23,12 @@ def _fmt(x) -> str:
 @handle_errors
 def predict_cmd(
     inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
-    run: Annotated[str, typer.Option("--run", help="Run id whose model scores the images.")],
+    run: Annotated[Optional[str], typer.Option("--run", help="Run id whose model scores the images.")] = None,
+    model: Annotated[
+        Optional[Path],
+        typer.Option("--model", help="An exported detector (.onnx or .pt from `aaclip export --format`) instead of "
+                                     "a run: no tracking store or training stack needed."),
+    ] = None,
     out: Annotated[
         Optional[Path], typer.Option("--out", help="Output folder (default: ./aaclip-predict-<run id[:8]>).")
     ] = None,
@@ -54,18 +59,32 @@ def predict_cmd(
 ):
     """Score images: image score, verdict, anomaly-map overlay PNG and predictions.jsonl, on the scale of
     the run's latest `aaclip test` (exit 1 when some image could not be scored)."""
-    from aaclip_core.predict import predict_images
+    if (run is None) == (model is None):
+        from aaclip_core.errors import ConfigError
 
-    with RichReporter(quiet or json_) as rep:
-        result = predict_images(
-            run, inputs, out, threshold, class_name, checkpoint, save_maps, batch_size, tracking_uri, rep
-        )
+        raise ConfigError("predict needs a model: pass either --run RUN_ID or --model FILE (not both).")
+    if model is not None:
+        if checkpoint is not None:
+            from aaclip_core.errors import ConfigError
+
+            raise ConfigError("--checkpoint picks a checkpoint of a run; an exported file holds one model (drop it).")
+        from aaclip_core.deploy.predict import predict_with_file
+
+        with RichReporter(quiet or json_) as rep:
+            result = predict_with_file(model, inputs, out, threshold, class_name, save_maps, batch_size, rep)
+    else:
+        from aaclip_core.predict import predict_images
+
+        with RichReporter(quiet or json_) as rep:
+            result = predict_images(
+                run, inputs, out, threshold, class_name, checkpoint, save_maps, batch_size, tracking_uri, rep
+            )
     if json_:
         print_json(result)
     else:
         rows = result["rows"]
         if not quiet:
-            t = Table(title=f"run {run[:8]} checkpoint '{result['checkpoint']}'")
+            t = Table(title=f"run {run[:8]} checkpoint '{result['checkpoint']}'" if run else f"model {model}")
             for col, justify in (("image", "left"), ("class", "left"), ("score", "right"), ("threshold", "right"),
                                  ("verdict", "left")):
                 t.add_column(col, justify=justify)

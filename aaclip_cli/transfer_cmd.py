@@ -30,12 +30,18 @@ IMPORT_HELP = "\n\n".join(
 
 EXPORT_HELP = "\n\n".join(
     [
-        "Write a run's checkpoint as reference files: text_adapter.pth and image_adapter_{epoch}.pth "
-        "in DIR.",
-        "The files hold the keys text_adapter / image_adapter plus epoch in the reference module "
-        "layout (projection variant as trained) and no optimiser state. Files of the same name in "
-        "DIR are replaced. Checkpoints with cross-attention modules are refused: the reference "
-        "format has no place for them.",
+        "Write a run's checkpoint into DIR. --format reference (default): text_adapter.pth and "
+        "image_adapter_{epoch}.pth. --format onnx / torchscript: detector.onnx / detector.pt, one graph "
+        "from image to anomaly map and image score, with detector.onnx.json / detector.pt.json beside it.",
+        "reference: the keys text_adapter / image_adapter plus epoch in the reference module layout "
+        "(projection variant as trained) and no optimiser state. Files of the same name in DIR are "
+        "replaced. Checkpoints with cross-attention modules are refused: the format has no place for them.",
+        "onnx / torchscript: backbone, adapters, each class's text anchors (computed per image inside the "
+        "graph for cross-attention runs), the evaluation blur and up-sampling and the calibration of the "
+        "run's latest test; inputs image [B, 3, S, S] (CLIP-normalised) and class_index [B]. The JSON holds "
+        "classes, image size, mean/std, thresholds and provenance. Score with `aaclip predict --model FILE` "
+        "(ONNX Runtime: pip install 'aaclip[deploy]'). --int8 also writes detector.int8.onnx, dynamically "
+        "quantised, with its metric change on the run's test data in its JSON.",
     ]
 )
 
@@ -93,10 +99,46 @@ def export_cmd(
     checkpoint: Annotated[
         Optional[str], typer.Option("--checkpoint", help="Checkpoint of the run (default: its selected one).")
     ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="reference (.pth files), onnx or torchscript (one scoring graph).")
+    ] = "reference",
+    classes: Annotated[
+        Optional[list[str]],
+        typer.Option("--class", help="onnx/torchscript: a class to bake in (repeatable; default: the run's "
+                                     "tested and training classes)."),
+    ] = None,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="onnx: also write a dynamic int8 copy and measure its metric change.")
+    ] = False,
     tracking_uri: UriOpt = None,
     json_: JsonOpt = False,
 ):
-    """Write a run's checkpoint as reference files (see EXPORT_HELP)."""
+    """Write a run's checkpoint as reference files or one scoring graph (see EXPORT_HELP)."""
+    if fmt != "reference":
+        from aaclip_core.jobs.deploy import export_detector
+
+        with RichReporter(json_) as rep:
+            result = export_detector(run, directory, fmt, checkpoint, classes, int8, tracking_uri, rep)
+        if json_:
+            print_json(result)
+            return
+        if result["calibration_note"]:
+            err.print(f"[yellow]note:[/yellow] {result['calibration_note']}: the file scores on the raw scale",
+                      soft_wrap=True)
+        change = (result.get("int8") or {}).get("change")
+        if change and change.get("delta_mean"):
+            d = change["delta_mean"]
+            err.print(f"int8 vs fp32 on {change['n_images']} test images: image AUROC {d['image_auroc'] * 100:+.2f}, "
+                      f"pixel AUROC {d['pixel_auroc'] * 100:+.2f} points; image scores move by up to "
+                      f"{change['max_abs_image_score_change']:.4f}")
+        for f in result["files"]:
+            err.print(f"wrote {f}")
+            typer.echo(f)
+        return
+    if classes or int8:
+        from aaclip_core.errors import ConfigError
+
+        raise ConfigError("--class and --int8 apply to --format onnx / torchscript, not to the reference files.")
     from aaclip_core.jobs.transfer import export_run
 
     with RichReporter(json_) as rep:
