@@ -171,3 +171,28 @@ print(float(d.score(x[None], ['fabric'])['score'][0]))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert np.isfinite(float(res.stdout.strip()))
+
+
+def test_predict_from_file_imports_no_open_clip_or_mlflow(make_model, demo_recipe, demo_root, tmp_path):
+    """`predict --model FILE` (overlays, JSON lines) in a fresh interpreter where open_clip and mlflow
+    cannot be imported."""
+    graph = _graph(make_model, demo_recipe, "base")
+    path = export_onnx(graph, tmp_path / "detector.onnx")
+    _sidecar(path, "onnx", demo_recipe)
+    images = demo_root / "test" / "fabric" / "test" / "good"
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('open_clip', 'mlflow'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from aaclip_core.deploy.predict import predict_with_file
+out = predict_with_file({str(path)!r}, [{str(images)!r}], {str(tmp_path / 'out')!r}, threshold=0.5, class_name='fabric')
+print(out['n_images'], out['n_errors'])
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    n, errors = map(int, res.stdout.split())
+    assert n > 0 and errors == 0
+    assert len(list((tmp_path / "out" / "overlays").rglob("*.png"))) == n
