@@ -216,10 +216,12 @@ def test_k_shot_is_deterministic_and_order_independent(demo_samples):
 
 
 def test_k_shot_too_few_images_names_class_and_counts(demo_samples):
-    message = r"Class 'disc' has 6 normal and 6 anomalous .* 7 normal and 7 anomalous"
+    message = r"7 normal and 7 anomalous images per class, but 'disc' 6 normal \+ 6 anomalous.*12 or less"
     with pytest.raises(DataError, match=message):
         k_shot(demo_samples, 14, seed=0)
-    with pytest.raises(ConfigError, match="k=0"):
+    with pytest.raises(DataError, match=r"data.train.shot = 14 .*Set data.train.shot to 12.*data.train.classes"):
+        k_shot(demo_samples, 14, seed=0, setting="data.train.shot")
+    with pytest.raises(ConfigError, match="k = 0"):
         k_shot(demo_samples, 0, seed=0)
 
 

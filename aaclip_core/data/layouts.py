@@ -323,6 +323,46 @@ def detect_layout(root: Path) -> str:
     )
 
 
+def looks_like(root: Path, layout: str = "auto") -> bool:
+    """Whether ``root`` holds a dataset in ``layout`` (any known layout for "auto"), judged from
+    file and folder names only; never raises."""
+    root = Path(root)
+    try:
+        if layout == "auto":
+            detect_layout(root)
+            return True
+        if layout == "jsonl":
+            return _jsonl_file(root) is not None
+        if not root.is_dir():
+            return False
+        if layout == "visa":
+            return (root / VISA_CSV).is_file()
+        looks = {"mvtec": _looks_mvtec, "mpdd": _looks_mvtec, "btad": _looks_btad, "folder": _looks_folder}
+        return bool(_class_dirs(root, looks[layout])) if layout in looks else False
+    except (DataError, OSError):
+        return False
+
+
+def class_of_image(path: Path) -> str | None:
+    """The class an image belongs to, read from where it sits in one of the indexed layouts; None
+    when the path follows none of them. Each pattern is matched exactly (folder depth included), so
+    a plain folder that happens to be called ``test`` is not mistaken for a layout:
+
+    * MVTec AD, MPDD, BTAD: ``<class>/train|test/<defect, good, ok or ko>/<image>``
+    * VisA: ``<class>/Data/Images/Normal|Anomaly/<image>``
+    * plain folder layout: ``<class>/normal|anomaly/<image>``
+    """
+    parts = Path(path).parts[:-1]
+    n = len(parts)
+    if n >= 3 and parts[-2] in SPLITS:
+        return parts[-3]
+    if n >= 4 and parts[-3] == "Data" and parts[-2] == "Images" and parts[-1] in ("Normal", "Anomaly"):
+        return parts[-4]
+    if n >= 2 and parts[-1] in ("normal", "anomaly"):
+        return parts[-2]
+    return None
+
+
 _INDEXERS: dict[str, Callable[[Path, str], list[Sample]]] = {
     "mvtec": _index_mvtec,
     "mpdd": _index_mvtec,

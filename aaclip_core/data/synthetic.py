@@ -425,6 +425,37 @@ def _materialise(target: Path, marker: str, write: Callable[[Path], object]) -> 
         shutil.rmtree(staging, ignore_errors=True)
 
 
+# The two independent renders of the demo data: training reads the first, evaluation the second.
+DEMO_HALVES = {"train": 0, "test": 1000}  # name -> offset added to the generation seed
+
+
+def ensure_demo_half(target: Path, seed: int = 0, image_size: int = 128) -> Path:
+    """Make sure the demo render named by ``target``'s folder name ("train" or "test") exists at
+    ``target``; writes nothing anywhere else. Returns ``target``."""
+    target = Path(target)
+    if target.name not in DEMO_HALVES:
+        raise ConfigError(
+            f"A demo data folder is called 'train' or 'test' (the two independent renders), not "
+            f"'{target.name}' ({target})."
+        )
+    params = dict(
+        seed=seed + DEMO_HALVES[target.name],
+        image_size=image_size,
+        classes=DEMO_CLASSES,
+        n_normal=DEFAULT_N_NORMAL,
+        n_anomalous=DEFAULT_N_ANOMALOUS,
+        n_train=DEFAULT_N_TRAIN,
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _materialise(target, _marker_text(**params), partial(write_synthetic_dataset, **params))
+    return target
+
+
+def is_demo_data(target: Path) -> bool:
+    """Whether ``target`` is a complete demo render written by this generator (any version)."""
+    return (Path(target) / COMPLETE_MARKER).is_file()
+
+
 def ensure_demo_data(root: Path, seed: int = 0, image_size: int = 128) -> tuple[Path, Path]:
     """Make sure the demo roots ``root/train`` and ``root/test`` exist; return them.
 
@@ -433,18 +464,4 @@ def ensure_demo_data(root: Path, seed: int = 0, image_size: int = 128) -> tuple[
     held-out images. Existing complete roots with the same parameters are reused as they are.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    targets = []
-    for name, split_seed in (("train", seed), ("test", seed + 1000)):
-        params = dict(
-            seed=split_seed,
-            image_size=image_size,
-            classes=DEMO_CLASSES,
-            n_normal=DEFAULT_N_NORMAL,
-            n_anomalous=DEFAULT_N_ANOMALOUS,
-            n_train=DEFAULT_N_TRAIN,
-        )
-        target = root / name
-        _materialise(target, _marker_text(**params), partial(write_synthetic_dataset, **params))
-        targets.append(target)
-    return targets[0], targets[1]
+    return ensure_demo_half(root / "train", seed, image_size), ensure_demo_half(root / "test", seed, image_size)

@@ -10,7 +10,9 @@ from torch.utils.data import DataLoader
 
 from ..config import DatasetRef, Recipe
 from ..data import AnomalyDataset, Sample, index_dataset, k_shot, select_classes, validate_samples
-from ..data.synthetic import ensure_demo_data
+from ..data.layouts import LAYOUT_DESCRIPTIONS, looks_like
+from ..data.locate import dataset_hint
+from ..data.synthetic import DEMO_HALVES, ensure_demo_half, is_demo_data
 from ..errors import DataError
 from ..runtime import select_device
 
@@ -19,24 +21,53 @@ def load_samples(ref: DatasetRef, seed: int, validate: bool = True, field: str =
     """The labelled images of a dataset (its test split in the MVTec sense), filtered and sub-sampled
     as the recipe says. ``field`` names the recipe table in error messages."""
     root = Path(ref.root).expanduser()
-    if ref.layout != "synthetic" and not root.exists():
-        raise DataError(
-            f"Dataset root '{root}' ({field}.root, dataset {ref.name}) does not exist. Point it at the "
-            f"dataset with --set {field}.root=/path/to/{ref.name} (layouts: MVTec AD, VisA, BTAD, MPDD, "
-            "a plain folder, or reference JSON-lines metadata), or use --recipe demo for the built-in data."
-        )
     layout = ref.layout
     if layout == "synthetic":
-        # The demo data is generated on first use: root names one of the two generated halves.
-        ensure_demo_data(root.parent)
+        _demo_root(root, field)
         layout = "mvtec"
-    samples = index_dataset(root, layout=layout, split="test")
+    elif not root.exists():
+        raise DataError(
+            f"Dataset root '{ref.root}' ({field}.root, dataset {ref.name}) does not exist. "
+            f"{dataset_hint(root, layout, field)} Point it at the dataset with "
+            f"--set {field}.root=/path/to/{ref.name}, or use --recipe demo for the built-in data."
+        )
+    try:
+        samples = index_dataset(root, layout=layout, split="test")
+    except DataError as exc:
+        # A root without the layout at all gets the "where is it" hint; a broken file inside a
+        # recognisable dataset gets only the field, since the message names the file.
+        hint = "" if looks_like(root, layout) else " " + dataset_hint(root, layout, field)
+        raise DataError(f"{field} ({field}.root = '{ref.root}', {field}.layout = '{ref.layout}'): {exc}{hint}") from None
     samples = select_classes(samples, ref.classes)
     if ref.shot:
-        samples = k_shot(samples, ref.shot, seed)
+        samples = k_shot(samples, ref.shot, seed, setting=f"{field}.shot")
     if validate:
         validate_samples(samples)
     return samples
+
+
+def synthetic_root_problem(root: Path, field: str) -> str | None:
+    """Why ``root`` cannot hold the generated demo data of ``field`` (layout "synthetic"), or None.
+    Demo data is only ever written where a recipe asks for it: a folder named ``train`` or ``test``
+    (the two renders) that is empty or was written by the generator, never real data."""
+    root = Path(root)
+    real_data = root.exists() and not is_demo_data(root)
+    if root.name in DEMO_HALVES and not real_data:
+        return None
+    what = "holds data aaclip did not generate" if real_data else "is not a demo data folder (.../train or .../test)"
+    return (
+        f"{field}.layout is 'synthetic' (the generated demo data) but {field}.root = '{root}' {what}; "
+        f"nothing was written. For your own data set {field}.layout = \"auto\" (or one of "
+        f"{', '.join(LAYOUT_DESCRIPTIONS)}) and {field}.name to the dataset's name, e.g. "
+        f'--set {field}.layout="auto" --set {field}.name="MVTec".'
+    )
+
+
+def _demo_root(root: Path, field: str) -> None:
+    problem = synthetic_root_problem(root, field)
+    if problem:
+        raise DataError(problem)
+    ensure_demo_half(root)
 
 
 def make_dataset(samples: list[Sample], recipe: Recipe, augment: str) -> AnomalyDataset:
