@@ -191,7 +191,9 @@ def test_cmd(
     )
     err.print(results_table(result, title))
     if result["same_dataset"]:
-        err.print("[yellow]note:[/yellow] tested on the training dataset (declared; the test run is tagged).")
+        err.print(f"[yellow]note:[/yellow] tested on the training data ({result['same_dataset_reason']}); declared "
+                  f"by {result['same_dataset_declared_by']}; the test run is tagged aaclip.same_dataset=true.",
+                  soft_wrap=True)
     if result.get("visualizations"):
         err.print(f"{len(result['visualizations'])} anomaly-map pictures logged under visualizations/<class>/")
     err.print(f"test run {result['run_id']}")
@@ -232,22 +234,46 @@ def data_index_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the reference JSON-lines metadata here.")] = None,
     json_: JsonOpt = False,
 ):
-    """Index a dataset in a known layout and check every image and mask."""
-    from aaclip_core.data import index_dataset, validate_samples, write_metadata_jsonl
+    """Index a dataset: per split, class and defect type, with every image and mask checked."""
+    from aaclip_core.data import index_dataset, write_metadata_jsonl
+    from aaclip_core.data.summary import dataset_summary
+    from aaclip_core.errors import DataError
 
-    samples = index_dataset(root, layout=layout, split="test")
-    validate_samples(samples)
-    per_class: dict[str, list[int]] = {}
-    for s in samples:
-        per_class.setdefault(s.class_name, [0, 0])[s.label] += 1
-    if out is not None:
+    summary = dataset_summary(root, layout)
+    problems = [p for s in summary["splits"].values() for p in s.get("problems", [])]
+    if out is not None and not problems:
+        samples = index_dataset(root, layout=summary["layout"], split="test")
         write_metadata_jsonl(samples, out, root.expanduser().resolve())
-    summary = {c: {"normal": n, "anomalous": a} for c, (n, a) in sorted(per_class.items())}
     if json_:
-        print_json({"root": str(root), "images": len(samples), "classes": summary})
+        print_json(summary)
     else:
-        for c, v in summary.items():
-            err.print(f"{c}: {v['normal']} normal, {v['anomalous']} anomalous")
+        _print_dataset_summary(summary)
+    if problems:
+        shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+        raise DataError(f"{len(problems)} problem(s) in {root}: {shown}. Fix or remove these files and re-run.")
+
+
+def _print_dataset_summary(summary: dict) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    err.print(f"{escape(summary['root'])}: layout [bold]{summary['layout']}[/bold]", soft_wrap=True)
+    for split, s in summary["splits"].items():
+        if "absent" in s:
+            err.print(f"[dim]{split} split: not indexed ({escape(s['absent'])})[/dim]", soft_wrap=True)
+            continue
+        table = Table(title=f"{split} split - {s['role']}", title_justify="left")
+        for col in ("class", "normal", "anomalous", "masks", "defects"):
+            table.add_column(col, justify="left" if col in ("class", "defects") else "right")
+        for c, v in s["classes"].items():
+            defects = ", ".join(f"{d} {n}" for d, n in v["defects"].items()) or "-"
+            table.add_row(escape(c), str(v["normal"]), str(v["anomalous"]), str(v["masks"]), escape(defects))
+        table.add_section()
+        table.add_row(f"total ({len(s['classes'])} classes)", str(s["normal"]), str(s["anomalous"]),
+                      str(sum(v["masks"] for v in s["classes"].values())), f"{len(s['defect_types'])} defect types")
+        err.print(table)
+        if s.get("problems"):
+            err.print(f"[red]{len(s['problems'])} problem(s)[/red] in the {split} split", soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------------ recipes

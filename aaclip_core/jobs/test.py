@@ -38,11 +38,40 @@ def test_dataset(recipe: Recipe, dataset: str | None, data_root: str | None, lay
     return ref.model_copy(update=updates)
 
 
-def is_same_dataset(recipe: Recipe, ref: DatasetRef) -> bool:
-    """Same name, or the same folder under another name."""
-    if ref.name.lower() == recipe.data.train.name.lower():
-        return True
-    return Path(ref.root).expanduser().resolve() == Path(recipe.data.train.root).expanduser().resolve()
+def same_dataset_reason(recipe: Recipe, ref: DatasetRef) -> str | None:
+    """Why testing on ``ref`` would test on the training data, or None when it would not.
+
+    The same folder under any name is the same data; so is the same name in another folder (a copy
+    of the dataset). The demo's two halves are the exception: ``synthetic`` train/ and test/ are
+    independent renders, not the same images.
+    """
+    train = recipe.data.train
+    train_root = Path(train.root).expanduser().resolve()
+    test_root = Path(ref.root).expanduser().resolve()
+    if train_root == test_root:
+        return f"the test root {test_root} is the training root (data.train.root)"
+    if train.layout == ref.layout == "synthetic" and train_root.name != test_root.name:
+        return None
+    if ref.name.lower() == train.name.lower():
+        return (f"the test dataset has the training dataset's name '{ref.name}' (data.train.name; set the "
+                "test's name with --dataset if it is another dataset)")
+    return None
+
+
+def same_dataset_declaration(recipe: Recipe, ref: DatasetRef, flag: bool) -> str | None:
+    """Who declared a same-dataset test: the ``--same-dataset`` flag, or the recipe's
+    ``data.allow_same_dataset``, which covers only the test data that recipe names (data.test), so a
+    declaration never carries over to other data pointed at with --data-root or --set."""
+    if flag:
+        return "--same-dataset"
+    declared = recipe.data.test
+    same_data = (
+        Path(declared.root).expanduser().resolve() == Path(ref.root).expanduser().resolve()
+        and declared.name.lower() == ref.name.lower()
+    )
+    if recipe.data.allow_same_dataset and same_data:
+        return f"data.allow_same_dataset of the run's recipe, for {declared.name} at {declared.root}"
+    return None
 
 
 def _csv(rows: list[dict]) -> str:
@@ -74,12 +103,15 @@ def test_run(
         if overrides:
             recipe = recipe_from_dict(apply_overrides(recipe.model_dump(mode="json"), overrides), "with --set")
         ref = test_dataset(recipe, dataset, data_root, layout)
-        same = is_same_dataset(recipe, ref)
-        if same and not (same_dataset or recipe.data.allow_same_dataset):
+        reason = same_dataset_reason(recipe, ref)
+        same = reason is not None
+        declared_by = same_dataset_declaration(recipe, ref, same_dataset) if same else None
+        if same and declared_by is None:
             raise ConfigError(
-                f"Run {run_id} was trained on '{recipe.data.train.name}' and would be tested on the same "
-                "dataset, which the zero-shot protocol does not allow. Test on another dataset (--dataset/"
-                "--data-root) or say so explicitly with --same-dataset (the run is tagged)."
+                f"Run {run_id} was trained on '{recipe.data.train.name}' at {recipe.data.train.root} and would be "
+                f"tested on the same data: {reason}. The zero-shot protocol does not allow that. Test on another "
+                "dataset (--dataset NAME --data-root DIR) or say so explicitly with --same-dataset (the test run "
+                "is tagged aaclip.same_dataset=true and `compare` marks it)."
             )
         session = common.open_session(recipe, None, tracking_uri, reporter)
         try:
@@ -102,6 +134,7 @@ def test_run(
                     f"{TAG}checkpoint": ckpt_name,
                     f"{TAG}train_dataset": recipe.data.train.name,
                     f"{TAG}same_dataset": str(same).lower(),
+                    **({f"{TAG}same_dataset_declared_by": declared_by} if same else {}),
                     "mlflow.parentRunId": run_id,
                 }
             )
@@ -145,6 +178,8 @@ def test_run(
                     "checkpoint_loop": ckpt.manifest.get("loop"),
                     "dataset": ref.name,
                     "same_dataset": same,
+                    "same_dataset_reason": reason,
+                    "same_dataset_declared_by": declared_by,
                     "eval_seconds": seconds,
                     "visualizations": visualizations,
                     **report.as_dict(),
