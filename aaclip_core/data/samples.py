@@ -124,6 +124,11 @@ def _problem_of(sample: Sample) -> str | None:
     return None
 
 
+def find_problems(samples: Sequence[Sample]) -> list[str]:
+    """Every problem `validate_samples` would report, one sentence each."""
+    return [p for p in map(_problem_of, samples) if p is not None]
+
+
 def validate_samples(samples: Sequence[Sample]) -> None:
     """Open every image and mask once and raise `DataError` describing the first problems.
 
@@ -134,7 +139,7 @@ def validate_samples(samples: Sequence[Sample]) -> None:
         raise DataError(
             "The dataset contains no images. Check the dataset root, layout and class selection."
         )
-    problems = [p for p in map(_problem_of, samples) if p is not None]
+    problems = find_problems(samples)
     if not problems:
         return
     shown = "; ".join(problems[:_MAX_REPORTED_PROBLEMS])
