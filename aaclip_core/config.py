@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -124,6 +124,9 @@ class FeedbackConfig(_Strict):
     grad_clip: float = Field(1.0, gt=0)
     cross_attn_start_loop: int = Field(1, ge=1)
     val_fraction: float = Field(0.2, gt=0, lt=1)
+    # Below this many validation images the held-out metrics are too coarse to select a loop on:
+    # the job and `doctor` warn.
+    min_val_images: int = Field(30, ge=0)
     selection_metric: str = "pixel_auroc"
 
 
@@ -162,6 +165,14 @@ class Recipe(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    # Dotted keys the recipe file itself or --set states (not those it takes through `extends`);
+    # None for a recipe built in code. A run derived from another (`--from`) keeps these and takes
+    # the parent's data and model settings for the rest.
+    _stated: frozenset[str] | None = PrivateAttr(default=None)
+
+    @property
+    def stated_keys(self) -> frozenset[str] | None:
+        return self._stated
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -304,7 +315,27 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> tuple[
     data = _read_layered(path.resolve())
     data = apply_overrides(data, overrides or [])
     source = f"'{path}'" + (f" with --set {' '.join(overrides)}" if overrides else "")
-    return recipe_from_dict(data, source), path
+    recipe = recipe_from_dict(data, source)
+    recipe._stated = _own_keys(path) | {parse_override(o)[0] for o in overrides or []}
+    return recipe, path
+
+
+def _own_keys(path: Path) -> frozenset[str]:
+    """Dotted keys written in the recipe file itself (its tables flattened), without `extends`."""
+    out: set[str] = set()
+
+    def walk(prefix: str, table: dict[str, Any]) -> None:
+        for k, v in table.items():
+            key = f"{prefix}.{k}" if prefix else k
+            walk(key, v) if isinstance(v, dict) else out.add(key)
+
+    walk("", tomllib.loads(path.read_text(encoding="utf-8")))
+    return frozenset(out)
+
+
+def is_stated(key: str, stated: frozenset[str] | None) -> bool:
+    """Whether ``key`` (dotted) or a table above or below it is among ``stated`` keys."""
+    return any(s == key or s.startswith(key + ".") or key.startswith(s + ".") for s in stated or ())
 
 
 def flatten(recipe: Recipe) -> dict[str, str]:

@@ -9,6 +9,10 @@ class Reporter:
     def info(self, message: str) -> None:  # noqa: D401 - a sink
         pass
 
+    def warn(self, message: str) -> None:
+        """Something the user should act on; the work goes on."""
+        self.info(f"warning: {message}")
+
     def progress(self, stage: str, epoch: int, epochs: int, batch: int, batches: int, loss: float) -> None:
         pass
 

@@ -9,7 +9,7 @@ from ..checkpoints import import_reference
 from ..config import Recipe
 from ..errors import ConfigError
 from ..model import AACLIP, build_model
-from ..tracking import TAG, get_run, tracked_run
+from ..tracking import TAG, connect, get_run, tracked_run
 from . import common
 from .base import train_reference_stages
 from ..reporter import Reporter
@@ -64,18 +64,23 @@ def train_cross(
     reporter: Reporter | None = None,
     run_name: str | None = None,
 ) -> dict:
+    inherited: dict = {}
+    if from_run:
+        get_run(connect(tracking_uri), from_run)
+        recipe, inherited = common.inherit_from_run(recipe, from_run, tracking_uri)
     common.check_train_samples(recipe)
     session = common.open_session(recipe, recipe_path, tracking_uri, reporter)
     try:
         if from_run:
-            get_run(session.mlflow, from_run)
+            session.reporter.info(common.describe_inherited(from_run, inherited))
         samples = common.train_data(session, recipe)
         model = build_model(recipe, session.device, with_cross=True)
         origin = load_base_adapters(session, model, from_run, text_file, image_file)
         tags = {**common.run_tags(recipe, "cross", recipe.data.train.name), **origin}
         with tracked_run(session.mlflow, recipe.tracking.experiment, run_name or f"cross-{recipe.name}", tags) as run:
             result = train_reference_stages(session, model, samples, features=_stage1_features(model))
-            return {"run_id": run.info.run_id, "stage": "cross", "parent_run_id": from_run, **result}
+            return {"run_id": run.info.run_id, "stage": "cross", "parent_run_id": from_run, "inherited": inherited,
+                    **result}
     finally:
         session.close()
 

@@ -20,6 +20,7 @@ import torch
 from ..checkpoints import Checkpoint, checkpoint_name, parse_checkpoint_name
 from ..config import Recipe
 from ..data import train_val_split
+from ..data.splits import small_split_warning
 from ..errors import ConfigError
 from ..evaluation import evaluate
 from ..model import AACLIP, build_model
@@ -123,9 +124,16 @@ def train_feedback(
         raise ConfigError("train feedback needs a recipe (--recipe) or --resume RUN_ID.")
     else:
         common.check_trainable(recipe)
+    inherited: dict = {}
+    if from_run:
+        get_run(connect(tracking_uri), from_run)
+        recipe, inherited = common.inherit_from_run(recipe, from_run, tracking_uri)
     session = common.open_session(recipe, recipe_path, tracking_uri, reporter)
     try:
-        return _run(session, recipe, from_run, resume, run_name)
+        if from_run:
+            session.reporter.info(common.describe_inherited(from_run, inherited))
+        result = _run(session, recipe, from_run, resume, run_name)
+        return {**result, "inherited": inherited} if from_run else result
     finally:
         session.close()
 
@@ -150,6 +158,12 @@ def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: 
     samples = common.train_data(session, recipe)
     train_s, val_s = train_val_split(samples, fb.val_fraction, recipe.runtime.seed)
     session.reporter.info(f"held-out validation split: {len(val_s)} images (seed {recipe.runtime.seed})")
+    small = small_split_warning(val_s, fb.min_val_images)
+    if small:
+        small += (f". Raise feedback.val_fraction (now {fb.val_fraction})"
+                  + (f" or data.train.shot (now {recipe.data.train.shot})" if recipe.data.train.shot else "")
+                  + f", add labelled images, or lower feedback.min_val_images (now {fb.min_val_images}) to accept it")
+        session.reporter.warn(small)
     text_loader, image_loader = common.loaders(session, train_s)
     val_loader = make_loader(make_dataset(val_s, recipe, "none"), recipe.eval.batch_size, False, recipe, None)
     probe = common.probe_batch(train_s, recipe)
@@ -190,6 +204,8 @@ def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: 
             common.log_metadata(session, train_s, "train.jsonl", recipe.data.train.root)
             common.log_metadata(session, val_s, "val.jsonl", recipe.data.train.root)
             mlflow.log_params({"trainable_parameters": count_trainable(model), "val_images": len(val_s)})
+            if small:
+                mlflow.set_tag(f"{TAG}val_warning", small)
         children = _child_runs(mlflow, parent_id) if resume else {}
         started = time.perf_counter()
         loop_losses: dict[int, dict[str, list[float]]] = {}
@@ -215,6 +231,8 @@ def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: 
             "selected_loop": best,
             "selection": reason,
             "val_metric": fb.selection_metric,
+            "val_images": len(val_s),
+            "val_warning": small,
             "val_per_loop": {str(k): v for k, v in sorted(history.items())},
             "loop_losses": {str(k): v for k, v in loop_losses.items()},
             "final_stage1_loss": _last(loop_losses, "stage1"),
