@@ -1,30 +1,57 @@
-"""Anomaly-map pictures: three panels side by side at the evaluation resolution.
+"""Anomaly-map pictures a person reads at a glance: titled panels side by side,
 
-    [ image | heat map over the image | image with the thresholded contour ]
+    [ image | anomaly map + colour bar | ground truth (when known) | prediction ]
 
-Each panel is S x S pixels (S = ``recipe.model.image_size``, the resolution `test` scores at), so a
-picture is 3S x S. The heat map is the min-max normalised pixel map (on the scale of the test set
-of its class when calibrated), clipped to [0, 1] and coloured with matplotlib's ``jet`` colormap;
-the contour (red) is the boundary of ``map >= level`` (default 0.5 of that normalised scale) and,
-when a ground-truth mask is given (`test --visualize`), its boundary is drawn in green.
+with the image score, the threshold and the verdict written underneath.
 
-numpy, PIL and matplotlib's colormaps only (no pyplot, so no GUI backend is ever loaded; no torch),
-so the scorer of exported models (`aaclip_core.deploy`) draws the same pictures without the
-training stack. `aaclip_core.visualize` adds what needs the model (`test --visualize`).
+* The panels show the S x S image the model scored (S = ``recipe.model.image_size``), enlarged by a
+  whole factor (nearest neighbour for masks, so a drawn pixel is exactly one scored pixel) until
+  they are at least `MIN_PANEL` pixels wide.
+* The anomaly map is min-max normalised (on the scale of its class's test set when calibrated),
+  clipped to [0, 1] and coloured with matplotlib's ``jet``; the colour bar marks the pixel level.
+* Ground truth and prediction are drawn the same unambiguous way: a translucent fill over exactly
+  the pixels of the region and a solid outline along its inside edge. The picture's border is not
+  an edge, so a region covering most of the image never turns into a frame around it; pixels
+  outside the region are left untouched.
+* The prediction is ``map >= level`` (default 0.5 on the normalised scale): the pixel level, not
+  the image threshold, which decides the verdict from the image score.
+
+numpy, PIL, matplotlib's colormaps and its bundled DejaVu font only (no pyplot, so no GUI backend
+is ever loaded; no torch), so the scorer of exported models (`aaclip_core.deploy`) draws the same
+pictures without the training stack. `aaclip_core.visualize` adds what needs the model
+(`test --visualize`).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 CONTOUR_LEVEL = 0.5
 HEAT_ALPHA = 0.5
+FILL_ALPHA = 0.4
 COLORMAP = "jet"
-PRED_COLOUR = (255, 0, 0)
-GT_COLOUR = (0, 255, 0)
+PRED_COLOUR = (230, 20, 20)
+GT_COLOUR = (20, 200, 60)
+MIN_PANEL = 224
+BACKGROUND = (255, 255, 255)
+TEXT_COLOUR = (20, 20, 20)
+
+# Layout (pixels of the picture).
+_MARGIN = 8
+_GAP = 10
+_TITLE = 22
+_FOOTER = 26
+_BAR = 14
+_BAR_LABELS = 34
+FONT_SIZE = 13
+
+Box = tuple[int, int, int, int]  # (left, top, right, bottom), right/bottom exclusive
 
 
 def normalise_for_display(raw_map: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
@@ -38,15 +65,17 @@ def normalise_for_display(raw_map: np.ndarray, lo: float | None = None, hi: floa
 
 
 def mask_boundary(mask: np.ndarray, width: int = 1) -> np.ndarray:
-    """Boolean boundary of a binary mask: mask pixels with a 4-neighbour outside it (the image edge
-    counts as outside), thickened inwards/outwards to ``width`` pixels. Pure numpy."""
+    """Boolean inside edge of a binary mask: mask pixels with a 4-neighbour outside it, thickened
+    inwards to ``width`` pixels. The picture's border does not count as outside (a region reaching
+    the border is not outlined along it), and the edge never leaves the mask. Pure numpy."""
     m = np.asarray(mask, dtype=bool)
-    p = np.pad(m, 1, constant_values=False)
-    interior = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-    edge = m & ~interior
-    for _ in range(max(0, width - 1)):
-        q = np.pad(edge, 1, constant_values=False)
-        edge = q[1:-1, 1:-1] | q[:-2, 1:-1] | q[2:, 1:-1] | q[1:-1, :-2] | q[1:-1, 2:]
+    edge = np.zeros_like(m)
+    inside = m
+    for _ in range(max(1, width)):
+        p = np.pad(inside, 1, mode="edge")
+        interior = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+        edge |= inside & ~interior
+        inside = interior
     return edge
 
 
@@ -58,31 +87,145 @@ def heat_rgb(heat: np.ndarray) -> np.ndarray:
     return (rgba[..., :3] * 255.0).round().astype(np.uint8)
 
 
-def overlay_panels(
+def draw_region(image: np.ndarray, region: np.ndarray, colour: tuple[int, int, int], width: int = 2) -> np.ndarray:
+    """``image`` with ``region`` drawn as a translucent fill plus a solid inside outline; every pixel
+    outside the region is returned unchanged."""
+    out = np.asarray(image, dtype=np.uint8).copy()
+    region = np.asarray(region, dtype=bool)
+    tint = np.asarray(colour, dtype=np.float32)
+    out[region] = ((1 - FILL_ALPHA) * out[region].astype(np.float32) + FILL_ALPHA * tint).round().astype(np.uint8)
+    out[mask_boundary(region, width)] = colour
+    return out
+
+
+@lru_cache(maxsize=4)
+def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont:
+    try:
+        from matplotlib import font_manager
+
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+    except (OSError, ImportError, ValueError):  # a matplotlib without its bundled font
+        return ImageFont.load_default()
+
+
+@dataclass(frozen=True)
+class OverlayLayout:
+    """Where everything sits on an overlay picture; `overlay_picture` draws by it and tests read it."""
+
+    size: tuple[int, int]  # (width, height)
+    scale: int  # panel pixels per scored pixel
+    panels: dict[str, Box]  # name -> box, left to right: image, anomaly map, ground truth?, prediction
+    colour_bar: Box
+    footer: Box
+
+
+def overlay_layout(side: int, with_ground_truth: bool) -> OverlayLayout:
+    """The layout of the picture for an S x S scored image."""
+    scale = max(1, math.ceil(MIN_PANEL / side))
+    p = side * scale
+    top = _MARGIN + _TITLE
+    x = _MARGIN
+    panels: dict[str, Box] = {}
+    names = ["image", "anomaly map", *(["ground truth"] if with_ground_truth else []), "prediction"]
+    bar: Box = (0, 0, 0, 0)
+    for name in names:
+        panels[name] = (x, top, x + p, top + p)
+        x += p
+        if name == "anomaly map":
+            bar = (x + 6, top, x + 6 + _BAR, top + p)
+            x += 6 + _BAR + _BAR_LABELS
+        x += _GAP
+    width = x - _GAP + _MARGIN
+    footer = (_MARGIN, top + p + 4, width - _MARGIN, top + p + 4 + _FOOTER)
+    return OverlayLayout((width, footer[3] + _MARGIN // 2), scale, panels, bar, footer)
+
+
+def _enlarge(a: np.ndarray, k: int) -> np.ndarray:
+    return a if k == 1 else np.repeat(np.repeat(a, k, axis=0), k, axis=1)
+
+
+def _panel_titles(level: float) -> dict[str, str]:
+    return {
+        "image": "image",
+        "anomaly map": "anomaly map",
+        "ground truth": "ground truth",
+        "prediction": f"prediction: map ≥ {level:.2f}",
+    }
+
+
+def verdict_line(score: float | None, threshold: float | None, threshold_source: str | None = None,
+                 verdict: str | None = None) -> str:
+    """The footer: image score, threshold and verdict in words."""
+    if score is None:
+        return ""
+    parts = [f"image score {score:.3f}"]
+    if threshold is None:
+        parts.append("no threshold, so no verdict")
+    else:
+        where = f" ({threshold_source})" if threshold_source and threshold_source != "user" else ""
+        parts.append(f"threshold {threshold:.3f}{where}")
+        parts.append(f"verdict: {(verdict or ('anomalous' if score >= threshold else 'normal')).upper()}")
+    return "   |   ".join(parts)
+
+
+def overlay_picture(
     image: np.ndarray,
     heat: np.ndarray,
     level: float = CONTOUR_LEVEL,
     gt_mask: np.ndarray | None = None,
-    alpha: float = HEAT_ALPHA,
+    footer: str = "",
 ) -> Image.Image:
-    """The three-panel picture (3W x H) for an RGB uint8 image [H, W, 3] and a heat map [H, W] in [0, 1]."""
+    """The titled picture for an RGB uint8 image [S, S, 3] and a heat map [S, S] in [0, 1]."""
     img = np.asarray(image, dtype=np.uint8)
     h, w = img.shape[:2]
     heat = np.asarray(heat, dtype=np.float32)
     if heat.shape != (h, w):
         raise ValueError(f"heat map {heat.shape} does not match the image {img.shape[:2]}")
-    blend = ((1 - alpha) * img.astype(np.float32) + alpha * heat_rgb(heat).astype(np.float32)).round()
-    blend = blend.clip(0, 255).astype(np.uint8)
-    contour = img.copy()
+    if h != w:
+        raise ValueError(f"overlay pictures are drawn for square scored images, got {w}x{h}")
+    layout = overlay_layout(h, gt_mask is not None)
+    k = layout.scale
+    big = _enlarge(img, k)
+    big_heat = _enlarge(heat, k)
+    blend = ((1 - HEAT_ALPHA) * big.astype(np.float32) + HEAT_ALPHA * heat_rgb(big_heat).astype(np.float32))
+    content = {
+        "image": big,
+        "anomaly map": blend.round().clip(0, 255).astype(np.uint8),
+        "prediction": draw_region(big, big_heat >= level, PRED_COLOUR, width=2),
+    }
     if gt_mask is not None:
-        contour[mask_boundary(np.asarray(gt_mask, dtype=bool), width=1)] = GT_COLOUR
-    contour[mask_boundary(heat >= level, width=2 if min(h, w) >= 64 else 1)] = PRED_COLOUR
-    return Image.fromarray(np.concatenate([img, blend, contour], axis=1), mode="RGB")
+        content["ground truth"] = draw_region(big, _enlarge(np.asarray(gt_mask, dtype=bool), k), GT_COLOUR, width=2)
+
+    canvas = Image.new("RGB", layout.size, BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    titles = _panel_titles(level)
+    for name, (x0, y0, x1, _) in layout.panels.items():
+        canvas.paste(Image.fromarray(content[name], mode="RGB"), (x0, y0))
+        draw.text(((x0 + x1) // 2, y0 - 4), titles[name], fill=TEXT_COLOUR, font=font, anchor="ms")
+    _draw_colour_bar(canvas, draw, layout.colour_bar, level, font)
+    if footer:
+        fx0, fy0, fx1, fy1 = layout.footer
+        draw.text(((fx0 + fx1) // 2, (fy0 + fy1) // 2), footer, fill=TEXT_COLOUR, font=font, anchor="mm")
+    return canvas
+
+
+def _draw_colour_bar(canvas: Image.Image, draw: ImageDraw.ImageDraw, box: Box, level: float, font) -> None:
+    x0, y0, x1, y1 = box
+    values = np.linspace(1.0, 0.0, y1 - y0, dtype=np.float32)[:, None].repeat(x1 - x0, axis=1)
+    canvas.paste(Image.fromarray(heat_rgb(values), mode="RGB"), (x0, y0))
+    draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=TEXT_COLOUR)
+    for v in (0.0, 0.5, 1.0):
+        y = round(y1 - 1 - v * (y1 - y0 - 1))
+        draw.text((x1 + 3, y), f"{v:g}", fill=TEXT_COLOUR, font=font, anchor="lm")
+    # The pixel level the prediction panel uses, as a marker across the bar.
+    y = round(y1 - 1 - min(max(level, 0.0), 1.0) * (y1 - y0 - 1))
+    draw.line((x0 - 4, y, x1 + 1, y), fill=PRED_COLOUR, width=2)
 
 
 def save_overlay(path: Path, image: np.ndarray, heat: np.ndarray, level: float = CONTOUR_LEVEL,
-                 gt_mask: np.ndarray | None = None) -> Path:
+                 gt_mask: np.ndarray | None = None, footer: str = "") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    overlay_panels(image, heat, level, gt_mask).save(path, format="PNG")
+    overlay_picture(image, heat, level, gt_mask, footer).save(path, format="PNG", optimize=True)
     return path

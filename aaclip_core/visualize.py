@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from .overlay import normalise_for_display, save_overlay
+from .overlay import normalise_for_display, save_overlay, verdict_line
 
 # The CLIP normalisation `load_image_tensor` and the dataset apply (OpenAI statistics).
 CLIP_MEAN = tuple(OPENAI_DATASET_MEAN)
@@ -82,8 +82,11 @@ def test_visualizations(model, bank, recipe, device, samples, report, n: int, ou
             heat = normalise_for_display(raw, cal.get("map_min"), cal.get("map_max"))
             src = Path(sample.image_path)
             name = f"{kind}-{rank:02d}_{_safe_name(src.parent.name + '-' + src.stem)}_score{float(row['image_score']):.3f}.png"
+            truth = "anomalous" if int(row["label"]) == 1 else "normal"
+            footer = verdict_line(float(row["image_score"]), cal.get("image_threshold"), "F1-max on this test set")
             written.append(save_overlay(out_dir / _safe_name(c) / name, denormalise(item["image"]), heat,
-                                        gt_mask=item["mask"][0].numpy() > 0.5))
+                                        gt_mask=item["mask"][0].numpy() > 0.5,
+                                        footer=f"{footer}   |   truth: {truth.upper()}"))
     return written
 
 

@@ -228,20 +228,3 @@ def test_class_option_overrides_folder_names(env, uncalibrated):
     (row,) = summary["rows"]
     assert row["class_name"] == CLASS and row["error"] is None and row["verdict"] is None  # no threshold
     assert row["threshold_source"] == "none" and row["map"] is None
-
-
-# ------------------------------------------------------------------------------------------ pictures
-
-
-def test_mask_boundary_and_panels():
-    from aaclip_core.overlay import PRED_COLOUR, mask_boundary, overlay_panels
-
-    mask = np.zeros((8, 8), bool)
-    mask[2:6, 2:6] = True
-    edge = mask_boundary(mask)
-    assert edge.sum() == 12 and not edge[3:5, 3:5].any() and (edge <= mask).all()
-    heat = mask.astype(np.float32)
-    im = np.asarray(overlay_panels(np.full((8, 8, 3), 128, np.uint8), heat, level=0.5, gt_mask=None))
-    assert im.shape == (8, 24, 3)
-    assert (im[:, :8] == 128).all()  # panel 1: the image untouched
-    assert (im[:, 16:][edge] == PRED_COLOUR).all() and (im[:, 16:][~edge] == 128).all()

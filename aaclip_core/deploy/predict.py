@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from ..overlay import save_overlay
+from ..overlay import save_overlay, verdict_line
 from ..predict import PREDICTIONS_FILE, Calibration, ImageJob, _row, collect_images, parse_threshold, resolve_class
 from .runtime import Detector, load_detector
 
@@ -115,7 +115,12 @@ def predict_with_file(
                 error = (f"no F1-optimal threshold for class '{job.class_name}' in test run "
                          f"{calibration.test_run_id}; pass a numeric --threshold")
             heat = _heat(raw_map, out["map"][j], job.class_name in cal_classes)
-            overlay = save_overlay(out_dir / "overlays" / job.key.with_suffix(".png"), picture, heat, contour_level)
+            verdict = None if t is None else ("anomalous" if score >= t else "normal")
+            footer = verdict_line(score, t, source, verdict)
+            if job.class_name not in cal_classes:
+                footer += "   |   raw (uncalibrated) scale"
+            overlay = save_overlay(out_dir / "overlays" / job.key.with_suffix(".png"), picture, heat, contour_level,
+                                   footer=f"{job.class_name}   |   {footer}")
             map_path = None
             if save_maps:
                 map_path = out_dir / "overlays" / job.key.with_suffix(".npy")
@@ -127,7 +132,7 @@ def predict_with_file(
                 raw_det=float(out["raw_det"][j]),
                 threshold=t,
                 threshold_source=source,
-                verdict=None if t is None else ("anomalous" if score >= t else "normal"),
+                verdict=verdict,
                 overlay=str(overlay.resolve()),
                 map=str(map_path.resolve()) if map_path else None,
                 error=error,
