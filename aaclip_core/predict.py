@@ -17,11 +17,12 @@ Threshold. A number is used as is ("user"); ``auto`` takes each class's F1-optim
 of the calibration test run (an error when there is none); no threshold means ``auto`` when a
 calibration exists and no verdict otherwise. Verdict: anomalous when score >= threshold.
 
-Class of an image: ``class_name`` if given, else the nearest of its parent, grandparent and
-great-grandparent folders whose name is a known class of the run (the calibration's classes and
-the run's training classes), so MVTec-style ``<class>/test/<defect>/000.png`` works; else the image
-gets an error row. Folders are searched recursively for image files, skipping ``ground_truth``
-folders (MVTec masks), hidden files and folders, and the output folder.
+Class of an image, per image: where it sits in an indexed layout (MVTec AD / MPDD / BTAD
+``<class>/test/<defect>/x``, VisA ``<class>/Data/Images/Anomaly/x``, the plain ``<class>/normal/x``),
+else the nearest of its parent, grandparent and great-grandparent folders that is a known class of
+the run (the calibration's classes and the run's training classes), else ``class_name``
+(``--class``); else the image gets an error row. A folder of several classes is one call. Folders are searched recursively for image files, skipping mask
+folders (``ground_truth``, VisA ``Masks``, ``masks``), hidden files and folders, and the output folder.
 
 Preprocessing is `load_image_tensor` (as `test`), and `predict_batch` treats every image
 independently, so results do not depend on the batch size.
@@ -39,11 +40,11 @@ import numpy as np
 import torch
 
 from .config import Recipe
-from .data.layouts import IMAGE_EXTENSIONS
+from .data.layouts import IMAGE_EXTENSIONS, MASK_FOLDERS
 from .errors import ConfigError, DataError
 from .tracking import TAG, connect, download, get_run
 
-SKIP_DIRS = ("ground_truth",)
+SKIP_DIRS = MASK_FOLDERS
 CLASS_SEARCH_DEPTH = 3
 PREDICTIONS_FILE = "predictions.jsonl"
 ROW_KEYS = (
@@ -204,16 +205,27 @@ def collect_images(inputs: list[Path], out_dir: Path) -> list[ImageJob]:
     return jobs
 
 
-def resolve_class(path: Path, forced: str | None, known: set[str]) -> str:
-    if forced:
-        return forced
-    parents = [q.name for q in Path(path).resolve().parents][:CLASS_SEARCH_DEPTH]
+def resolve_class(path: Path, fallback: str | None, known: set[str]) -> str:
+    """The class of one image: where it sits in an indexed layout (`class_of_image`: MVTec AD, MPDD,
+    BTAD, VisA, the plain folder layout), else the nearest of its parent folders that is a known class
+    of the run, else ``fallback`` (``--class``). Each image is resolved on its own, so one call scores a
+    folder of several classes."""
+    from .data.layouts import class_of_image
+
+    resolved = Path(path).resolve()
+    by_layout = class_of_image(resolved)
+    if by_layout is not None:
+        return by_layout
+    parents = [q.name for q in resolved.parents][:CLASS_SEARCH_DEPTH]
     for name in parents:
         if name in known:
             return name
+    if fallback:
+        return fallback
     raise DataError(
-        f"cannot tell the class of {path}: none of its folders ({', '.join(parents) or '-'}) is a known class "
-        f"of the run ({', '.join(sorted(known)) or 'none'}); pass --class NAME"
+        f"cannot tell the class of {path}: it sits in no dataset layout (<class>/test/<defect>/, "
+        f"<class>/Data/Images/Anomaly/, <class>/normal/, ...) and none of its folders ({', '.join(parents) or '-'}) "
+        f"is a known class of the run ({', '.join(sorted(known)) or 'none'}); pass --class NAME"
     )
 
 
@@ -257,7 +269,7 @@ def predict_images(
     from .model_io import default_checkpoint, model_from_checkpoint, run_checkpoint, run_recipe
     from .reporter import Reporter
     from .runtime import autocast, configure_threads, seed_everything, select_device
-    from .visualize import CLIP_MEAN, CLIP_STD, denormalise, save_overlay
+    from .visualize import CLIP_MEAN, CLIP_STD, denormalise, save_overlay, verdict_line
 
     thr = parse_threshold(threshold)
     if batch_size is not None and batch_size < 1:
@@ -339,8 +351,13 @@ def predict_images(
                 if mode == "auto" and t is None:
                     error = (f"no F1-optimal threshold for class '{job.class_name}' in test run "
                              f"{calibration.test_run_id}; pass a numeric --threshold")
+                verdict = None if t is None else ("anomalous" if score >= t else "normal")
+                footer = verdict_line(score, t, source, verdict)
+                if cal is None:
+                    footer += "   |   raw (uncalibrated) scale"
                 overlay = save_overlay(out_dir / "overlays" / job.key.with_suffix(".png"),
-                                       denormalise(image, CLIP_MEAN, CLIP_STD), heat, contour_level)
+                                       denormalise(image, CLIP_MEAN, CLIP_STD), heat, contour_level,
+                                       footer=f"{job.class_name}   |   {footer}")
                 map_path = None
                 if save_maps:
                     map_path = out_dir / "overlays" / job.key.with_suffix(".npy")
@@ -352,7 +369,7 @@ def predict_images(
                     raw_det=float(raw_det),
                     threshold=t,
                     threshold_source=source,
-                    verdict=None if t is None else ("anomalous" if score >= t else "normal"),
+                    verdict=verdict,
                     overlay=str(overlay.resolve()),
                     map=str(map_path.resolve()) if map_path else None,
                     error=error,

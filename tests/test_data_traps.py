@@ -216,3 +216,34 @@ def test_data_index_of_a_visa_layout_reads_its_csv_splits(tmp_path):
     assert doc["splits"]["test"]["classes"]["plank"] == {"normal": 2, "anomalous": 3, "masks": 3,
                                                          "defects": {"anomaly": 3}}
     assert doc["splits"]["train"]["images"] == 2
+
+
+# ------------------------------------------------------------------------------------------ predict
+
+
+def test_predict_reads_the_class_from_every_layout_in_one_call(visa_base, monkeypatch, tmp_path):
+    """One call on a VisA-layout folder (two classes), an MVTec-layout folder of a class the run never
+    saw, a loose file with --class, and an unreadable image: every class found, the broken one named."""
+    monkeypatch.chdir(visa_base["work"])
+    inputs = tmp_path / "inputs"
+    write_visa(inputs / "visa", n_normal=1, n_anomalous=2, n_train=0, seed=99)
+    write_mvtec(inputs / "mvtec", classes=("fabric",), n_normal=1, n_anomalous=1, n_train=0)
+    (inputs / "visa" / "plank" / "Data" / "Images" / "Anomaly" / "9999.JPG").write_bytes(b"not a jpeg")
+    loose = inputs / "loose.png"
+    (inputs / "mvtec" / "fabric" / "test" / "good" / "000.png").rename(loose)
+    out = runner.invoke(app, ["predict", "--run", visa_base["run"], str(inputs / "visa"), str(inputs / "mvtec"),
+                              str(loose), "--class", "disc", "--threshold", "0.5", "--json",
+                              "--out", str(tmp_path / "out"), "--tracking-uri", visa_base["uri"]])
+    summary = json.loads(out.stdout)
+    rows = {Path(r["path"]).relative_to(inputs).as_posix(): r for r in summary["rows"]}
+    masks = [k for k in rows if "/Masks/" in k or "ground_truth" in k]
+    assert not masks  # mask folders are not scored
+    broken = rows.pop("visa/plank/Data/Images/Anomaly/9999.JPG")
+    assert broken["error"] and "9999.JPG" in broken["error"] and out.exit_code != 0
+    assert all(r["error"] is None and r["image_score"] is not None for r in rows.values())
+    classes = {k: r["class_name"] for k, r in rows.items()}
+    assert {c for k, c in classes.items() if k.startswith("visa/plank/")} == {"plank"}
+    assert {c for k, c in classes.items() if k.startswith("visa/disc/")} == {"disc"}
+    assert {c for k, c in classes.items() if k.startswith("mvtec/")} == {"fabric"}  # a class the run never saw
+    assert classes["loose.png"] == "disc"  # --class only where the path says nothing
+    assert len(rows) == 2 * 3 + 1 + 1

@@ -20,6 +20,9 @@ from aaclip_core.errors import ConfigError, DataError
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 SPLITS = ("train", "test")
 JSONL_DEFAULT_NAME = "full-shot.jsonl"
+# Folders that hold masks, not images to score: MVTec/MPDD/BTAD ground_truth/, VisA Data/Masks/,
+# the plain folder layout's masks/.
+MASK_FOLDERS = frozenset({"ground_truth", "Masks", "masks"})
 VISA_CSV = Path("split_csv") / "1cls.csv"
 
 # One line per layout: used in error messages so the user sees what was expected.
