@@ -12,6 +12,8 @@ CROSS_WEIGHT_FAIL = 0.5
 GRAD_BAND = (0.05, 0.15)
 GRAD_VANISHING = 0.01
 GRAD_DEAD = 0.001
+# Norms this many times the band's top warn: far outside anything the band's backbone shows.
+GRAD_FAR_ABOVE = 10.0
 LOSS_NEARLY_FLAT = 0.02
 PROBE_RATIO_FAIL = 0.8
 PROBE_SHARE_FAIL = 0.5

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..config import Recipe
 from ..tracking import TAG, loop_runs
-from .checks import GRAD_BAND, GRAD_DEAD, GRAD_VANISHING, LOSS_NEARLY_FLAT, Check
+from .checks import GRAD_BAND, GRAD_DEAD, GRAD_FAR_ABOVE, GRAD_VANISHING, LOSS_NEARLY_FLAT, Check
 from .static import check_activation, check_cross_weight, check_data, check_device, check_weights
 
 def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -22,7 +22,14 @@ def _loop_runs(client, run) -> dict[int, Any]:
     return loop_runs(client, run)
 
 
-def gradient_checks(client, loops: dict[int, Any], feedback: bool) -> list[Check]:
+def _clipping(feedback: bool, grad_clip: str | None) -> str:
+    if feedback:
+        return (f"feedback clips the total gradient norm at feedback.grad_clip = {grad_clip or '?'} before each "
+                "step, so larger norms shorten the step but do not change its direction")
+    return "base and cross training do not clip gradients (the reference optimisers), so a large norm is a large step"
+
+
+def gradient_checks(client, loops: dict[int, Any], feedback: bool, grad_clip: str | None = None) -> list[Check]:
     series: dict[str, list[tuple[int, int, float]]] = {}
     for loop, r in sorted(loops.items()):
         for key in sorted(r.data.metrics):
@@ -51,12 +58,22 @@ def gradient_checks(client, loops: dict[int, Any], feedback: bool) -> list[Check
                   f"{below} below, {above} above)")
         fix = ("raise the stage's learning rate (feedback.image_lr: try 2e-3 per SPEC §7), keep "
                "cross.*_weight at 0.1, run `aaclip doctor RUN_ID --probe`")
+        high = max(vals, key=lambda v: v[2])
+        far = high[2] > GRAD_FAR_ABOVE * hi
+        if above:
+            detail += f"; above the band: {_clipping(feedback, grad_clip)}"
         if low[2] < GRAD_DEAD:
             checks.append(Check(name, "fail", low[2], f"dead: {low[2]:.2g} < {GRAD_DEAD} at {where(low)}; " + detail,
                                 fix))
         elif low[2] < GRAD_VANISHING:
             checks.append(Check(name, "warn", low[2],
                                 f"vanishing: {low[2]:.2g} < {GRAD_VANISHING} at {where(low)}; " + detail, fix))
+        elif far:
+            checks.append(Check(name, "warn", high[2],
+                                f"far above the band: {high[2]:.3g} at {where(high)} is {high[2] / hi:.0f}x its top; "
+                                + detail,
+                                "if the loss jumps or diverges, lower the stage's learning rate"
+                                + ("" if feedback else " (or train with feedback, which clips)")))
         else:
             checks.append(Check(name, "pass", low[2], f"lowest {low[2]:.3g} at {where(low)}; " + detail))
     return checks
@@ -176,7 +193,9 @@ def run_checks(client, mlflow, run, recipe: Recipe | None, tracking_uri: str | N
     if stage == "imported":
         checks.append(Check("logged training history", "skip", None, "imported runs carry no training history"))
         return checks
-    checks += gradient_checks(client, loops, feedback)
+    checks += gradient_checks(client, loops, feedback, p.get("feedback.grad_clip"))
+    if feedback:
+        checks.append(validation_check(run, recipe))
     checks += loss_checks(client, loops, feedback, "feedback.image_lr" if feedback else "stage2.lr")
     if feedback:
         metric = p.get("feedback.selection_metric") or (recipe.feedback.selection_metric if recipe else "pixel_auroc")
@@ -184,3 +203,22 @@ def run_checks(client, mlflow, run, recipe: Recipe | None, tracking_uri: str | N
     return checks
 
 
+
+
+def validation_check(run, recipe: Recipe | None) -> Check:
+    """A feedback run's validation split against ``feedback.min_val_images``: too few images and the
+    held-out metric a loop is selected on can barely move."""
+    name = "validation split"
+    t, p = run.data.tags, run.data.params
+    try:
+        n = int(p["val_images"])
+    except (KeyError, ValueError):
+        return Check(name, "skip", None, "the run logged no val_images")
+    minimum = p.get("feedback.min_val_images") or (str(recipe.feedback.min_val_images) if recipe else None)
+    if minimum is None:
+        return Check(name, "skip", n, "the run records no feedback.min_val_images")
+    fix = "raise feedback.val_fraction (or data.train.shot), or add labelled images, and train again"
+    if n < int(minimum):
+        detail = t.get(f"{TAG}val_warning") or f"the validation split has only {n} images, fewer than {minimum}"
+        return Check(name, "warn", n, detail, fix)
+    return Check(name, "pass", n, f"{n} validation images (feedback.min_val_images = {minimum})")

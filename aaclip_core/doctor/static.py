@@ -132,7 +132,8 @@ def check_weights(recipe: Recipe, name: str = "backbone weights") -> Check:
 
 
 def check_data(recipe: Recipe, split: str) -> Check:
-    from ..data import index_dataset, k_shot, select_classes
+    from ..data import index_dataset, select_classes
+    from ..training.data import load_samples, synthetic_root_problem
 
     ref = getattr(recipe.data, split)
     name = f"data.{split}"
@@ -140,18 +141,21 @@ def check_data(recipe: Recipe, split: str) -> Check:
     fix = f"--set data.{split}.root=PATH (and data.{split}.layout) to where the {ref.name} images are"
     layout = ref.layout
     if layout == "synthetic":
+        problem = synthetic_root_problem(root, name)
+        if problem:
+            return Check(name, "fail", str(root), problem, f'--set {name}.layout="auto"')
         if not root.exists():
-            return Check(name, "pass", str(root), f"synthetic demo data: generated on first use under {root.parent}")
+            return Check(name, "pass", str(root), f"synthetic demo data: generated on first use at {root}")
         layout = "mvtec"
     try:
-        samples = index_dataset(root, layout=layout, split="test")
-        samples = select_classes(samples, ref.classes)
-        classes = sorted({s.class_name for s in samples})
-        found, anomalous = len(samples), sum(s.label for s in samples)
-        if ref.shot:
-            samples = k_shot(samples, ref.shot, recipe.runtime.seed)
+        # The messages `train` and `test` would give (the field, what the root must hold, a dataset
+        # found one level down), without opening every image.
+        samples = load_samples(ref, recipe.runtime.seed, validate=False, field=name)
+        labelled = select_classes(index_dataset(root, layout=layout, split="test"), ref.classes)
     except AaclipError as exc:
         return Check(name, "fail", str(root), str(exc), fix)
+    classes = sorted({s.class_name for s in labelled})
+    found, anomalous = len(labelled), sum(s.label for s in labelled)
     detail = f"{ref.name} at {root}: {found} images ({anomalous} anomalous) in {len(classes)} classes"
     if ref.shot:
         detail += f"; {ref.shot}-shot uses {len(samples)}"
