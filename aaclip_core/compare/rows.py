@@ -33,6 +33,7 @@ class TestResult:
     protocol: dict[str, str]  # eval.* and data.domain the test ran with
     protocol_logged: bool  # False: taken from the training recipe (test run predates the params)
     n_images: int | None = None
+    same_dataset: bool = False  # tested on the run's own training data (declared; `test` tags it)
 
 
 @dataclass
@@ -94,6 +95,7 @@ def _test_result(test_run, train_params: dict[str, str]) -> TestResult:
         root=p.get("test.root"),
         protocol=protocol,
         protocol_logged=logged,
+        same_dataset=test_run.data.tags.get(f"{TAG}same_dataset") == "true",
     )
 
 
