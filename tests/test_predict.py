@@ -179,11 +179,14 @@ def test_anomalous_images_score_higher(tested):
     assert metrics.auroc(scores, labels) > 0.7  # 0.91 for this run
 
 
-def test_overlays_are_three_panels(env, demo_recipe, tested):
-    size = demo_recipe.model.image_size
+def test_overlays_have_the_titled_panel_layout(env, demo_recipe, tested):
+    from aaclip_core.overlay import overlay_layout
+
+    layout = overlay_layout(demo_recipe.model.image_size, with_ground_truth=False)  # predict has no masks
+    assert list(layout.panels) == ["image", "anomaly map", "prediction"]
     for r in tested["rows"][:5]:
         with Image.open(r["overlay"]) as im:
-            assert im.format == "PNG" and im.size == (3 * size, size) and im.mode == "RGB"
+            assert im.format == "PNG" and im.size == layout.size and im.mode == "RGB"
 
 
 def test_saved_maps_equal_collect_maps(env, demo_recipe, tested):
