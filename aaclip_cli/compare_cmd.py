@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
+from rich import box
 from rich.table import Table
 
 from .app import JsonOpt, UriOpt, app, handle_errors
@@ -27,63 +28,87 @@ def _delta(x: float) -> str:
     return f"{100 * x:+.2f}"
 
 
-def _table(result) -> tuple[Table, int]:
+# Shown by default: the headline metric and image AUROC, so a table of two datasets fits 120 columns.
+DEFAULT_TABLE_METRICS = ("pixel_auroc", "image_auroc")
+SAME_DATASET_MARK = "‡"
+
+
+def table_metrics(metrics: list[str] | None, wide: bool) -> list[str]:
+    """The metric columns: every metric with --wide, else those given with --metric (the first is the
+    headline), else the headline pixel AUROC and image AUROC."""
     from aaclip_core.evaluation import METRIC_NAMES
 
+    if wide:
+        return list(METRIC_NAMES)
+    chosen = list(dict.fromkeys(metrics or DEFAULT_TABLE_METRICS))
+    unknown = [m for m in chosen if m not in METRIC_NAMES]
+    if unknown:
+        from aaclip_core.errors import ConfigError
+
+        raise ConfigError(f"--metric {unknown[0]} is not a metric; choose from {', '.join(METRIC_NAMES)}.")
+    return chosen
+
+
+def _table(result, metrics: list[str], wide: bool = False) -> Table:
     m = result.metric
-    t = Table(
-        title=f"Runs compared (reference: {result.reference.label})",
-        caption="x100; (±) = difference to the reference row; * beyond the reference protocol. "
-        "Rows 'mean ± std' aggregate seeds of one configuration.",
-    )
-    t.add_column("run", no_wrap=True)
-    t.add_column("seed", justify="right")
+    seeds_differ = len({r.attrs.get("seed") for r in result.rows}) > 1
+    marked = any(t.same_dataset for r in result.rows for t in r.tests.values())
+    caption = "x100; (±) = difference to the reference row; * beyond the reference protocol."
+    if marked:
+        caption += f" {SAME_DATASET_MARK} tested on the run's own training data."
+    if not wide:
+        caption += " All metrics: --wide or --json."
+    t = Table(title=f"Runs compared (reference: {escape(result.reference.label)})", caption=caption,
+              box=box.SIMPLE_HEAD if not wide else box.HEAVY_HEAD)
+    t.add_column("run", overflow="fold")
+    if seeds_differ or wide:
+        t.add_column("seed", justify="right")
     t.add_column("selection")
     t.add_column("epochs", justify="right")
-    t.add_column(f"held-out {_SHORT[m]}", justify="right")
+    t.add_column(f"held-out\n{_SHORT[m]}", justify="right")
     for d in result.datasets:
-        for metric in METRIC_NAMES:
-            t.add_column(f"{d}\n{_SHORT[metric]}", justify="right")
+        for metric in metrics:
+            t.add_column(f"{escape(d)}\n{_SHORT[metric]}", justify="right")
     ref = result.reference
     for r in result.rows:
         cells = []
-        if not r.tests:
-            cells = ["not tested"] + [""] * (len(result.datasets) * len(METRIC_NAMES) - 1) if result.datasets else []
         for d in result.datasets:
-            if not r.tests:
-                break
             t_run = r.tests.get(d)
-            for metric in METRIC_NAMES:
+            for metric in metrics:
                 v = t_run.metrics.get(metric) if t_run else None
-                cell = pct(v) if t_run else "-"
+                cell = pct(v) if v is not None else "-"
                 base = ref.tests.get(d)
                 if v is not None and r is not ref and base is not None and metric in base.metrics:
                     cell += f" ({_delta(v - base.metrics[metric])})"
+                if v is not None and t_run.same_dataset:
+                    cell += SAME_DATASET_MARK
                 cells.append(cell)
+        if not r.tests and cells:
+            cells = ["not tested"] + cells[1:]
         name = escape(r.label) + (" [bold](ref)[/bold]" if r is ref else "")
-        t.add_row(name, str(r.attrs.get("seed")), r.selection, str(r.attrs.get("epochs") or "?"),
+        lead = [name] + ([str(r.attrs.get("seed"))] if seeds_differ or wide else [])
+        t.add_row(*lead, r.selection, str(r.attrs.get("epochs") or "?"),
                   pct(r.held_out.get(m)) if m in r.held_out else "-", *cells)
     if result.groups:
         t.add_section()
         for g in result.groups:
             cells = []
             for d in result.datasets:
-                for metric in METRIC_NAMES:
+                for metric in metrics:
                     s = g["test"].get(d, {}).get(metric)
                     cells.append(f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}" if s else "-")
             h = g["held_out"].get(m)
-            t.add_row(escape(g["label"]), ",".join(map(str, g["seeds"])), "", "",
-                      f"{100 * h['mean']:.2f} ± {100 * h['std']:.2f}" if h else "-", *cells)
-    width = 60 + 16 * len(result.datasets) * len(METRIC_NAMES)
-    return t, width
+            lead = [escape(g["label"])] + ([",".join(map(str, g["seeds"]))] if seeds_differ or wide else [])
+            t.add_row(*lead, "", "", f"{100 * h['mean']:.2f} ± {100 * h['std']:.2f}" if h else "-", *cells)
+    return t
 
 
-def print_comparison(result) -> None:
-    table, width = _table(result)
-    if width > err.width:  # wider than the terminal: print at full width rather than squash every cell
+def print_comparison(result, metrics: list[str] | None = None, wide: bool = False) -> None:
+    table = _table(result, table_metrics(metrics, wide), wide)
+    if wide:  # every metric: print at the table's own width rather than squash every cell
         from rich.console import Console
 
-        Console(stderr=True, highlight=False, width=width).print(table)
+        Console(stderr=True, highlight=False, width=max(err.width, err.measure(table).maximum)).print(table)
     else:
         err.print(table)
     untested = [r for r in result.rows if not r.tests]
@@ -132,9 +157,11 @@ def compare_cmd(
         Optional[list[str]], typer.Option("--experiment", help="MLflow experiment name (repeatable; default: all).")
     ] = None,
     metric: Annotated[
-        str,
-        typer.Option("--metric", help="Headline metric: held-out column and --plot (pixel_auroc, image_auroc, ...)."),
-    ] = "pixel_auroc",
+        Optional[list[str]],
+        typer.Option("--metric", help="Metric column(s) of the table, repeatable; the first is the headline (held-out "
+                     "column, --plot). Default: pixel_auroc and image_auroc."),
+    ] = None,
+    wide: Annotated[bool, typer.Option("--wide", help="Every metric in the table (wider than a terminal).")] = False,
     json_: JsonOpt = False,
     plot: Annotated[
         Optional[Path], typer.Option("--plot", help="Write a PNG: the metric per feedback loop, base runs as lines.")
@@ -151,7 +178,8 @@ def compare_cmd(
     """Compare runs on their test results: fairness checked, bootstrap CIs on differences, mean ± std over seeds."""
     from aaclip_core.compare import compare_runs, plot_loops
 
-    result = compare_runs(run_ids or None, experiment or None, metric, reference, bootstrap, tracking_uri)
+    metrics = table_metrics(metric, wide=False)
+    result = compare_runs(run_ids or None, experiment or None, metrics[0], reference, bootstrap, tracking_uri)
     written = None
     if plot is not None:
         written = plot_loops(result, plot)
@@ -160,6 +188,6 @@ def compare_cmd(
         doc["plot"] = str(written) if written else None
         print_json(doc)
         return
-    print_comparison(result)
+    print_comparison(result, metric, wide)
     if written:
         err.print(f"plot written to {written}")

@@ -74,3 +74,41 @@ def test_plot_is_written_as_a_png(tmp_path):
     with Image.open(path) as im:
         assert im.format == "PNG" and im.size[0] >= 800
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def _two_datasets() -> Comparison:
+    result = _comparison()
+    for r in result.rows:
+        if r.tests:
+            t = r.tests[DATASET]
+            r.tests["VisA"] = Tested(run_id=t.run_id, dataset="VisA", checkpoint=t.checkpoint, metrics=dict(t.metrics),
+                                     root="/data/visa", protocol={}, protocol_logged=True)
+    result.datasets = [DATASET, "VisA"]
+    return result
+
+
+def _render(table, width: int) -> list[str]:
+    import io
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=width, color_system=None, highlight=False)
+    console.print(table)
+    return console.file.getvalue().splitlines()
+
+
+def test_compare_table_fits_120_columns_and_marks_same_dataset_tests():
+    from aaclip_cli.compare_cmd import _table, table_metrics
+
+    for result in (_comparison(), _two_datasets()):
+        lines = _render(_table(result, table_metrics(None, wide=False)), 120)
+        assert max(len(line) for line in lines) <= 120
+        assert not any("…" in line for line in lines)
+        text = "\n".join(lines)
+        assert "83.00 (+3.00)‡" in text and "‡ tested on the" in text and "own training data" in text
+        assert "AUPRO" not in text and "pixel AUROC" in text and "image AUROC" in text
+    wide = "\n".join(_render(_table(_two_datasets(), table_metrics(None, wide=True), wide=True), 400))
+    for name in ("pixel AP", "image AP", "AUPRO", "F1-max"):
+        assert name in wide
+    chosen = "\n".join(_render(_table(_comparison(), table_metrics(["image_ap"], wide=False)), 120))
+    assert "image AP" in chosen and "pixel AUROC" not in chosen.split("held-out")[1].split("\n")[0]

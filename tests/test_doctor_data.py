@@ -36,15 +36,21 @@ def test_gradient_norms_far_above_the_band_warn_and_say_what_training_does_with_
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("doctor-data")
-    base = _run(client, exp, "base", {"stage2/grad_norm/image_adapters": [30.0, 12.0, 9.0],  # 200x the band's top
-                                      "stage2/grad_norm/projections": [0.4, 0.3, 0.2],  # above, within 10x
-                                      "stage2/loss": [3.0, 2.0, 1.0]}, {})
+    norms = {"stage2/grad_norm/image_adapters": [30.0, 12.0, 9.0],  # 200x the band's top
+             "stage2/grad_norm/projections": [0.4, 0.3, 0.2],  # above, within 10x
+             "stage2/loss": [3.0, 2.0, 1.0]}
+    base = _run(client, exp, "base", norms, {"model.name": "ViT-L-14-336"})
     checks = _checks(uri, base)
     far = checks["gradient norm stage2/image_adapters"]
     assert far["status"] == "warn" and far["value"] == 30.0 and "200x its top" in far["detail"]
     assert "do not clip" in far["detail"] and far["fix"]
     near = checks["gradient norm stage2/projections"]
     assert near["status"] == "pass" and "above the band" in near["detail"] and "do not clip" in near["detail"]
+    # On another backbone the band does not apply, and the check says so instead of passing silently.
+    tiny = _checks(uri, _run(client, exp, "base", norms, {"model.name": "aaclip-tiny"}))
+    other = tiny["gradient norm stage2/image_adapters"]
+    assert other["status"] == "pass" and "200x its top" in other["detail"]
+    assert "not this run's backbone (aaclip-tiny)" in other["detail"] and "only vanishing and dead" in other["detail"]
 
 
 def test_feedback_run_with_a_small_validation_split_warns(tmp_path):

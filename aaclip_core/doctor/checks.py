@@ -12,7 +12,9 @@ CROSS_WEIGHT_FAIL = 0.5
 GRAD_BAND = (0.05, 0.15)
 GRAD_VANISHING = 0.01
 GRAD_DEAD = 0.001
-# Norms this many times the band's top warn: far outside anything the band's backbone shows.
+# The band is SPEC §7's, measured on the reference backbone; on it, norms this many times the band's
+# top warn. Other backbones (the tiny demo one runs 20-200x the band) are judged only for vanishing.
+GRAD_BAND_BACKBONE = "ViT-L-14-336"
 GRAD_FAR_ABOVE = 10.0
 LOSS_NEARLY_FLAT = 0.02
 PROBE_RATIO_FAIL = 0.8
