@@ -42,7 +42,9 @@ def predict_cmd(
     ] = None,
     class_name: Annotated[
         Optional[str],
-        typer.Option("--class", help="Class of every image (default: the nearest parent folder that is a known class)."),
+        typer.Option("--class", help="Class of the images whose path does not tell it (a class is read from the "
+                     "dataset layout an image sits in - MVTec AD, VisA, BTAD, MPDD, <class>/normal|anomaly - or "
+                     "from a parent folder named after a known class)."),
     ] = None,
     checkpoint: Annotated[
         Optional[str], typer.Option("--checkpoint", help="Checkpoint of the run (default: its selected one).")
@@ -113,5 +115,8 @@ def predict_cmd(
         typer.echo(result["predictions"])
     if result["n_errors"]:
         if not json_:
-            err.print(f"[red]{result['n_errors']} image(s) could not be scored[/red] (see the error column).")
+            err.print(f"[red]{result['n_errors']} image(s) could not be scored[/red]; the others were:")
+            for r in result["rows"]:
+                if r["error"]:
+                    err.print(f"  {r['path']}: {r['error']}", soft_wrap=True, markup=False)
         raise typer.Exit(EXIT_IMAGE_ERRORS)

@@ -25,6 +25,7 @@ pictures without the training stack. `aaclip_core.visualize` adds what needs the
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -46,7 +47,7 @@ TEXT_COLOUR = (20, 20, 20)
 _MARGIN = 8
 _GAP = 10
 _TITLE = 22
-_FOOTER = 26
+_FOOTER = 40  # two lines of text
 _BAR = 14
 _BAR_LABELS = 34
 FONT_SIZE = 13
@@ -158,6 +159,8 @@ def verdict_line(score: float | None, threshold: float | None, threshold_source:
     """The footer: image score, threshold and verdict in words."""
     if score is None:
         return ""
+    if threshold_source:  # a 32-hex MLflow run id reads as its first 8 characters, as everywhere else
+        threshold_source = re.sub(r"\b([0-9a-f]{8})[0-9a-f]{24}\b", r"\1", threshold_source)
     parts = [f"image score {score:.3f}"]
     if threshold is None:
         parts.append("no threshold, so no verdict")
@@ -165,7 +168,7 @@ def verdict_line(score: float | None, threshold: float | None, threshold_source:
         where = f" ({threshold_source})" if threshold_source and threshold_source != "user" else ""
         parts.append(f"threshold {threshold:.3f}{where}")
         parts.append(f"verdict: {(verdict or ('anomalous' if score >= threshold else 'normal')).upper()}")
-    return "   |   ".join(parts)
+    return _SEPARATOR.join(parts)
 
 
 def overlay_picture(
@@ -206,8 +209,25 @@ def overlay_picture(
     _draw_colour_bar(canvas, draw, layout.colour_bar, level, font)
     if footer:
         fx0, fy0, fx1, fy1 = layout.footer
-        draw.text(((fx0 + fx1) // 2, (fy0 + fy1) // 2), footer, fill=TEXT_COLOUR, font=font, anchor="mm")
+        lines = _wrap(footer, font, fx1 - fx0)
+        draw.multiline_text(((fx0 + fx1) // 2, (fy0 + fy1) // 2), "\n".join(lines), fill=TEXT_COLOUR, font=font,
+                            anchor="mm", align="center", spacing=3)
     return canvas
+
+
+_SEPARATOR = "   |   "
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """The footer in lines that fit ``width``, broken between its ``|``-separated parts."""
+    lines: list[str] = []
+    for part in text.split(_SEPARATOR):
+        candidate = f"{lines[-1]}{_SEPARATOR}{part}" if lines else part
+        if lines and font.getlength(candidate) <= width:
+            lines[-1] = candidate
+        else:
+            lines.append(part)
+    return lines
 
 
 def _draw_colour_bar(canvas: Image.Image, draw: ImageDraw.ImageDraw, box: Box, level: float, font) -> None:

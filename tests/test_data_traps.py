@@ -247,3 +247,18 @@ def test_predict_reads_the_class_from_every_layout_in_one_call(visa_base, monkey
     assert {c for k, c in classes.items() if k.startswith("mvtec/")} == {"fabric"}  # a class the run never saw
     assert classes["loose.png"] == "disc"  # --class only where the path says nothing
     assert len(rows) == 2 * 3 + 1 + 1
+
+
+def test_predict_names_every_unreadable_image_and_scores_the_rest(visa_base, monkeypatch, tmp_path):
+    monkeypatch.chdir(visa_base["work"])
+    folder = write_visa(tmp_path / "visa", classes=("disc",), n_normal=2, n_anomalous=0, n_train=0, seed=5)
+    images = folder / "disc" / "Data" / "Images" / "Normal"
+    for i in range(55):  # more broken files than the result table shows rows (50)
+        (images / f"broken{i:02d}.JPG").write_bytes(b"not a jpeg")
+    out = runner.invoke(app, ["predict", "--run", visa_base["run"], str(folder), "--threshold", "0.5",
+                              "--out", str(tmp_path / "out"), "--tracking-uri", visa_base["uri"]])
+    assert out.exit_code == 1 and "55 image(s) could not be scored" in out.output
+    for i in range(55):
+        assert f"broken{i:02d}.JPG" in out.output
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert sum(r["error"] is None and r["image_score"] is not None for r in rows) == 2
