@@ -1,4 +1,8 @@
-"""The Typer application, shared options and error handling; command modules register on `app`."""
+"""The Typer application, shared options and error handling; command modules register on `app`.
+
+Only Typer and rich are imported here: `--help`, usage errors and bad input must answer without
+loading torch, OpenCLIP or MLflow, so every command imports its job inside its body.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +10,93 @@ import functools
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-from .display import err
+from .display import err, escape
+
+# The command list in the order a user works: get data and a recipe, train, evaluate, use, inspect.
+# Names not registered (yet) are skipped; a command missing here is listed after these.
+WORKFLOW_ORDER = (
+    "data", "recipes", "prompts", "train", "test", "predict", "runs", "compare", "doctor", "import", "export",
+)
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
+EXIT_USAGE = 2
+
+
+class _FlagsWithoutType:
+    """Typer labels every boolean flag `<bool>` as if it took a value (`--json <bool>`); a flag
+    takes none, so its type column is left empty (the help option included)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:  # the command's own, the help option, shell completion's
+            if getattr(param, "is_bool_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class AaclipCommand(_FlagsWithoutType, TyperCommand):
+    """Every aaclip command: pass as `cls=` to `@app.command`."""
+
+
+class AaclipGroup(_FlagsWithoutType, TyperGroup):
+    """A command group listing its commands in workflow order."""
+
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        rank = {name: i for i, name in enumerate(WORKFLOW_ORDER)}
+        return sorted(names, key=lambda n: rank.get(n, len(rank)))
+
+
+def _version(value: bool) -> None:
+    if value:
+        from aaclip_core.tracking import aaclip_version
+
+        typer.echo(f"aaclip {aaclip_version()}")
+        raise typer.Exit()
+
+
+def _sub_app(help_text: str) -> typer.Typer:
+    return typer.Typer(help=help_text, no_args_is_help=True, cls=AaclipGroup, context_settings=HELP_OPTIONS)
+
 
 app = typer.Typer(
     name="aaclip",
-    help="Train, evaluate, compare and diagnose AA-CLIP anomaly detectors (base, cross-attention, feedback).",
+    help="Train, evaluate, compare and diagnose AA-CLIP anomaly detectors (base, cross-attention, feedback).\n\n"
+    "Results go to stdout (the run id, a table, or one JSON document with --json); progress and notes "
+    "go to stderr. Bad input exits 2 with one paragraph saying what to fix.",
+    epilog="Start with: aaclip train base --recipe demo (then aaclip test --run RUN_ID). "
+    "Completion: aaclip --install-completion.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
+    cls=AaclipGroup,
+    context_settings=HELP_OPTIONS,
 )
-train_app = typer.Typer(help="Train a model: base AA-CLIP, cross-attention, or feedback loops.", no_args_is_help=True)
-data_app = typer.Typer(help="Datasets: the built-in synthetic demo data, indexing real layouts.", no_args_is_help=True)
-recipes_app = typer.Typer(help="Shipped recipes and their settings.", no_args_is_help=True)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print aaclip's version and exit."),
+    ] = False,
+) -> None:
+    """Train, evaluate, compare and diagnose AA-CLIP anomaly detectors."""
+
+
+train_app = _sub_app("Train a model: base AA-CLIP, cross-attention, or feedback loops.")
+data_app = _sub_app("Datasets: the built-in synthetic demo data, indexing real layouts.")
+recipes_app = _sub_app("Shipped recipes and their settings.")
 app.add_typer(train_app, name="train")
 app.add_typer(data_app, name="data")
 app.add_typer(recipes_app, name="recipes")
 
-EXIT_USAGE = 2
+
+def examples(*lines: str) -> str:
+    """A command's help epilog: one example command per line."""
+    return "Examples:\n\n" + "\n\n".join(f"  $ {escape(line)}" for line in lines)
 
 
 def handle_errors(fn):
@@ -36,7 +109,8 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except AaclipError as exc:
-            err.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
+            # The message names user paths and values: `[...]` in them is text, not console markup.
+            err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(EXIT_USAGE) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/yellow]: the run is marked KILLED; finished checkpoints are kept.")
@@ -49,15 +123,22 @@ def handle_errors(fn):
 
 RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Shipped recipe name or path to a TOML file.")]
 SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", "-s", help="Override a recipe value: key.sub=value (repeatable).")
+    Optional[list[str]],
+    typer.Option(
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        help="Override a recipe value, e.g. stage2.epochs=3 (repeatable; values are TOML literals; "
+        "KEY=null puts the field back to its default).",
+    ),
 ]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: the recipe's, 111).")]
 UriOpt = Annotated[
     Optional[str],
     typer.Option("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."),
 ]
-ExpOpt = Annotated[Optional[str], typer.Option("--experiment", help="MLflow experiment name.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+ExpOpt = Annotated[Optional[str], typer.Option("--experiment", help="MLflow experiment name (default: the recipe's).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of the human output.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 RunNameOpt = Annotated[Optional[str], typer.Option("--run-name", help="MLflow run name.")]
 
@@ -79,5 +160,3 @@ def loss_summary(result: dict) -> str:
         if result.get(key) is not None:
             parts.append(f"{key.replace('final_', '').replace('_loss', '')} loss {result[key]:.4f}")
     return ", ".join(parts)
-
-

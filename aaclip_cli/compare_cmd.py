@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,8 +11,8 @@ from rich.markup import escape
 from rich import box
 from rich.table import Table
 
-from .app import JsonOpt, UriOpt, app, handle_errors
-from .display import err, pct, print_json
+from .app import AaclipCommand, JsonOpt, UriOpt, app, examples, handle_errors
+from .display import err, pct, print_json, result_console
 
 _SHORT = {
     "pixel_auroc": "pixel AUROC",
@@ -104,49 +105,55 @@ def _table(result, metrics: list[str], wide: bool = False) -> Table:
 
 
 def print_comparison(result, metrics: list[str] | None = None, wide: bool = False) -> None:
+    """The report (table, differences, verdicts, intervals) on stdout, so `aaclip compare > report.txt`
+    keeps it; hints about untested runs and notes on stderr."""
     table = _table(result, table_metrics(metrics, wide), wide)
-    if wide:  # every metric: print at the table's own width rather than squash every cell
-        from rich.console import Console
-
-        Console(stderr=True, highlight=False, width=max(err.width, err.measure(table).maximum)).print(table)
-    else:
-        err.print(table)
-    untested = [r for r in result.rows if not r.tests]
-    for r in untested:
-        err.print(f"[yellow]not tested[/yellow] {escape(r.label)}: run `{r.test_command}`", soft_wrap=True)
+    # --wide: every metric, at the table's own width rather than squashing every cell.
+    console = result_console(table, full_width=wide)
+    say = functools.partial(console.print, soft_wrap=True)
+    say(table)
+    for r in result.rows:
+        if not r.tests:
+            err.print(f"[yellow]not tested[/yellow] {escape(r.label)}: run `{escape(r.test_command)}`", soft_wrap=True)
     if result.differences:
-        err.print("\n[bold]What differs between the compared runs[/bold]")
+        say("\n[bold]What differs between the compared runs[/bold]")
         for d in result.differences:
             tag = "[red]UNFAIR[/red]" if d["severity"] == "unfair" else "[cyan]note[/cyan]"
             vals = ", ".join(f"{k}={v}" for k, v in d["values"].items())
-            err.print(f"  {tag} {escape(d['field'])}: {escape(vals)}", soft_wrap=True)
+            say(f"  {tag} {escape(d['field'])}: {escape(vals)}")
     else:
-        err.print("\nNo differences in test set, fidelity, backbone, image size, seed, QuickGELU, protocol, "
-                  "selection, epochs or parameter count.")
+        say("\nNo differences in test set, fidelity, backbone, image size, seed, QuickGELU, protocol, "
+            "selection, epochs or parameter count.")
     if result.comparisons:
-        err.print(f"\n[bold]Against the reference {escape(result.reference.label)}[/bold]")
+        say(f"\n[bold]Against the reference {escape(result.reference.label)}[/bold]")
     labels = {r.key: r.label for r in result.rows}
     for c in result.comparisons:
         head = f"{escape(labels[c['row']])} on {escape(c['dataset'])}: "
         if c["verdict"] == "UNFAIR":
-            err.print(head + "[red]UNFAIR[/red] - " + escape("; ".join(c["unfair"])), soft_wrap=True)
+            say(head + "[red]UNFAIR[/red] - " + escape("; ".join(c["unfair"])))
         else:
-            err.print(head + "[green]fair[/green]" + (" (note: " + escape("; ".join(c["notes"])) + ")"
-                                                        if c["notes"] else ""), soft_wrap=True)
+            say(head + "[green]fair[/green]" + (" (note: " + escape("; ".join(c["notes"])) + ")" if c["notes"] else ""))
         if c.get("statement"):
-            err.print("  " + escape(c["statement"]), soft_wrap=True)
+            say("  " + escape(c["statement"]))
         elif c.get("bootstrap_missing"):
-            err.print(f"  no bootstrap: {escape(c['bootstrap_missing'])}")
+            say(f"  no bootstrap: {escape(c['bootstrap_missing'])}")
         pixel = c.get("pixel_ci") or {}
         if pixel.get("available"):
-            err.print("  " + escape(pixel["statement"]), soft_wrap=True)
+            say("  " + escape(pixel["statement"]))
         elif result.bootstrap_resamples > 0 and c.get("delta"):
-            err.print(f"  [dim]{escape(pixel.get('reason', ''))}[/dim]", soft_wrap=True)
+            say(f"  [dim]{escape(pixel.get('reason', ''))}[/dim]")
     for n in result.notes:
-        err.print(f"[yellow]note:[/yellow] {escape(n)}")
+        err.print(f"[yellow]note:[/yellow] {escape(n)}", soft_wrap=True)
 
 
-@app.command("compare")
+@app.command(
+    "compare",
+    cls=AaclipCommand,
+    epilog=examples(
+        "aaclip compare > report.txt",
+        "aaclip compare BASE_RUN_ID FEEDBACK_RUN_ID --reference BASE_RUN_ID --plot loops.png --wide",
+    ),
+)
 @handle_errors
 def compare_cmd(
     run_ids: Annotated[
@@ -190,4 +197,4 @@ def compare_cmd(
         return
     print_comparison(result, metric, wide)
     if written:
-        err.print(f"plot written to {written}")
+        err.print(f"plot written to {escape(str(written))}", soft_wrap=True)

@@ -1,18 +1,43 @@
-"""Human output on stderr: progress, tables, errors. Machine output (--json) goes to stdout."""
+"""Where output goes: results (the run id, tables, one JSON document) on stdout; progress, notes
+and errors on stderr."""
 
 from __future__ import annotations
 
 import json
 import math
 import sys
+import time
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
 from aaclip_core.reporter import Reporter
 
 err = Console(stderr=True, highlight=False)
+
+__all__ = ["err", "escape", "out", "print_json", "print_result", "pct", "RichReporter", "results_table"]
+
+
+def out() -> Console:
+    """A console on stdout, made when needed so that tests capturing sys.stdout see what it writes."""
+    return Console(highlight=False)
+
+
+def result_console(renderable, full_width: bool = False) -> Console:
+    """A stdout console for a result table. Into a file or pipe (where rich assumes 80 columns) the
+    table gets the width it needs, so a saved report is not wrapped header by header; on a terminal
+    it fits the window unless ``full_width``."""
+    console = out()
+    if console.is_terminal and not full_width:
+        return console
+    need = console.measure(renderable, options=console.options.update_width(100_000)).maximum
+    return Console(highlight=False, width=need) if need > console.width else console
+
+
+def print_result(renderable) -> None:
+    """A human result (a table) on stdout."""
+    result_console(renderable).print(renderable)
 
 
 def print_json(obj) -> None:
@@ -39,20 +64,30 @@ def pct(x: float | None) -> str:
     return f"{100 * x:.2f}"
 
 
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 class RichReporter(Reporter):
-    """Progress bars (loop, stage, epoch, batch, loss, ETA) on a terminal; when stderr is not a TTY
-    only the short notes (data, loops, held-out metrics); nothing at all when quiet."""
+    """Progress on stderr. On a terminal: bars (loop, stage, epoch, batch, loss, ETA). Without one
+    (nohup, CI, a cluster job): one plain line per epoch, so a log shows the job is alive and how
+    far it is. Notes (data, loops, held-out metrics) either way; nothing at all when quiet."""
 
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
         self.live = err.is_terminal and not quiet
-        self._progress: Progress | None = None
+        self._progress = None
         self._task = None
         self._key = None
         self._loop = ""
+        self._stage_key = None
+        self._stage_t0 = 0.0
 
     def __enter__(self) -> RichReporter:
         if self.live:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
             self._progress = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
@@ -72,13 +107,22 @@ class RichReporter(Reporter):
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            err.print(f"[dim]·[/dim] {message}")
+            err.print(f"[dim]·[/dim] {escape(message)}", soft_wrap=True)
 
     def loop(self, loop: int, loops: int) -> None:
         self._loop = f"loop {loop}/{loops} "
         self.info(f"loop {loop}/{loops}")
 
+    def _stage_clock(self, stage: str) -> float:
+        """Seconds since the (loop, stage) began: the first progress report of it."""
+        key = (self._loop, stage)
+        if key != self._stage_key:
+            self._stage_key, self._stage_t0 = key, time.monotonic()
+        return time.monotonic() - self._stage_t0
+
     def progress(self, stage: str, epoch: int, epochs: int, batch: int, batches: int, loss: float) -> None:
+        if epoch == 1 and batch == 1:
+            self._stage_clock(stage)
         if self._progress is None:
             return
         # One bar per stage (per loop), so the ETA covers the whole stage.
@@ -88,6 +132,18 @@ class RichReporter(Reporter):
             self._task = self._progress.add_task(desc, total=epochs * batches, loss="-")
             self._key = key
         self._progress.update(self._task, description=desc, completed=(epoch - 1) * batches + batch, loss=f"{loss:.4f}")
+
+    def epoch_end(self, stage: str, epoch: int, epochs: int, loss: float, lr: float) -> None:
+        if self.quiet or self.live:  # the bar already shows it
+            return
+        elapsed = self._stage_clock(stage)
+        eta = elapsed / epoch * (epochs - epoch)
+        err.print(
+            f"{self._loop}{stage} epoch {epoch}/{epochs} loss {loss:.4f} lr {lr:.3g} "
+            f"elapsed {_clock(elapsed)} eta {_clock(eta)}",
+            markup=False,
+            soft_wrap=True,
+        )
 
     def eval_progress(self, batch: int, batches: int) -> None:
         if self._progress is None:
@@ -108,13 +164,14 @@ def results_table(report: dict, title: str) -> Table:
         ("pixel_f1_max", "pixel F1-max*"),
         ("image_f1_max", "image F1-max*"),
     ]
-    t = Table(title=title, caption="x100. * beyond the reference protocol (AUPRO at FPR <= 0.3).")
+    t = Table(title=escape(title), caption="x100. * beyond the reference protocol (AUPRO at FPR <= 0.3).")
     t.add_column("class")
     t.add_column("images", justify="right")
     for _, label in cols:
         t.add_column(label, justify="right")
     for c in report["classes"]:
-        t.add_row(c["class_name"], f"{c['n_images']} ({c['n_anomalous']} anom.)", *[pct(c[k]) for k, _ in cols])
+        t.add_row(escape(c["class_name"]), f"{c['n_images']} ({c['n_anomalous']} anom.)",
+                  *[pct(c[k]) for k, _ in cols])
     t.add_section()
     t.add_row("[bold]mean[/bold]", "", *[f"[bold]{pct(report['mean'][k])}[/bold]" for k, _ in cols])
     return t

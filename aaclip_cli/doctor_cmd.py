@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
 
-from .app import JsonOpt, SetOpt, UriOpt, app, handle_errors
-from .display import err, print_json
+from .app import AaclipCommand, JsonOpt, SetOpt, UriOpt, app, examples, handle_errors
+from .display import out, print_json
 
 EXIT_FAILED = 1
 _STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
@@ -25,20 +26,26 @@ def _value(v) -> str:
 
 
 def print_report(report) -> None:
+    """The checks on stdout: they are the command's result."""
+    console = out()
+    say = functools.partial(console.print, soft_wrap=True)
     head = f"aaclip doctor: run {report.run_id}" if report.run_id else "aaclip doctor: recipe checks"
-    err.print(f"[bold]{head}[/bold]")
+    say(f"[bold]{escape(head)}[/bold]")
     for c in report.checks:
         style = _STYLE[c.status]
-        err.print(f"[{style}]{c.status.upper():4s}[/{style}] {escape(c.name)} = {escape(_value(c.value))}",
-                  soft_wrap=True)
-        err.print(f"     {escape(c.detail)}", soft_wrap=True)
+        say(f"[{style}]{c.status.upper():4s}[/{style}] {escape(c.name)} = {escape(_value(c.value))}")
+        say(f"     {escape(c.detail)}")
         if c.fix and c.status in ("warn", "fail"):
-            err.print(f"     [bold]fix:[/bold] {escape(c.fix)}", soft_wrap=True)
+            say(f"     [bold]fix:[/bold] {escape(c.fix)}")
     s = report.summary
-    err.print(f"{s['pass']} pass, {s['warn']} warn, {s['fail']} fail, {s['skip']} skipped")
+    say(f"{s['pass']} pass, {s['warn']} warn, {s['fail']} fail, {s['skip']} skipped")
 
 
-@app.command("doctor")
+@app.command(
+    "doctor",
+    cls=AaclipCommand,
+    epilog=examples("aaclip doctor --recipe cross-demo", "aaclip doctor RUN_ID --probe"),
+)
 @handle_errors
 def doctor_cmd(
     run_id: Annotated[Optional[str], typer.Argument(help="Run to diagnose (default: check a recipe only).")] = None,
@@ -52,8 +59,10 @@ def doctor_cmd(
     ] = None,
     set_: SetOpt = None,
 ):
-    """Check a recipe or a run: cross-attention weights, gradient dilution, gradient norms, loss trend,
-    loop-over-loop held-out metric, weights/QuickGELU/fidelity, data, tracking, device. Exit 1 if a check fails."""
+    """Check a recipe or a run: each check passes, warns or fails with its number and a fix.
+
+    Checks: cross-attention weights, gradient dilution, gradient norms, loss trend, loop-over-loop held-out
+    metric, weights/QuickGELU/fidelity, data, tracking, device. Exit 1 if a check fails."""
     from aaclip_core.doctor import diagnose
 
     report = diagnose(run_id, recipe, set_, probe, tracking_uri)

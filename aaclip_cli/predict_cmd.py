@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import JsonOpt, QuietOpt, UriOpt, app, handle_errors
-from .display import RichReporter, err, print_json
+from .app import AaclipCommand, JsonOpt, QuietOpt, UriOpt, app, examples, handle_errors
+from .display import RichReporter, err, escape, print_json, print_result
 
 EXIT_IMAGE_ERRORS = 1
 MAX_TABLE_ROWS = 50
@@ -19,10 +19,19 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-@app.command("predict")
+@app.command(
+    "predict",
+    cls=AaclipCommand,
+    epilog=examples(
+        "aaclip predict --run RUN_ID photos/",
+        "aaclip predict --model export/detector.onnx --threshold 0.5 --save-maps img1.png img2.png",
+    ),
+)
 @handle_errors
 def predict_cmd(
-    inputs: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    inputs: Annotated[
+        list[Path], typer.Argument(exists=True, help="Image files and/or folders (searched recursively).")
+    ],
     run: Annotated[Optional[str], typer.Option("--run", help="Run id whose model scores the images.")] = None,
     model: Annotated[
         Optional[Path],
@@ -59,8 +68,9 @@ def predict_cmd(
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
-    """Score images: image score, verdict, anomaly-map overlay PNG and predictions.jsonl, on the scale of
-    the run's latest `aaclip test` (exit 1 when some image could not be scored)."""
+    """Score images: image score, verdict, anomaly-map overlay PNG and predictions.jsonl.
+
+    Scores are on the scale of the run's latest `aaclip test`. Exit 1 when some image could not be scored."""
     if (run is None) == (model is None):
         from aaclip_core.errors import ConfigError
 
@@ -84,35 +94,7 @@ def predict_cmd(
     if json_:
         print_json(result)
     else:
-        rows = result["rows"]
-        if not quiet:
-            t = Table(title=f"run {run[:8]} checkpoint '{result['checkpoint']}'" if run else f"model {model}")
-            for col, justify in (("image", "left"), ("class", "left"), ("score", "right"), ("threshold", "right"),
-                                 ("verdict", "left")):
-                t.add_column(col, justify=justify)
-            for r in rows[:MAX_TABLE_ROWS]:
-                verdict = r["verdict"] or "-"
-                if r["error"]:
-                    verdict = f"[red]error[/red]: {r['error']}"
-                elif verdict == "anomalous":
-                    verdict = "[bold yellow]anomalous[/bold yellow]"
-                t.add_row(Path(r["path"]).name, r["class_name"] or "-", _fmt(r["image_score"]), _fmt(r["threshold"]),
-                          verdict)
-            err.print(t)
-            if len(rows) > MAX_TABLE_ROWS:
-                err.print(f"... and {len(rows) - MAX_TABLE_ROWS} more rows in {result['predictions']}")
-        cal = result["calibration"]
-        if cal:
-            err.print(f"scores calibrated by {cal['dataset']} test run {cal['test_run_id']}")
-        elif result.get("calibration_note"):
-            err.print(f"[yellow]note:[/yellow] {result['calibration_note']}")
-            if result["threshold"] is None:
-                err.print("[yellow]note:[/yellow] no verdicts without calibration: pass a numeric --threshold")
-        err.print(
-            f"{result['n_images']} images, {result['n_anomalous']} anomalous, {result['n_errors']} errors; "
-            f"overlays and predictions in {result['out_dir']}"
-        )
-        typer.echo(result["predictions"])
+        _print_predictions(f"run {run[:8]} checkpoint '{result['checkpoint']}'" if run else f"model {model}", result)
     if result["n_errors"]:
         if not json_:
             err.print(f"[red]{result['n_errors']} image(s) could not be scored[/red]; the others were:")
@@ -120,3 +102,36 @@ def predict_cmd(
                 if r["error"]:
                     err.print(f"  {r['path']}: {r['error']}", soft_wrap=True, markup=False)
         raise typer.Exit(EXIT_IMAGE_ERRORS)
+
+
+def _print_predictions(title: str, result: dict) -> None:
+    """The table of scores and verdicts on stdout; where the files went and how scores were
+    calibrated on stderr."""
+    rows = result["rows"]
+    t = Table(title=escape(title))
+    for col, justify in (("image", "left"), ("class", "left"), ("score", "right"), ("threshold", "right"),
+                         ("verdict", "left")):
+        t.add_column(col, justify=justify)
+    for r in rows[:MAX_TABLE_ROWS]:
+        verdict = escape(r["verdict"] or "-")
+        if r["error"]:
+            verdict = f"[red]error[/red]: {escape(r['error'])}"
+        elif r["verdict"] == "anomalous":
+            verdict = "[bold yellow]anomalous[/bold yellow]"
+        t.add_row(escape(Path(r["path"]).name), escape(r["class_name"] or "-"), _fmt(r["image_score"]),
+                  _fmt(r["threshold"]), verdict)
+    print_result(t)
+    if len(rows) > MAX_TABLE_ROWS:
+        err.print(f"... and {len(rows) - MAX_TABLE_ROWS} more rows in {escape(str(result['predictions']))}")
+    cal = result["calibration"]
+    if cal:
+        err.print(f"scores calibrated by {escape(str(cal['dataset']))} test run {cal['test_run_id']}")
+    elif result.get("calibration_note"):
+        err.print(f"[yellow]note:[/yellow] {escape(result['calibration_note'])}", soft_wrap=True)
+        if result["threshold"] is None:
+            err.print("[yellow]note:[/yellow] no verdicts without calibration: pass a numeric --threshold")
+    err.print(
+        f"{result['n_images']} images, {result['n_anomalous']} anomalous, {result['n_errors']} errors; "
+        f"overlays in {escape(str(result['out_dir']))}, predictions in {escape(str(result['predictions']))}",
+        soft_wrap=True,
+    )

@@ -8,8 +8,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import ExpOpt, JsonOpt, RecipeOpt, SetOpt, UriOpt, app, handle_errors, load_recipe_with_flags
-from .display import RichReporter, err, print_json
+from .app import (
+    AaclipCommand,
+    ExpOpt,
+    JsonOpt,
+    RecipeOpt,
+    SetOpt,
+    UriOpt,
+    app,
+    examples,
+    handle_errors,
+    load_recipe_with_flags,
+)
+from .display import RichReporter, err, escape, print_json
 
 IMPORT_HELP = "\n\n".join(
     [
@@ -46,14 +57,25 @@ EXPORT_HELP = "\n\n".join(
 )
 
 
-@app.command("import", help=IMPORT_HELP)
+@app.command(
+    "import",
+    cls=AaclipCommand,
+    help=IMPORT_HELP,
+    epilog=examples(
+        "aaclip import --text-adapter text_adapter.pth --image-adapter image_adapter_20.pth",
+        "aaclip import --text-adapter ckpt/text_adapter.pth --image-adapter ckpt/image_adapter_20.pth "
+        "--set model.relu=true --name reference-visa",
+    ),
+)
 @handle_errors
 def import_cmd(
     text_adapter: Annotated[
-        Optional[Path], typer.Option("--text-adapter", help="Reference text_adapter.pth (stage 1).")
+        Optional[Path],
+        typer.Option("--text-adapter", exists=True, dir_okay=False, help="Reference text_adapter.pth (stage 1)."),
     ] = None,
     image_adapter: Annotated[
-        Optional[Path], typer.Option("--image-adapter", help="Reference image_adapter_N.pth (stage 2).")
+        Optional[Path],
+        typer.Option("--image-adapter", exists=True, dir_okay=False, help="Reference image_adapter_N.pth (stage 2)."),
     ] = None,
     allow_image_only: Annotated[
         bool,
@@ -67,29 +89,37 @@ def import_cmd(
     json_: JsonOpt = False,
 ):
     """Register reference adapter files as a run (see IMPORT_HELP)."""
-    from aaclip_core.jobs.transfer import check_import_sources, import_reference_run
+    from aaclip_core.jobs.import_rules import check_import_sources
 
     check_import_sources(text_adapter, image_adapter, allow_image_only)
     r, path = load_recipe_with_flags(recipe, set_, None, experiment)
+    from aaclip_core.jobs.transfer import import_reference_run
+
     with RichReporter(json_) as rep:
         result = import_reference_run(r, path, text_adapter, image_adapter, allow_image_only, tracking_uri, rep, name)
     for w in result["warnings"]:
-        err.print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
+        err.print(f"[yellow]warning:[/yellow] {escape(w)}", soft_wrap=True)
     if json_:
         print_json(result)
         return
     for n in result["notes"]:
-        err.print(f"[dim]note:[/dim] {n}", soft_wrap=True)
+        err.print(f"[dim]note:[/dim] {escape(n)}", soft_wrap=True)
     parts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in result["status"].items())
     err.print(
-        f"[green]imported[/green] run {result['run_id']} ({parts}; {result['backbone']}, "
+        f"[green]imported[/green] run {result['run_id']} ({escape(parts)}; {escape(result['backbone'])}, "
         f"fidelity {result['fidelity']}, relu {str(result['relu']).lower()})",
         soft_wrap=True,
     )
     typer.echo(result["run_id"])
 
 
-@app.command("export", help=EXPORT_HELP)
+@app.command(
+    "export",
+    cls=AaclipCommand,
+    help=EXPORT_HELP,
+    epilog=examples("aaclip export --run RUN_ID reference-weights/",
+                    "aaclip export --run RUN_ID --checkpoint stage1 out/"),
+)
 @handle_errors
 def export_cmd(
     directory: Annotated[
@@ -147,7 +177,7 @@ def export_cmd(
         print_json(result)
         return
     for n in result["notes"]:
-        err.print(f"[dim]note:[/dim] {n}", soft_wrap=True)
+        err.print(f"[dim]note:[/dim] {escape(n)}", soft_wrap=True)
     for f in result["files"]:
-        err.print(f"wrote {f['path']}")
+        err.print(f"wrote {escape(str(f['path']))}", soft_wrap=True)
         typer.echo(f["path"])

@@ -16,6 +16,9 @@ class Reporter:
     def progress(self, stage: str, epoch: int, epochs: int, batch: int, batches: int, loss: float) -> None:
         pass
 
+    def epoch_end(self, stage: str, epoch: int, epochs: int, loss: float, lr: float) -> None:
+        """A training epoch finished: its mean loss and the learning rate it ended with."""
+
     def eval_progress(self, batch: int, batches: int) -> None:
         pass
 

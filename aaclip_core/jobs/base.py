@@ -53,7 +53,7 @@ def train_reference_stages(session: common.Session, model: AACLIP, samples: list
     opt1 = torch.optim.Adam(stage_parameters(model, 1), lr=s1.lr, betas=s1.betas)
     h1 = run_stage(1, model, bank, text_loader, StageSchedule(opt1), s1.epochs, recipe, session.device,
                    features=features, log=mlflow.log_metrics, progress=session.reporter.progress,
-                   probe_batch=probe)
+                   epoch_end=session.reporter.epoch_end, probe_batch=probe)
     common.save_and_log(session, "stage1", model, common.manifest(recipe, model, "stage1", s1.epochs),
                         opt1.state_dict())
 
@@ -61,7 +61,8 @@ def train_reference_stages(session: common.Session, model: AACLIP, samples: list
     opt2 = torch.optim.Adam(stage_parameters(model, 2), lr=s2.lr, betas=s2.betas)
     sched2 = torch.optim.lr_scheduler.MultiStepLR(opt2, milestones=s2.milestones, gamma=s2.gamma)
     h2 = run_stage(2, model, bank, image_loader, StageSchedule(opt2, sched2), s2.epochs, recipe, session.device,
-                   log=mlflow.log_metrics, progress=session.reporter.progress, probe_batch=probe)
+                   log=mlflow.log_metrics, progress=session.reporter.progress,
+                   epoch_end=session.reporter.epoch_end, probe_batch=probe)
     meta = common.manifest(recipe, model, "stage2", s2.epochs, text_epoch=s1.epochs)
     common.save_and_log(session, "final", model, meta, opt2.state_dict())
     seconds = time.perf_counter() - started

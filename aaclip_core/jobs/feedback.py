@@ -285,7 +285,8 @@ def _run_loop(
             sched = WarmupCosine(opt, lr, epochs * len(loader), fb.warmup_epochs * len(loader))
             hist = run_stage(stage, model, bank, loader, StageSchedule(opt, sched, fb.grad_clip), epochs, recipe,
                              session.device, features=source, augment_epoch_base=loop * 1000 + stage * 100,
-                             log=mlflow.log_metrics, progress=session.reporter.progress, probe_batch=probe)
+                             log=mlflow.log_metrics, progress=session.reporter.progress,
+                             epoch_end=session.reporter.epoch_end, probe_batch=probe)
             out[f"stage{stage}"] = hist.losses
             out[f"stage{stage}_probe"] = hist.probe_losses
             extra = {}

@@ -27,6 +27,7 @@ from ..model import build_model
 from ..tracking import TAG, connect, get_run, log_json_artifact, tracked_run
 from . import common
 from ..reporter import Reporter
+from .import_rules import check_import_sources
 
 ADAPTER_PREFIXES = ("text_adapter.", "image_adapter.")
 
@@ -41,21 +42,6 @@ def _source_info(ref: ReferenceFile | None) -> dict | None:
         "tensors": len(ref.state),
         "ignored_entries": ref.extra_keys,
     }
-
-
-def check_import_sources(text_adapter: Path | None, image_adapter: Path | None, allow_image_only: bool) -> None:
-    """The usage rules of `aaclip import`, checked before anything is read or built."""
-    if text_adapter is None and image_adapter is None:
-        raise ConfigError(
-            "Nothing to import: pass --text-adapter text_adapter.pth (and usually --image-adapter "
-            "image_adapter_N.pth) from the reference training."
-        )
-    if text_adapter is None and not allow_image_only:
-        raise ConfigError(
-            "--image-adapter without --text-adapter would leave the text anchors to untrained text "
-            "adapters. Pass the matching text_adapter.pth with --text-adapter, or --allow-image-only "
-            "if that is what you want (the run is then tagged aaclip.text_adapter=untrained)."
-        )
 
 
 def import_reference_run(

@@ -23,6 +23,8 @@ from .groups import grad_norms, set_trainable
 
 # progress(stage, epoch, epochs, batch, batches, loss)
 ProgressFn = Callable[[str, int, int, int, int, float], None]
+# epoch_end(stage, epoch, epochs, mean loss, lr)
+EpochFn = Callable[[str, int, int, float, float], None]
 # log(metrics, step)
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -153,6 +155,7 @@ def run_stage(
     augment_epoch_base: int = 0,
     log: LogFn | None = None,
     progress: ProgressFn | None = None,
+    epoch_end: EpochFn | None = None,
     probe_batch: dict | None = None,
 ) -> StageHistory:
     """Train one stage for ``epochs`` epochs; logs loss, lr and gradient norms per epoch."""
@@ -207,6 +210,8 @@ def run_stage(
                 metrics.update({f"{name}/grad_norm/{k}": v for k, v in epoch_norms.items()})
                 metrics.update(cross_weights(model))
                 log(metrics, epoch + 1)
+            if epoch_end is not None:
+                epoch_end(name, epoch + 1, epochs, epoch_loss, lr)
             probe(epoch + 1)
     finally:
         model.train(False)

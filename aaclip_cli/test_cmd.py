@@ -1,0 +1,85 @@
+"""`aaclip test`: evaluate a run; the results table on stdout (or one JSON document with --json)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .app import AaclipCommand, JsonOpt, QuietOpt, SetOpt, UriOpt, app, examples, handle_errors
+from .display import RichReporter, err, escape, print_json, print_result, results_table
+
+LAYOUT_HELP = "auto, mvtec, visa, btad, mpdd, folder, jsonl."
+
+
+@app.command(
+    "test",
+    cls=AaclipCommand,
+    epilog=examples(
+        "aaclip test --run RUN_ID",
+        "aaclip test --run RUN_ID --dataset MVTec --data-root /data/mvtec_anomaly_detection --json > report.json",
+    ),
+)
+@handle_errors
+def test_cmd(
+    run: Annotated[str, typer.Option("--run", help="Run id to evaluate.")],
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Test dataset name (class names).")] = None,
+    data_root: Annotated[
+        Optional[Path],
+        typer.Option("--data-root", exists=True, file_okay=False, help="Test dataset root directory."),
+    ] = None,
+    layout: Annotated[Optional[str], typer.Option("--layout", help=LAYOUT_HELP)] = None,
+    checkpoint: Annotated[
+        Optional[str], typer.Option("--checkpoint", help="Checkpoint of the run (default: its selected one).")
+    ] = None,
+    loop: Annotated[
+        Optional[int], typer.Option("--loop", help="Feedback runs: evaluate this loop's final checkpoint.")
+    ] = None,
+    same_dataset: Annotated[
+        bool, typer.Option("--same-dataset", help="Allow testing on the training dataset (tagged).")
+    ] = False,
+    set_: SetOpt = None,
+    tracking_uri: UriOpt = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    visualize: Annotated[
+        int,
+        typer.Option(
+            "--visualize",
+            min=0,
+            help="Log anomaly-map pictures of N images per class (the N highest-scoring anomalous and the N "
+            "highest-scoring normal ones) under visualizations/<class>/.",
+        ),
+    ] = 0,
+):
+    """Evaluate a run with the reference protocol: per-class pixel/image AUROC and AP, plus AUPRO, F1-max."""
+    from aaclip_core.errors import ConfigError
+
+    if loop is not None and checkpoint is not None:
+        raise ConfigError("Pass either --loop or --checkpoint, not both.")
+    from aaclip_core.jobs.feedback import checkpoint_name
+    from aaclip_core.jobs.test import test_run
+
+    if loop is not None:
+        checkpoint = checkpoint_name(loop, 2)
+
+    root = str(data_root) if data_root is not None else None
+    with RichReporter(quiet or json_) as rep:
+        result = test_run(run, dataset, root, layout, checkpoint, same_dataset, tracking_uri, rep, set_,
+                          visualize=visualize)
+    if json_:
+        print_json(result)
+        return
+    title = (
+        f"{result['dataset']} - run {run[:8]} checkpoint '{result['checkpoint']}' "
+        f"(stage {result['checkpoint_stage']}, epoch {result['checkpoint_epoch']})"
+    )
+    print_result(results_table(result, title))
+    if result["same_dataset"]:
+        err.print(f"[yellow]note:[/yellow] tested on the training data ({escape(result['same_dataset_reason'])}); "
+                  f"declared by {escape(result['same_dataset_declared_by'])}; the test run is tagged "
+                  "aaclip.same_dataset=true.", soft_wrap=True)
+    if result.get("visualizations"):
+        err.print(f"{len(result['visualizations'])} anomaly-map pictures logged under visualizations/<class>/")
+    err.print(f"test run {escape(result['run_id'])}")
