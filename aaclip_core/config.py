@@ -19,7 +19,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# An installed wheel carries the recipes as aaclip_core/recipes (pyproject maps the top-level
+# recipes/ folder there); a source checkout has only the top-level folder.
+_INSTALLED_RECIPES = Path(__file__).resolve().parent / "recipes"
+RECIPE_DIR = _INSTALLED_RECIPES if _INSTALLED_RECIPES.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
 
 
 class _Strict(BaseModel):
@@ -237,15 +240,23 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     return shipped
 
 
+# `--set key=null`: TOML has no null, so a bare `null` drops the key and the field takes its
+# built-in default (null for the optional fields); `--set 'key="null"'` is the string "null".
+RESET_TO_DEFAULT = "null"
+_RESET = object()
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``key.sub=value`` with the value read as a TOML literal (so 0.1, true, [1,2], "x" work);
-    anything that is not valid TOML is taken as a plain string."""
+    anything that is not valid TOML is taken as a plain string; ``null`` resets the field."""
     if "=" not in text:
         raise ConfigError(f"--set '{text}' is not of the form key=value (e.g. --set stage2.epochs=3).")
     key, raw = text.split("=", 1)
     key, raw = key.strip(), raw.strip()
     if not key:
         raise ConfigError(f"--set '{text}' has an empty key.")
+    if raw == RESET_TO_DEFAULT:
+        return key, _RESET
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -263,7 +274,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {key}: '{part}' is a value, not a table.")
             node = child
-        node[parts[-1]] = value
+        if value is _RESET:
+            node.pop(parts[-1], None)
+        else:
+            node[parts[-1]] = value
     return data
 
 
@@ -360,3 +374,16 @@ def recipe_hash(recipe: Recipe) -> str:
 
     text = json.dumps(recipe.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """The resolved recipe as a TOML file that `load_recipe` reads back to the same settings.
+
+    TOML has no null: fields at null are left out, which is their default. ``extends`` becomes a
+    comment, because every inherited value is already written out."""
+    import tomli_w
+
+    data = recipe.model_dump(mode="json", exclude_none=True)
+    parent = data.pop("extends", None)
+    head = f"# recipe '{recipe.name}'" + (f", layered on '{parent}' (resolved: every value is below)" if parent else "")
+    return head + "\n" + tomli_w.dumps(data)
