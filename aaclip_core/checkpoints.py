@@ -16,7 +16,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +25,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
+from .files import temp_dir_in, temp_file_beside, with_umask_mode
 
 FORMAT_VERSION = 1
 ADAPTERS = "adapters.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 MANIFEST = "manifest.json"
+# What loading a checkpoint's weights needs; optimiser and random states are for resuming only.
+CHECKPOINT_CORE_FILES = (ADAPTERS, MANIFEST)
 
 # ------------------------------------------------------------------------------------------ names
 # A run's checkpoints are artifacts under ``checkpoints/<name>``: base, cross and imported runs end
@@ -56,7 +58,7 @@ def parse_checkpoint_name(name: str | None) -> tuple[int, int] | None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -137,7 +139,7 @@ def save_checkpoint(
     named = dict(optimizers or {})
     if optimizer_state is not None:
         named["default"] = optimizer_state
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    tmp = temp_dir_in(directory.parent, f".{directory.name}.tmp-")
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in adapters.items()}, str(tmp / ADAPTERS))
         manifest = {"format_version": FORMAT_VERSION, **manifest}
@@ -150,6 +152,8 @@ def save_checkpoint(
         if extra_tensors:
             save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()}, str(tmp / EXTRA))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+        for f in tmp.iterdir():
+            with_umask_mode(f)
         _replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -355,7 +359,7 @@ def export_reference(adapters: dict[str, torch.Tensor], directory: Path, text_ep
         prefix = f"{kind}_adapter."
         state = {k[len(prefix):]: v.clone() for k, v in adapters.items() if k.startswith(prefix)}
         target = directory / name
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+        fd, tmp = temp_file_beside(target)
         os.close(fd)
         try:
             torch.save({f"{kind}_adapter": state, "epoch": epoch}, tmp)

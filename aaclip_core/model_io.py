@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .backbone import backbone_id
-from .checkpoints import FINAL, Checkpoint, load_checkpoint
+from .checkpoints import CHECKPOINT_CORE_FILES, FINAL, Checkpoint, load_checkpoint
 from .config import Recipe, recipe_from_dict
 from .errors import CheckpointError
 from .model import AACLIP, build_model
@@ -71,7 +71,15 @@ def run_recipe(mlflow, run_id: str, workdir: Path) -> Recipe:
 
 
 def run_checkpoint(mlflow, run_id: str, name: str, workdir: Path, with_optimizer: bool = False) -> Checkpoint:
-    local = download(mlflow, run_id, f"checkpoints/{name}", workdir / run_id / "ckpt")
+    """A run's checkpoint, downloaded. Only the adapters and the manifest unless the optimiser and
+    random states are wanted (resume): from a server those are most of the bytes, and evaluating
+    or starting from a checkpoint never reads them."""
+    dst = workdir / run_id / "ckpt"
+    if with_optimizer:
+        local = download(mlflow, run_id, f"checkpoints/{name}", dst)
+    else:
+        for file in CHECKPOINT_CORE_FILES:
+            local = download(mlflow, run_id, f"checkpoints/{name}/{file}", dst).parent
     return load_checkpoint(local, with_optimizer=with_optimizer)
 
 

@@ -22,6 +22,8 @@ from .errors import TrackingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "aaclip."  # prefix of every tag aaclip writes
+# The experiment tag the MLflow 3 UI reads to pick its page: model training, not the GenAI overview.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def _quiet_mlflow() -> None:
@@ -29,6 +31,9 @@ def _quiet_mlflow() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="mlflow")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Against a tracking server MLflow writes "View run/experiment at: URL" lines to stdout when a
+    # run ends, which would break `--json` and `RUN=$(aaclip train ...)`: stdout is the caller's.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 def resolve_tracking_uri(cli_uri: str | None) -> str:
@@ -68,13 +73,19 @@ def aaclip_version() -> str:
         return "0+unknown"
 
 
+def _tag_experiment_kind(mlflow, experiment) -> None:
+    key, kind = EXPERIMENT_KIND
+    if experiment.tags.get(key) is None:  # a kind the user chose in the UI is kept
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, kind)
+
+
 @contextlib.contextmanager
 def tracked_run(
     mlflow, experiment: str, run_name: str, tags: dict[str, str], nested: bool = False, run_id: str | None = None
 ) -> Iterator[Any]:
     """Start (or resume, with ``run_id``) a run; end it FINISHED, FAILED or KILLED."""
     try:
-        mlflow.set_experiment(experiment)
+        _tag_experiment_kind(mlflow, mlflow.set_experiment(experiment))
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested, tags=tags)
     except Exception as exc:
         raise TrackingError(

@@ -10,12 +10,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from aaclip_core.data.samples import ANOMALOUS, NORMAL, NORMAL_DEFECT, Sample, sort_samples
 from aaclip_core.errors import ConfigError, DataError
+from aaclip_core.files import temp_file_beside
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 SPLITS = ("train", "test")
@@ -287,7 +287,7 @@ def write_metadata_jsonl(samples: Iterable[Sample], path: Path, root: Path) -> N
         )
         for s in samples
     ]
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = temp_file_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write("".join(line + "\n" for line in lines))

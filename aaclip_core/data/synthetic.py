@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from aaclip_core.errors import ConfigError, DataError
+from aaclip_core.files import temp_dir_in
 
 DEMO_CLASSES: tuple[str, ...] = ("plank", "fabric", "disc")
 DEFECTS: tuple[str, ...] = ("scratch", "spot", "crack")
@@ -406,7 +407,7 @@ def _materialise(target: Path, marker: str, write: Callable[[Path], object]) -> 
             f"{target} exists but is not a generated demo dataset (no {COMPLETE_MARKER} file). "
             "Move it away or choose another demo data directory."
         )
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    staging = temp_dir_in(target.parent, f".{target.name}-")
     try:
         write(staging)
         (staging / COMPLETE_MARKER).write_text(marker, encoding="utf-8")
