@@ -1,0 +1,80 @@
+"""What a wheel built from the project holds: every package, and the shipped recipes inside the
+package, so an installed `aaclip --recipe demo` works away from the checkout."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    on_disk = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for top in ("aaclip_core", "aaclip_cli")
+        for p in (ROOT / top).rglob("__init__.py")
+        if "__pycache__" not in p.parts
+    }
+    assert on_disk - listed == set(), "add these packages to [tool.setuptools] packages in pyproject.toml"
+    assert listed - on_disk == {"aaclip_core.recipes"}
+
+
+def test_pyproject_takes_a_torch_range_and_ci_pins_the_tested_set():
+    deps = {d.split(">")[0].split("=")[0].split("<")[0].strip(): d for d in _pyproject()["project"]["dependencies"]}
+    for name in ("torch", "torchvision"):
+        assert "==" not in deps[name] and ">=" in deps[name] and "<" in deps[name], deps[name]
+    pins = dict(
+        line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
+
+
+def test_the_wheel_ships_the_recipes_and_runs_from_outside_the_checkout(tmp_path):
+    pytest.importorskip("setuptools", reason="building a wheel offline needs setuptools (in the test extra)")
+    # Built from a copy: an in-place build would leave build/ and *.egg-info in the checkout.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("aaclip_core", "aaclip_cli", "recipes"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    dist = tmp_path / "dist"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-w", str(dist), "-q"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    (wheel,) = dist.glob("aaclip-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = sorted(Path(n).name for n in names if n.startswith("aaclip_core/recipes/"))
+    assert shipped == sorted(p.name for p in (ROOT / "recipes").glob("*.toml"))
+
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(site)  # the unpacked wheel only, not the checkout
+    code = "import sys, aaclip_core; from aaclip_cli.main import main; print(aaclip_core.__file__, file=sys.stderr); main()"
+    shown = subprocess.run([sys.executable, "-c", code, "recipes", "show", "demo"], cwd=work, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    assert str(site) in shown.stderr and 'name = "demo"' in shown.stdout
