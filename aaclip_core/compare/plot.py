@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..files import temp_file_beside
 from .comparison import Comparison
 
 
@@ -155,7 +155,7 @@ def plot_comparison(result, path: Path, dataset: str | None = None) -> tuple[Pat
         raise ConfigError(f"--plot {path}: the folder {path.parent} does not exist.")
     content = plot_content(result, dataset)
     fig = build_figure(result, content)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    fd, tmp = temp_file_beside(path)
     os.close(fd)
     try:
         fig.savefig(tmp, format="png")

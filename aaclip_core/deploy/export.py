@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError
+from ..files import temp_file_beside
 from .contract import INPUT_NAMES, OUTPUT_NAMES, SIDECAR_SCHEMA, sha256_file, sidecar_of
 from .graph import DetectorGraph
 
@@ -42,12 +42,9 @@ def _atomic(path: Path) -> Iterator[Path]:
     """Yield a temporary path in the target folder; rename it onto ``path`` only on success, so an
     interrupted export never leaves a half-written model file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    fd, tmp = temp_file_beside(path)  # with the umask's mode: the result is an ordinary file
     os.close(fd)
     tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
     try:
         yield tmp_path
         os.replace(tmp_path, path)
