@@ -68,9 +68,12 @@ def test_defaults_are_shown():
     assert "[default: base]" in _cli("train", "base", "-h").stdout
 
 
-def test_shell_completion_is_offered():
+def test_shell_completion_is_offered_and_completes_commands():
     text = _cli("-h").stdout
     assert "--install-completion" in text and "--show-completion" in text
+    env = {"_AACLIP_COMPLETE": "complete_bash", "COMP_WORDS": "aaclip train fe", "COMP_CWORD": "2"}
+    res = CliRunner().invoke(app, [], env=env, prog_name="aaclip")
+    assert res.stdout.split() == ["feedback"]
 
 
 def test_missing_input_path_is_a_usage_error_that_keeps_brackets(tmp_path):
