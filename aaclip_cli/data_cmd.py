@@ -22,7 +22,7 @@ LAYOUT_HELP = "auto, mvtec, visa, btad, mpdd, folder, jsonl."
 def data_synth_cmd(
     directory: Annotated[Path, typer.Argument(help="Where to write the demo dataset (train/ and test/ roots).")],
     seed: Annotated[int, typer.Option("--seed", help="Generation seed.")] = 0,
-    image_size: Annotated[int, typer.Option("--image-size", min=32, help="Image side in pixels.")] = 128,
+    image_size: Annotated[int, typer.Option("--image-size", help="Image side in pixels.")] = 128,
     json_: JsonOpt = False,
 ):
     """Write the built-in synthetic demo dataset in the MVTec AD layout (deterministic for a seed)."""
