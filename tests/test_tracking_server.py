@@ -69,7 +69,7 @@ def trained(mlflow_server, demo_overrides, tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, "-m", "aaclip_cli.main", "train", "base", "--recipe", "demo", *sets,
          "--tracking-uri", mlflow_server["url"]],
-        cwd=work, capture_output=True, text=True, timeout=900,
+        cwd=work, capture_output=True, text=True, timeout=2400,  # minutes on a busy 2-core machine
     )
     assert proc.returncode == 0, proc.stderr
     _no_local_store(work)
