@@ -71,11 +71,3 @@ def test_demo_data_folders_and_images(umask, tmp_path):
         _expect(umask, some_image)
         _expect(umask, some_image.parent)
 
-
-def test_comparison_plot(umask, tmp_path):
-    from aaclip_core.compare.comparison import Comparison
-    from aaclip_core.compare.plot import plot_loops
-
-    nothing = Comparison(rows=[], reference=None, datasets=[], metric="pixel_auroc", comparisons=[], differences=[],
-                         groups=[], bootstrap_resamples=0, notes=[])
-    _expect(umask, plot_loops(nothing, tmp_path / "loops.png"))
