@@ -148,6 +148,9 @@ class RuntimeConfig(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 111
     threads: int = Field(0, ge=0)  # 0 = torch's default
+    # torch.compile the adapted image forward (training, test, predict); same results within float
+    # tolerance, a one-off compile cost per input shape, then faster steps.
+    compile: bool = False
 
 
 class TrackingConfig(_Strict):

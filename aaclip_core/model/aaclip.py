@@ -18,6 +18,7 @@ from torch import nn
 from ..config import CrossAttentionConfig, ModelConfig
 from ..errors import ConfigError
 from .adapters import Adapter, Projection, norm_matched_mix, xavier_init_
+from .blocks import block_forward
 from .cross_attention import CrossAttention, ScaledCrossAttention
 from .dpam import dpam_block_forward
 
@@ -112,6 +113,20 @@ class AACLIP(nn.Module):
         # feedback loop 2 on) the trained image path. Training and test use the same source.
         self.context_source = "dpam"
         self.tokenizer = open_clip.get_tokenizer(cfg.name)
+        # The torch.compile'd adapted image forward, when `compile_image_path` was called.
+        self._compiled_image_forward = None
+
+    def compile_image_path(self, backend: str = "inductor") -> None:
+        """Run the adapted image forward (training, test, predict) through ``torch.compile``.
+
+        Compilation happens on the first call for each input shape (and grad mode); results equal
+        the eager forward within float tolerance. ``backend`` "aot_eager" traces without generating
+        code (what the quick tests use)."""
+        self._compiled_image_forward = torch.compile(self._encode_image, backend=backend)
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled_image_forward is not None
 
     # ------------------------------------------------------------------ state
 
@@ -155,7 +170,7 @@ class AACLIP(nn.Module):
         clip = self.clip
         n = tokens.shape[-1]
         x = clip.token_embedding(tokens) + clip.positional_embedding[:n]
-        return clip.transformer.resblocks[0](x, attn_mask=self._text_mask(n))
+        return block_forward(clip.transformer.resblocks[0], x, self._text_mask(n))
 
     def _text_mask(self, n: int) -> torch.Tensor | None:
         mask = self.clip.attn_mask
@@ -193,7 +208,7 @@ class AACLIP(nn.Module):
         x = self._first_text_adapter(x)
         mask = self._text_mask(flat.shape[-1])
         for i in range(1, self.dims.text_layers):
-            x = clip.transformer.resblocks[i](x, attn_mask=mask)
+            x = block_forward(clip.transformer.resblocks[i], x, mask)
             if i < self.cfg.text_adapt_until:
                 x = norm_matched_mix(x, self.text_adapter[i], self.cfg.text_adapt_weight)
         x = clip.ln_final(x)
@@ -226,13 +241,13 @@ class AACLIP(nn.Module):
         levels = set(wanted)
         out: dict[int, torch.Tensor] = {}
         for i in range(self.dpam_start):
-            x = blocks[i](x)
+            x = block_forward(blocks[i], x)
             if i + 1 in levels:
                 out[i + 1] = self._patch_to_joint(x)
         ordinary, surgery = x, x
         last_needed = max(wanted)
         for i in range(self.dpam_start, len(blocks)):
-            ordinary = blocks[i](ordinary)  # the CLIP image embedding needs the full ordinary path
+            ordinary = block_forward(blocks[i], ordinary)  # the CLIP image embedding needs the full ordinary path
             if i < last_needed:
                 surgery = dpam_block_forward(blocks[i], surgery, mode)
                 if i + 1 in levels:
@@ -247,13 +262,19 @@ class AACLIP(nn.Module):
         """Adapted image path (SPEC §2): per-level normalised patch maps [B, P, E] and the
         detection embedding [B, E]. ``text_context`` [B, S, Dt] feeds the image cross-attention.
         ``first_level_only`` stops after the first level (no detection embedding)."""
+        forward = self._compiled_image_forward or self._encode_image
+        return forward(images, text_context, first_level_only)
+
+    def _encode_image(
+        self, images: torch.Tensor, text_context: torch.Tensor | None, first_level_only: bool
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         blocks = self.clip.visual.transformer.resblocks
         adapters = self.image_adapter["layer_adapters"]
         x = self._embed(images)
         levels = self.cfg.levels[:1] if first_level_only else self.cfg.levels
         tokens: list[torch.Tensor] = []
         for i in range(max(levels)):
-            x = blocks[i](x)
+            x = block_forward(blocks[i], x)
             if i == 0 and text_context is not None and self.image_cross_attn is not None and self.use_image_cross:
                 x = self.image_cross_attn(x, text_context)
             if i < self.cfg.image_adapt_until:
@@ -290,4 +311,7 @@ def build_model(recipe, device: torch.device | str = "cpu", with_cross: bool = F
 
     clip = build_clip(recipe, device)
     model = AACLIP(clip, recipe.model, recipe.fidelity, recipe.cross if with_cross else None)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if recipe.runtime.compile:
+        model.compile_image_path()
+    return model
