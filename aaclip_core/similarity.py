@@ -11,12 +11,20 @@ BLUR = {"industrial": (7, 1.0), "medical": (9, 1.5)}
 
 
 def patch_logits(patches: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """100 * patches @ T -> [B, 2, g, g] for patches [B, P, E] and anchors [B, E, 2]."""
+    """100 * patches @ T -> [B, 2, g, g] for patches [B, P, E] and anchors [B, E, 2].
+
+    Always fp32, also when the backbone ran under bf16/fp16 autocast: every map (training loss,
+    test score) starts here, and reduced precision would quantise the scores into ties."""
     p = int(patches.shape[1])  # a Python int even while tracing: the grid is fixed by the image size
     g = math.isqrt(p)
     if g * g != p:
         raise ValueError(f"{p} patch tokens do not form a square grid")
-    s = 100.0 * torch.einsum("bpe,bec->bcp", patches, anchors)
+    device = patches.device.type
+    if torch.is_autocast_enabled(device) or patches.dtype != torch.float32:
+        with torch.autocast(device, enabled=False):
+            s = 100.0 * torch.einsum("bpe,bec->bcp", patches.float(), anchors.float())
+    else:  # the plain fp32 graph (what fp32 runs and exported graphs see)
+        s = 100.0 * torch.einsum("bpe,bec->bcp", patches, anchors)
     return s.reshape(-1, 2, g, g)  # -1: the batch stays a free dimension in exported graphs
 
 
