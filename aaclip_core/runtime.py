@@ -41,6 +41,16 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether the hardware computes in bf16 natively (CUDA GPUs from Ampere on; CPUs with
+    AVX512-BF16 or AMX). Elsewhere bf16 autocast works but is emulated, and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch (the reference seeds all three) and return a generator for
     data order, so shuffling does not depend on how many random numbers the model drew."""

@@ -188,7 +188,7 @@ def check_tracking(tracking_uri: str | None) -> Check:
 def check_device(recipe: Recipe) -> Check:
     import torch
 
-    from ..runtime import select_device
+    from ..runtime import bf16_supported, select_device
 
     name = "device / precision"
     prec = recipe.runtime.precision
@@ -208,9 +208,9 @@ def check_device(recipe: Recipe) -> Check:
     elif device.type == "cpu":
         if prec == "fp16":
             return Check(name, "fail", value, detail + ": fp16 needs a GPU", "--set runtime.precision=fp32")
-        if prec == "bf16":
-            return Check(name, "warn", value, detail + ": bf16 on the CPU is slow on most processors",
-                         "--set runtime.precision=fp32")
+        if prec == "bf16" and not bf16_supported(device):
+            return Check(name, "warn", value, detail + ": this CPU has no native bf16 (AVX512-BF16/AMX), so "
+                         "bf16 is emulated and slower than fp32", "--set runtime.precision=fp32")
         if recipe.model.custom_config is None:
             return Check(name, "warn", value,
                          detail + f": no GPU visible; {recipe.model.name} at {recipe.model.image_size} px trains very "
