@@ -262,7 +262,9 @@ class AACLIP(nn.Module):
         """Adapted image path (SPEC §2): per-level normalised patch maps [B, P, E] and the
         detection embedding [B, E]. ``text_context`` [B, S, Dt] feeds the image cross-attention.
         ``first_level_only`` stops after the first level (no detection embedding)."""
-        forward = self._compiled_image_forward or self._encode_image
+        forward = self._compiled_image_forward
+        if forward is None or torch.jit.is_tracing():  # exporters trace the eager forward
+            forward = self._encode_image
         return forward(images, text_context, first_level_only)
 
     def _encode_image(
