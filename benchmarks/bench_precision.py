@@ -1,0 +1,69 @@
+"""How much bf16 autocast changes the test metrics: the test job's `evaluate` on the demo's held-out
+images, once in fp32 and once under bf16 autocast (maps and metrics stay fp32 either way), same
+model, same images. Prints both metric sets, their differences and the CPU seconds of each pass.
+
+    python benchmarks/bench_precision.py --recipe demo
+    python benchmarks/bench_precision.py --recipe demo --adapters path/to/adapters.safetensors
+
+Without --adapters the model has freshly initialised adapters (the change bf16 makes is still
+measured; its size on a trained model can differ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="demo")
+    ap.add_argument("--set", dest="sets", action="append", default=[])
+    ap.add_argument("--adapters", help="a safetensors file of adapter weights (AACLIP.adapter_state_dict)")
+    ap.add_argument("--demo-root", default="aaclip-demo-data", help="where the demo data is (generated if absent)")
+    args = ap.parse_args()
+
+    from aaclip_core.anchors import AnchorBank
+    from aaclip_core.config import load_recipe
+    from aaclip_core.data.synthetic import ensure_demo_data
+    from aaclip_core.evaluation import METRIC_NAMES, evaluate
+    from aaclip_core.model import build_model
+    from aaclip_core.runtime import bf16_supported, configure_threads, select_device
+    from aaclip_core.training.data import load_samples, make_dataset, make_loader
+
+    root = Path(args.demo_root)
+    ensure_demo_data(root)
+    recipe, _ = load_recipe(args.recipe, [*args.sets, f'data.test.root="{root / "test"}"',
+                                          'data.test.layout="synthetic"', 'data.test.name="synthetic"'])
+    configure_threads(recipe.runtime.threads)
+    device = select_device(recipe.runtime.device)
+    samples = load_samples(recipe.data.test, recipe.runtime.seed, field="data.test")
+    model = build_model(recipe, device)
+    if args.adapters:
+        from safetensors.torch import load_file
+
+        model.load_adapter_state_dict(load_file(args.adapters))
+    bank = AnchorBank(model, [s.class_name for s in samples], recipe.data.test.name)
+    print(f"recipe {recipe.name}: {recipe.model.name} @ {recipe.model.image_size}px on {device}, "
+          f"{len(samples)} images; native bf16: {bf16_supported(device)}")
+    means = {}
+    for precision in ("fp32", "bf16"):
+        run = recipe.model_copy(update={"runtime": recipe.runtime.model_copy(update={"precision": precision})})
+        loader = make_loader(make_dataset(samples, run, "none"), run.eval.batch_size, False, run, None)
+        c = time.process_time()
+        means[precision] = evaluate(model, bank, loader, run, device).mean
+        print(f"{precision}: {time.process_time() - c:.2f} s CPU")
+    print("| metric | fp32 | bf16 | bf16 - fp32 |\n|---|---|---|---|")
+    for m in METRIC_NAMES:
+        a, b = means["fp32"][m], means["bf16"][m]
+        print(f"| {m} | {100 * a:.2f} | {100 * b:.2f} | {100 * (b - a):+.2f} |")
+
+
+if __name__ == "__main__":
+    main()
