@@ -138,7 +138,8 @@ def build_figure(result, content: PlotContent):
     ax.set_xticks(loops)
     ax.set_xlabel("feedback loop (runs without loops: horizontal lines)")
     ax.set_ylabel(f"{m} (x100)")
-    ax.set_title(f"{m} on {d or '-'}: test (solid), held-out (dashed); shaded = held-out selected loop", fontsize=9)
+    fig.suptitle(f"{m} on {d or '-'}: test (solid), held-out (dashed); shaded = held-out selected loop", fontsize=9,
+                 x=0.01, ha="left")
     ax.grid(alpha=0.3)
     if content.series:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.06, 1.0), borderaxespad=0.0)
