@@ -61,7 +61,7 @@ def _table(result, metrics: list[str], wide: bool = False) -> Table:
         caption += " All metrics: --wide or --json."
     t = Table(title=f"Runs compared (reference: {escape(result.reference.label)})", caption=caption,
               box=box.SIMPLE_HEAD if not wide else box.HEAVY_HEAD)
-    t.add_column("run", overflow="fold")
+    t.add_column("run", no_wrap=True)  # labels are short and must read as one piece
     if seeds_differ or wide:
         t.add_column("seed", justify="right")
     t.add_column("selection")
