@@ -19,6 +19,7 @@ from . import test_cmd  # noqa: E402,F401
 from . import predict_cmd  # noqa: E402,F401
 from . import compare_cmd  # noqa: E402,F401
 from . import doctor_cmd  # noqa: E402,F401
+from . import prompts_cmd  # noqa: E402,F401
 from . import transfer_cmd  # noqa: E402,F401
 
 __all__ = ["app", "main"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .data.class_names import descriptive_name
+from .data.prompt_names import PromptName, PromptNamer
 from .model import AACLIP
 from .prompts import N_PROMPTS, anchors_from_embeddings, class_prompts
 
@@ -16,11 +16,15 @@ class AnchorBank:
     caches per-class anchors for stage 2 and test when they do not depend on the image.
     """
 
-    def __init__(self, model: AACLIP, class_names: list[str], dataset_name: str) -> None:
+    def __init__(self, model: AACLIP, class_names: list[str], names: PromptNamer | str) -> None:
+        """``names`` chooses each class's prompt name; a dataset name means that dataset's default
+        names (the reference's table, else the folder name)."""
         self.model = model
         self.class_names = sorted(set(class_names))
         self.index = {c: i for i, c in enumerate(self.class_names)}
-        self.descriptive = {c: descriptive_name(dataset_name, c) for c in self.class_names}
+        self.namer = names if isinstance(names, PromptNamer) else PromptNamer(names)
+        self.prompt_names: dict[str, PromptName] = {c: self.namer.resolve(c) for c in self.class_names}
+        self.descriptive = {c: p.name for c, p in self.prompt_names.items()}
         sentences = [s for c in self.class_names for s in class_prompts(self.descriptive[c])]
         full = model.tokenize(sentences)
         self.full_tokens = full.view(len(self.class_names), N_PROMPTS, -1)
@@ -32,6 +36,10 @@ class AnchorBank:
         self._context_prefix: torch.Tensor | None = None
         self._frozen: torch.Tensor | None = None
         self._frozen_text_context: torch.Tensor | None = None
+
+    def record(self) -> dict:
+        """The names in force, as a checkpoint manifest records them."""
+        return self.namer.record(self.class_names)
 
     def class_index(self, class_names: list[str]) -> torch.Tensor:
         try:

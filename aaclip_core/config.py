@@ -61,7 +61,7 @@ class ModelConfig(_Strict):
 class DatasetRef(_Strict):
     """Where a dataset lives and how to read it."""
 
-    name: str = "VisA"  # used for the descriptive class-name table and for tags
+    name: str = "VisA"  # selects the prompt-name table (with layout) and is used for tags
     root: str = "data/VisA"
     layout: Literal["auto", "mvtec", "visa", "btad", "mpdd", "folder", "jsonl", "synthetic"] = "auto"
     classes: list[str] | None = None  # None = every class found
@@ -79,6 +79,24 @@ class DataConfig(_Strict):
     num_workers: int = Field(0, ge=0)
     # Zero-shot protocol: training and testing on the same dataset must be declared.
     allow_same_dataset: bool = False
+
+
+class PromptsConfig(_Strict):
+    """The class name put into each class's 16 prompt sentences (SPEC §2)."""
+
+    # "reference": the reference's descriptive names (shipped table) for the datasets and classes it
+    # has; "folder": plain folder names. A class without a name uses its folder name, "_" -> " ".
+    table: Literal["reference", "folder"] = "reference"
+    # Class folder name -> prompt name, for your own classes or to override the table.
+    names: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("names")
+    @classmethod
+    def _names_not_blank(cls, v: dict[str, str]) -> dict[str, str]:
+        blank = [k for k, name in v.items() if not name.strip()]
+        if blank:
+            raise ValueError(f"prompt name of class '{blank[0]}' is empty; give a name or drop the entry")
+        return v
 
 
 class Stage1Config(_Strict):
@@ -164,6 +182,7 @@ class Recipe(_Strict):
     fidelity: Literal["official", "corrected"] = "official"
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     stage1: Stage1Config = Field(default_factory=Stage1Config)
     stage2: Stage2Config = Field(default_factory=Stage2Config)
     cross: CrossAttentionConfig = Field(default_factory=CrossAttentionConfig)

@@ -12,13 +12,16 @@ import torch
 from .backbone import backbone_id
 from .checkpoints import CHECKPOINT_CORE_FILES, FINAL, Checkpoint, load_checkpoint
 from .config import Recipe, recipe_from_dict
+from .data.prompt_names import MANIFEST_KEY
 from .errors import CheckpointError
 from .model import AACLIP, build_model
 from .tracking import TAG, download, get_run
 
 
-def manifest(recipe: Recipe, model: AACLIP, stage: str, epoch: int, loop: int | None = None, **extra) -> dict:
-    """What a checkpoint's manifest records about the model it holds."""
+def manifest(recipe: Recipe, model: AACLIP, stage: str, epoch: int, loop: int | None = None, *,
+             prompt_names: dict, **extra) -> dict:
+    """What a checkpoint's manifest records about the model it holds. ``prompt_names``: the names its
+    text side was trained with (``AnchorBank.record()``), which evaluation keeps using."""
     return {
         "stage": stage,
         "epoch": epoch,
@@ -29,6 +32,7 @@ def manifest(recipe: Recipe, model: AACLIP, stage: str, epoch: int, loop: int | 
         "cross_attention_on": {"text": model.use_text_cross, "image": model.use_image_cross},
         "context_source": model.context_source,
         "recipe": recipe.model_dump(mode="json"),
+        MANIFEST_KEY: prompt_names,
         **extra,
     }
 

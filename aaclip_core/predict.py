@@ -30,6 +30,7 @@ independently, so results do not depend on the batch size.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tempfile
@@ -39,8 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Recipe
+from .config import DatasetRef, Recipe
 from .data.layouts import IMAGE_EXTENSIONS, MASK_FOLDERS
+from .data.prompt_names import PROMPT_NAMES_ARTIFACT, checkpoint_namer
 from .errors import ConfigError, DataError
 from .tracking import TAG, connect, download, get_run
 
@@ -70,6 +72,8 @@ class Calibration:
     dataset: str
     checkpoint: str
     classes: dict[str, dict[str, float]] = field(default_factory=dict)
+    # class -> the prompt name the test run used (empty for test runs that predate recorded names)
+    prompt_names: dict[str, str] = field(default_factory=dict)
 
     @property
     def source(self) -> str:
@@ -109,15 +113,23 @@ def find_calibration(mlflow, run_id: str, checkpoint: str, workdir: Path) -> tup
             continue
         classes = report.get("calibration") or {}
         if classes:
-            return (
-                Calibration(run.info.run_id, run.data.tags.get(f"{TAG}dataset", "?"), checkpoint, classes),
-                None,
-            )
+            calibration = Calibration(run.info.run_id, run.data.tags.get(f"{TAG}dataset", "?"), checkpoint, classes)
+            calibration.prompt_names = _test_prompt_names(mlflow, run.info.run_id, workdir)
+            return calibration, None
     others = _search_test_runs(mlflow, run_id, None)
     if others:
         ck = sorted({r.data.tags.get(f"{TAG}checkpoint", "?") for r in others})
         return None, f"run {run_id} has finished test runs only of checkpoint(s) {', '.join(ck)}, not '{checkpoint}'"
     return None, f"run {run_id} has no finished test run"
+
+
+def _test_prompt_names(mlflow, test_run_id: str, workdir: Path) -> dict[str, str]:
+    try:
+        path = download(mlflow, test_run_id, PROMPT_NAMES_ARTIFACT, workdir / "calibration" / test_run_id)
+    except Exception:  # a test run from before prompt names were logged
+        return {}
+    classes = json.loads(path.read_text(encoding="utf-8")).get("classes", {})
+    return {c: v["name"] for c, v in classes.items()}
 
 
 def parse_threshold(value: str | float | None) -> float | str | None:
@@ -315,9 +327,15 @@ def predict_images(
         model = model_from_checkpoint(recipe, ckpt, device)
         model.eval()
         dataset_name = calibration.dataset if calibration else recipe.data.test.name
-        # The test run's own class set when calibrated, so the anchors are computed exactly as in `test`.
+        # The test run's own class set and names when calibrated, so the anchors are exactly as in `test`.
         classes = sorted({j.class_name for j in jobs if j.error is None} | set(cal_classes))
-        bank = AnchorBank(model, classes, dataset_name) if classes else None
+        test_ref = recipe.data.test
+        if test_ref.name != dataset_name:
+            test_ref = DatasetRef(name=dataset_name, layout="auto")
+        names = checkpoint_namer(recipe, test_ref, ckpt.manifest)
+        if calibration is not None and calibration.prompt_names:
+            names = dataclasses.replace(names, recorded={**names.recorded, **calibration.prompt_names})
+        bank = AnchorBank(model, classes, names) if classes else None
         if bank is not None:
             bank.freeze()
         size = recipe.model.image_size

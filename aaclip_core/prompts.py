@@ -21,6 +21,12 @@ def class_prompts(descriptive_name: str) -> list[str]:
     return [t.format(s.format(descriptive_name)) for s in NORMAL_STATES + ABNORMAL_STATES for t in TEMPLATES]
 
 
+def split_prompts(descriptive_name: str) -> tuple[list[str], list[str]]:
+    """The class's normal sentences and its abnormal ones."""
+    sentences = class_prompts(descriptive_name)
+    return sentences[:N_NORMAL], sentences[N_NORMAL:]
+
+
 def anchors_from_embeddings(emb: torch.Tensor) -> torch.Tensor:
     """[..., 16, E] sentence embeddings -> [..., E, 2] anchors (column 0 normal, 1 abnormal)."""
     emb = F.normalize(emb, dim=-1)

@@ -187,6 +187,7 @@ def test_trained_beats_untrained_adapters(trained, demo_recipe):
     library on the same test split. Measured on 2 CPU cores: trained 0.912, untrained 0.671
     (fresh adapters on other seeds' backbones: 0.39-0.50), so a 0.1 margin is robust."""
     from aaclip_core.anchors import AnchorBank
+    from aaclip_core.data.prompt_names import training_namer
     from aaclip_core.evaluation import evaluate
     from aaclip_core.model import build_model
     from aaclip_core.training.data import load_samples, make_dataset, make_loader
@@ -195,7 +196,7 @@ def test_trained_beats_untrained_adapters(trained, demo_recipe):
     model = build_model(demo_recipe, "cpu")
     assert _fingerprint(model) == trained["built"]["train"][0]  # the run's backbone
     samples = load_samples(demo_recipe.data.test, demo_recipe.runtime.seed)
-    bank = AnchorBank(model, [s.class_name for s in samples], demo_recipe.data.test.name)
+    bank = AnchorBank(model, [s.class_name for s in samples], training_namer(demo_recipe, demo_recipe.data.test))
     loader = make_loader(make_dataset(samples, demo_recipe, "none"), demo_recipe.eval.batch_size, False, demo_recipe, None)
     untrained = evaluate(model, bank, loader, demo_recipe, torch.device("cpu")).mean["pixel_auroc"]
     trained_auroc = trained["test"]["mean"]["pixel_auroc"]

@@ -1,4 +1,4 @@
-"""Indexing of every dataset layout, metadata round trips, class names and validation errors."""
+"""Indexing of every dataset layout, metadata round trips and validation errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from PIL import Image
 
 from aaclip_core.data import (
     Sample,
-    descriptive_name,
     detect_layout,
     index_dataset,
     select_classes,
@@ -384,21 +383,3 @@ def test_sample_rejects_label_outside_0_1(tmp_path):
         Sample(tmp_path / "x.png", 3, "c", None)
 
 
-# --------------------------------------------------------------------------- class names
-
-
-@pytest.mark.parametrize(
-    ("dataset", "folder", "name"),
-    [
-        ("mvtec", "metal_nut", "metal nut"),
-        ("MVTec", "screw", "screw"),
-        ("visa", "pcb3", "infrared sensor pcb module"),
-        ("visa", "chewinggum", "chewing gum"),
-        ("visa", "pipe_fryum", "pipe fryum"),
-        ("synthetic", "plank", "wooden plank"),
-        ("mvtec", "brand_new_part", "brand new part"),
-        ("my-own", "pcb3", "pcb3"),
-    ],
-)
-def test_descriptive_name(dataset, folder, name):
-    assert descriptive_name(dataset, folder) == name

@@ -191,6 +191,7 @@ def test_overlays_have_the_titled_panel_layout(env, demo_recipe, tested):
 
 def test_saved_maps_equal_collect_maps(env, demo_recipe, tested):
     from aaclip_core.anchors import AnchorBank
+    from aaclip_core.data.prompt_names import checkpoint_namer
     from aaclip_core.evaluation import collect_maps
     from aaclip_core.jobs import common
     from aaclip_core.runtime import seed_everything
@@ -200,10 +201,11 @@ def test_saved_maps_equal_collect_maps(env, demo_recipe, tested):
     work = env["work"] / "cm"
     recipe = common.run_recipe(mlflow, env["run"], work)
     seed_everything(recipe.runtime.seed)  # the demo backbone is random: built as every job builds it
-    model = common.model_from_checkpoint(recipe, common.run_checkpoint(mlflow, env["run"], "final", work), "cpu")
+    ckpt = common.run_checkpoint(mlflow, env["run"], "final", work)
+    model = common.model_from_checkpoint(recipe, ckpt, "cpu")
     samples = load_samples(recipe.data.test.model_copy(update={"classes": [CLASS]}), 0)
     picked = [s for s in samples if s.label == 1][:3] + [s for s in samples if s.label == 0][:3]
-    bank = AnchorBank(model, [s.class_name for s in samples], recipe.data.test.name)
+    bank = AnchorBank(model, [s.class_name for s in samples], checkpoint_namer(recipe, recipe.data.test, ckpt.manifest))
     loader = make_loader(make_dataset(picked, recipe, "none"), 4, False, recipe, None)
     cm = collect_maps(model, bank, loader, recipe, torch.device("cpu"))[CLASS]
     by_path = {r["path"]: r for r in tested["rows"]}

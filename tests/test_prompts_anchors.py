@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from aaclip_core.anchors import AnchorBank
-from aaclip_core.data.class_names import descriptive_name
+from aaclip_core.data.prompt_names import PromptNamer
 from aaclip_core.prompts import N_NORMAL, N_PROMPTS, anchors_from_embeddings, class_prompts
 
 BOTTLE = [
@@ -36,7 +36,7 @@ def test_sixteen_sentences_normal_first_exact():
 
 
 def test_prompts_use_descriptive_name():
-    name = descriptive_name("VisA", "pcb3")
+    name = PromptNamer("VisA").resolve("pcb3").name
     assert name == "infrared sensor pcb module"
     prompts = class_prompts(name)
     assert "a damaged infrared sensor pcb module." in prompts
@@ -80,9 +80,10 @@ def _manual_anchors(model, descriptive: str) -> torch.Tensor:
 
 
 def test_anchor_bank_matches_manual_computation(model):
-    bank = AnchorBank(model, ["plank", "fabric", "plank", "disc"], "synthetic")
+    names = PromptNamer("synthetic", overrides={"plank": "wooden plank", "disc": "metal disc"})
+    bank = AnchorBank(model, ["plank", "fabric", "plank", "disc"], names)
     assert bank.class_names == ["disc", "fabric", "plank"]
-    assert bank.descriptive["plank"] == "wooden plank"
+    assert bank.descriptive == {"disc": "metal disc", "fabric": "fabric", "plank": "wooden plank"}
     with torch.no_grad():
         t = bank.anchors(["plank", "disc", "plank"])
     e = model.dims.embed_dim

@@ -78,7 +78,7 @@ def test_cross_attention_switches_survive_the_checkpoint(make_model, demo_overri
     recipe = load_recipe("cross-demo", demo_overrides)[0]
     model = make_model(recipe, with_cross=True)
     model.use_text_cross = model.use_image_cross = False  # a feedback loop before cross_attn_start_loop
-    meta = common.manifest(recipe, model, "stage2", 1, loop=1)
+    meta = common.manifest(recipe, model, "stage2", 1, loop=1, prompt_names={})
     restored = common.model_from_checkpoint(recipe, Checkpoint(model.adapter_state_dict(), meta), "cpu")
     assert restored.text_cross_attn is not None
     assert not restored.use_text_cross and not restored.use_image_cross

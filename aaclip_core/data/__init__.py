@@ -1,6 +1,5 @@
 """Dataset indexing, validation, the synthetic demo dataset, and the torch dataset."""
 
-from aaclip_core.data.class_names import descriptive_name
 from aaclip_core.data.dataset import (
     AUGMENT_MODES,
     AnomalyDataset,
@@ -40,7 +39,6 @@ __all__ = [
     "Sample",
     "build_augmentation",
     "class_names_of",
-    "descriptive_name",
     "detect_layout",
     "ensure_demo_data",
     "index_dataset",

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..config import Recipe
+from ..data.prompt_names import training_namer
 from ..model import AACLIP, build_model
 from ..tracking import TAG, tracked_run
 from ..training.engine import StageSchedule, run_stage
@@ -42,8 +43,9 @@ def train_reference_stages(session: common.Session, model: AACLIP, samples: list
     MultiStepLR), checkpoint both, select the final one. Shared by `train base` and `train cross`."""
     recipe, mlflow = session.recipe, session.mlflow
     text_loader, image_loader = common.loaders(session, samples)
-    bank = common.anchor_bank(model, samples, recipe.data.train.name)
+    bank = common.anchor_bank(model, samples, training_namer(recipe, recipe.data.train))
     common.log_recipe(session)
+    common.log_prompt_names(mlflow, bank)
     common.log_metadata(session, samples, "train.jsonl", recipe.data.train.root)
     mlflow.log_param("trainable_parameters", count_trainable(model))
     started = time.perf_counter()
@@ -54,7 +56,8 @@ def train_reference_stages(session: common.Session, model: AACLIP, samples: list
     h1 = run_stage(1, model, bank, text_loader, StageSchedule(opt1), s1.epochs, recipe, session.device,
                    features=features, log=mlflow.log_metrics, progress=session.reporter.progress,
                    epoch_end=session.reporter.epoch_end, probe_batch=probe)
-    common.save_and_log(session, "stage1", model, common.manifest(recipe, model, "stage1", s1.epochs),
+    common.save_and_log(session, "stage1", model, common.manifest(recipe, model, "stage1", s1.epochs,
+                                                                       prompt_names=bank.record()),
                         opt1.state_dict())
 
     s2 = recipe.stage2
@@ -63,7 +66,7 @@ def train_reference_stages(session: common.Session, model: AACLIP, samples: list
     h2 = run_stage(2, model, bank, image_loader, StageSchedule(opt2, sched2), s2.epochs, recipe, session.device,
                    log=mlflow.log_metrics, progress=session.reporter.progress,
                    epoch_end=session.reporter.epoch_end, probe_batch=probe)
-    meta = common.manifest(recipe, model, "stage2", s2.epochs, text_epoch=s1.epochs)
+    meta = common.manifest(recipe, model, "stage2", s2.epochs, text_epoch=s1.epochs, prompt_names=bank.record())
     common.save_and_log(session, "final", model, meta, opt2.state_dict())
     seconds = time.perf_counter() - started
     mlflow.log_metric("train_seconds", seconds)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from ..backbone import backbone_id
 from ..checkpoints import save_checkpoint
 from ..config import Recipe, flatten, is_stated, recipe_from_dict
 from ..data import Sample, write_metadata_jsonl
+from ..data.prompt_names import PROMPT_NAMES_ARTIFACT, PROMPT_PARAM, PromptNamer
 from ..errors import ConfigError
 from ..model import AACLIP
 from ..model_io import (  # noqa: F401 - re-exported: the jobs call them as common.X
@@ -26,6 +28,7 @@ from ..model_io import (  # noqa: F401 - re-exported: the jobs call them as comm
     run_checkpoint,
     run_recipe,
 )
+from ..prompts import split_prompts
 from ..reporter import Reporter
 from ..runtime import configure_threads, seed_everything, select_device
 from ..tracking import TAG, aaclip_version, connect, git_commit, log_json_artifact, log_params
@@ -169,8 +172,29 @@ def describe_inherited(run_id: str, taken: dict[str, Any]) -> str:
     return (f"inherited from run {run_id[:8]} (not stated by the recipe file or --set): " + ", ".join(shown))
 
 
-def anchor_bank(model: AACLIP, samples: list[Sample], dataset_name: str) -> AnchorBank:
-    return AnchorBank(model, [s.class_name for s in samples], dataset_name)
+def anchor_bank(model: AACLIP, samples: list[Sample], names: PromptNamer) -> AnchorBank:
+    return AnchorBank(model, [s.class_name for s in samples], names)
+
+
+def prompt_names_document(bank: AnchorBank) -> dict:
+    """Every class's prompt name, where it came from and its 16 sentences."""
+    classes = {}
+    for c, p in bank.prompt_names.items():
+        normal, abnormal = split_prompts(p.name)
+        classes[c] = {"name": p.name, "source": p.source, "normal": normal, "abnormal": abnormal}
+    return {"dataset": bank.namer.dataset, "table": bank.namer.table, "classes": classes}
+
+
+def log_prompt_names(mlflow, bank: AnchorBank) -> None:
+    """The prompt names a run used: a ``prompt.<class>`` param each (what `compare` checks) and the
+    full document with the sentences as an artifact (what `aaclip prompts --run` shows)."""
+    log_params(mlflow, {PROMPT_PARAM + _param_key(c): p.name for c, p in bank.prompt_names.items()})
+    log_json_artifact(mlflow, prompt_names_document(bank), PROMPT_NAMES_ARTIFACT)
+
+
+def _param_key(class_name: str) -> str:
+    # MLflow keys allow letters, digits, "_", "-", ".", " " and "/": anything else becomes "_".
+    return re.sub(r"[^\w\-. /]", "_", class_name)
 
 
 def check_trainable(recipe: Recipe) -> None:

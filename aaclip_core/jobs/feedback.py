@@ -20,6 +20,7 @@ import torch
 from ..checkpoints import Checkpoint, checkpoint_name, parse_checkpoint_name
 from ..config import Recipe
 from ..data import train_val_split
+from ..data.prompt_names import checkpoint_namer, training_namer
 from ..data.splits import small_split_warning
 from ..errors import ConfigError
 from ..evaluation import evaluate
@@ -169,7 +170,7 @@ def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: 
     probe = common.probe_batch(train_s, recipe)
 
     model = build_model(recipe, session.device, with_cross=True)
-    bank = common.anchor_bank(model, samples, recipe.data.train.name)
+    names = training_namer(recipe, recipe.data.train)
     betas = (0.9, 0.999)
     state = FeedbackState(
         model=model,
@@ -189,12 +190,16 @@ def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: 
             raise ConfigError(f"Feedback run {resume} already finished all {fb.loops} loops; nothing to resume.")
         else:
             name = checkpoint_name(*done)
-            _restore(state, common.run_checkpoint(mlflow, resume, name, session.workdir, with_optimizer=True))
+            ckpt = common.run_checkpoint(mlflow, resume, name, session.workdir, with_optimizer=True)
+            _restore(state, ckpt)
+            # A run started before prompt names were recorded continues with the names it started with.
+            names = checkpoint_namer(recipe, recipe.data.train, ckpt.manifest)
             session.reporter.info(f"resuming run {resume} after {name}")
     elif from_run:
         tags.update(load_base_adapters(session, model, from_run, None, None))
         # A base run's Adam state is not carried into AdamW (SPEC §7): only its weights are.
     start_loop, start_stage = next_stage(done)
+    bank = common.anchor_bank(model, samples, names)
 
     with tracked_run(mlflow, recipe.tracking.experiment, run_name or f"feedback-{recipe.name}", tags,
                      run_id=resume) as parent:
@@ -206,6 +211,7 @@ def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: 
             mlflow.log_params({"trainable_parameters": count_trainable(model), "val_images": len(val_s)})
             if small:
                 mlflow.set_tag(f"{TAG}val_warning", small)
+            common.log_prompt_names(mlflow, bank)
         children = _child_runs(mlflow, parent_id) if resume else {}
         started = time.perf_counter()
         loop_losses: dict[int, dict[str, list[float]]] = {}
@@ -301,13 +307,14 @@ def _run_loop(
                 )
             else:
                 mlflow.log_metrics({"loop/stage1_loss": hist.losses[-1]}, step=loop, run_id=parent_id)
-            _save(session, state, recipe, loop, stage, epochs, parent_id, extra)
+            _save(session, state, recipe, loop, stage, epochs, parent_id, extra, bank.record())
     return out
 
 
 def _save(session: common.Session, state: FeedbackState, recipe: Recipe, loop: int, stage: int, epochs: int,
-          parent_id: str, extra: dict) -> None:
-    meta = common.manifest(recipe, state.model, f"stage{stage}", epochs, loop=loop, **extra)
+          parent_id: str, extra: dict, prompt_names: dict) -> None:
+    meta = common.manifest(recipe, state.model, f"stage{stage}", epochs, loop=loop, prompt_names=prompt_names,
+                           **extra)
     name = checkpoint_name(loop, stage)
     local = common.save_checkpoint_dir(
         session, name, state.model, meta,

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..config import DatasetRef, Recipe, apply_overrides, flatten, recipe_from_dict
+from ..data.prompt_names import checkpoint_namer
 from ..errors import ConfigError
 from ..evaluation import METRIC_NAMES, evaluate
 from ..pixel_pairs import save_pixel_pairs
@@ -24,7 +25,7 @@ def test_dataset(recipe: Recipe, dataset: str | None, data_root: str | None, lay
     if data_root and not dataset:
         raise ConfigError(
             f"--data-root {data_root} needs --dataset NAME too (e.g. MVTec, VisA): the name selects the "
-            "class-name table and is what the zero-shot check and the run's tags use."
+            "prompt-name table and is what the zero-shot check and the run's tags use."
         )
     ref = recipe.data.test.model_copy()
     updates = {}
@@ -124,7 +125,7 @@ def test_run(
                 f"epoch {ckpt.manifest.get('epoch')}, loop {ckpt.manifest.get('loop')}) on {ref.name}: "
                 f"{len(samples)} images"
             )
-            bank = common.anchor_bank(model, samples, ref.name)
+            bank = common.anchor_bank(model, samples, checkpoint_namer(recipe, ref, ckpt.manifest))
             loader = make_loader(make_dataset(samples, recipe, "none"), recipe.eval.batch_size, False, recipe, None)
             tags = common.run_tags(recipe, "test", ref.name)
             tags.update(
@@ -153,6 +154,7 @@ def test_run(
                 metrics["eval_seconds"] = seconds
                 mlflow.log_metrics(metrics)
                 mlflow.log_params({"test.dataset": ref.name, "test.root": ref.root, "test.checkpoint": ckpt_name})
+                common.log_prompt_names(mlflow, bank)
                 # The protocol settings this test ran with (the run's recipe after --set), for `compare`.
                 mlflow.log_params({f"protocol.{k}": v for k, v in flatten(recipe).items()
                                    if k.startswith("eval.") or k == "data.domain"})

@@ -22,6 +22,7 @@ from pathlib import Path
 from ..backbone import backbone_id
 from ..checkpoints import ReferenceFile, export_reference, map_reference, read_reference, sha256_of
 from ..config import Recipe, apply_overrides, recipe_from_dict
+from ..data.prompt_names import training_namer
 from ..errors import CheckpointError, ConfigError
 from ..model import build_model
 from ..tracking import TAG, connect, get_run, log_json_artifact, tracked_run
@@ -158,6 +159,8 @@ def import_reference_run(
             meta = common.manifest(
                 recipe, model, "imported", image_epoch, text_epoch=text_epoch, image_epoch=image_epoch,
                 imported=provenance,
+                # The reference trained these files with its own table: what this recipe names by default.
+                prompt_names=training_namer(recipe, recipe.data.train).record([]),
             )
             common.save_and_log(session, "final", model, meta)
             mlflow.set_tag(f"{TAG}selected_checkpoint", "final")

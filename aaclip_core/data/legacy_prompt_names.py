@@ -1,8 +1,9 @@
-"""Descriptive class names for text prompts.
+"""aaclip's own class-name table from before prompt names were recorded on checkpoints.
 
-CLIP text prompts work better with natural object names than with folder ids: "pcb3" means
-nothing to the text encoder while "infrared sensor pcb module" does. Unknown datasets or
-classes fall back to the folder name with underscores turned into spaces.
+Only for checkpoints whose manifest records no prompt names: those runs were trained (and tested)
+with these names, and keep evaluating with them. Everything else uses the reference's table
+(``reference_prompt_names.json``, see ``prompt_names``). Do not edit: changing a name here changes
+how those old runs evaluate.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ _TABLES = {
 }
 
 
-def descriptive_name(dataset: str, class_name: str) -> str:
-    """Prompt-friendly name of ``class_name`` in ``dataset`` (dataset name is case-insensitive)."""
-    table = _TABLES.get(dataset.strip().lower().replace("-", "_"), {})
-    return table.get(class_name, class_name.replace("_", " "))
+def legacy_name(dataset: str, class_name: str) -> str | None:
+    """The old table's name of ``class_name`` in ``dataset`` (dataset name is case-insensitive), or
+    None where the old table had none (it then used the folder name, as the caller does)."""
+    return _TABLES.get(dataset.strip().lower().replace("-", "_"), {}).get(class_name)

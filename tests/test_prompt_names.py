@@ -1,0 +1,259 @@
+"""Prompt names (issue 11): the reference's table by default, recipe overrides, the folder-name
+switch, names recorded on runs and checkpoints, and old checkpoints keeping their names."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from aaclip_cli.main import app
+from aaclip_core.anchors import AnchorBank
+from aaclip_core.config import DatasetRef, load_recipe
+from aaclip_core.data.prompt_names import (
+    PromptNamer,
+    checkpoint_namer,
+    reference_dataset,
+    reference_table,
+    training_namer,
+)
+from aaclip_core.prompts import class_prompts
+
+# The reference's templates, typed from its prompt code (not imported from aaclip): each state in
+# each template, normal states first.
+REF_NORMAL = ["{}", "a {}", "the {}"]
+REF_ABNORMAL = ["a damaged {}", "a broken {}", "a {} with flaw", "a {} with defect", "a {} with damage"]
+REF_TEMPLATES = ["{}.", "a photo of {}."]
+
+
+def reference_expansion(name: str) -> tuple[list[str], list[str]]:
+    normal = [t.replace("{}", s.replace("{}", name)) for s in REF_NORMAL for t in REF_TEMPLATES]
+    abnormal = [t.replace("{}", s.replace("{}", name)) for s in REF_ABNORMAL for t in REF_TEMPLATES]
+    return normal, abnormal
+
+
+TABLE_CLASSES = [(d, c, n) for d, classes in reference_table().items() for c, n in classes.items()]
+
+
+def test_shipped_table_covers_the_reference_datasets():
+    table = reference_table()
+    sizes = {d: len(table[d]) for d in ("MVTec", "VisA", "MPDD", "BTAD")}
+    assert sizes == {"MVTec": 15, "VisA": 12, "MPDD": 6, "BTAD": 3}
+    for medical in ("Brain", "Liver", "Retina", "Colon_clinicDB", "Colon_colonDB", "Colon_cvc300", "Colon_Kvasir"):
+        assert medical in table
+    # Spot checks against the reference's table, word for word.
+    assert table["MVTec"]["bottle"] == "dark bottle"
+    assert table["MVTec"]["pill"] == "oval white pill with small red speckles and the letters 'FF' engraved"
+    assert table["VisA"]["pcb3"] == "infrared sensor pcb module"
+    assert table["Colon_cvc300"]["CVC-300"] == "colon endoscopy image"
+    assert table["Liver"]["Liver"] == "scan"
+
+
+@pytest.mark.parametrize(("dataset", "class_name", "name"), TABLE_CLASSES)
+def test_every_table_class_gets_the_reference_sentences(dataset, class_name, name):
+    namer = PromptNamer(dataset)
+    chosen = namer.resolve(class_name)
+    assert (chosen.name, chosen.source) == (name, "reference")
+    normal, abnormal = reference_expansion(name)
+    assert len(normal) == 6 and len(abnormal) == 10
+    assert class_prompts(chosen.name) == normal + abnormal
+
+
+def test_both_fidelities_use_the_table(demo_overrides):
+    for fidelity in ("official", "corrected"):
+        recipe, _ = load_recipe("base", [f'fidelity="{fidelity}"'])
+        assert training_namer(recipe, recipe.data.test).resolve("cable").name == "top view of three cables"
+        assert training_namer(recipe, recipe.data.train).resolve("pcb1").name == "dual ultrasonic distance sensor pcb module"
+
+
+@pytest.mark.parametrize(
+    ("name", "layout", "key"),
+    [
+        ("MVTec", None, "MVTec"),
+        ("MVTec AD", None, "MVTec"),
+        ("mvtec_anomaly_detection", "auto", "MVTec"),
+        ("visa", None, "VisA"),
+        ("my visa copy", "visa", "VisA"),
+        ("btad", None, "BTAD"),
+        ("parts", "mpdd", "MPDD"),
+        ("kvasir", None, "Colon_Kvasir"),
+        ("CVC-300", None, "Colon_cvc300"),
+        ("brain MRI", None, "Brain"),
+        ("synthetic", "synthetic", None),
+        ("my-own", "mvtec", None),
+    ],
+)
+def test_dataset_matching(name, layout, key):
+    assert reference_dataset(name, layout) == key
+
+
+def test_unknown_classes_and_folder_switch():
+    assert PromptNamer("MVTec").resolve("brand_new_part").name == "brand new part"
+    assert PromptNamer("my-own").resolve("pcb3").source == "folder"
+    folder = PromptNamer("MVTec", table="folder").resolve("metal_nut")
+    assert (folder.name, folder.source) == ("metal nut", "folder")
+
+
+def test_recipe_section_overrides_and_switch(demo_overrides):
+    recipe, _ = load_recipe("base", ['prompts.names.bottle="green glass bottle"', 'prompts.table="folder"'])
+    namer = training_namer(recipe, DatasetRef(name="MVTec"))
+    assert namer.resolve("bottle").name == "green glass bottle" and namer.resolve("bottle").source == "recipe"
+    assert namer.resolve("cable").name == "cable"
+
+
+def test_recipe_rejects_an_unknown_table_and_blank_names():
+    from aaclip_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="prompts.table"):
+        load_recipe("base", ['prompts.table="mine"'])
+    with pytest.raises(ConfigError, match="prompt name of class 'bottle' is empty"):
+        load_recipe("base", ['prompts.names.bottle=" "'])
+
+
+def _manual_anchors(model, name: str) -> torch.Tensor:
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(model.encode_text(model.tokenize(class_prompts(name))), dim=-1)
+    normal = torch.nn.functional.normalize(emb[:6].mean(0), dim=-1)
+    abnormal = torch.nn.functional.normalize(emb[6:].mean(0), dim=-1)
+    return torch.stack([normal, abnormal], dim=-1)
+
+
+def test_recipe_override_changes_the_anchors(make_model, demo_recipe):
+    model = make_model()
+    default = AnchorBank(model, ["bottle"], PromptNamer("MVTec"))
+    data = demo_recipe.model_dump(mode="json")
+    data["prompts"]["names"]["bottle"] = "green glass bottle"
+    recipe = type(demo_recipe).model_validate(data)
+    overridden = AnchorBank(model, ["bottle"], training_namer(recipe, DatasetRef(name="MVTec")))
+    with torch.no_grad():
+        a, b = default.anchors(["bottle"])[0], overridden.anchors(["bottle"])[0]
+    assert torch.allclose(a, _manual_anchors(model, "dark bottle"), atol=1e-5)
+    assert torch.allclose(b, _manual_anchors(model, "green glass bottle"), atol=1e-5)
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_checkpoint_namer_keeps_recorded_and_legacy_names(demo_recipe):
+    ref = DatasetRef(name="MVTec")
+    # A checkpoint that records no names was trained with aaclip's old table.
+    old = checkpoint_namer(demo_recipe, ref, {"stage": "stage2"})
+    assert old.table == "legacy" and old.resolve("bottle").name == "bottle"
+    assert old.resolve("metal_nut").source == "legacy"
+    assert PromptNamer("VisA", table="legacy").resolve("pcb1").name == "printed circuit board"
+    # Recorded names win over today's table for the dataset they were recorded on.
+    record = {"table": "reference", "dataset": "MVTec", "names": {"bottle": "an older bottle name"}}
+    new = checkpoint_namer(demo_recipe, ref, {"prompt_names": record})
+    assert new.resolve("bottle").name == "an older bottle name" and new.resolve("bottle").source == "checkpoint"
+    assert new.resolve("cable").name == "top view of three cables"
+    # ... and do not leak onto another dataset's classes of the same folder name.
+    other = checkpoint_namer(demo_recipe, DatasetRef(name="mine"), {"prompt_names": record})
+    assert other.resolve("bottle").name == "bottle"
+
+
+# ------------------------------------------------------------------------------------------ CLI, runs
+
+
+def _invoke(args: list[str]):
+    return CliRunner().invoke(app, args)
+
+
+def test_prompts_command_json_of_mvtec_bottle():
+    result = _invoke(["prompts", "--dataset", "MVTec", "--class", "bottle", "--json"])
+    assert result.exit_code == 0, result.output
+    card = json.loads(result.stdout)
+    normal, abnormal = reference_expansion("dark bottle")
+    assert card == {"dataset": "MVTec", "class": "bottle", "name": "dark bottle", "source": "reference",
+                    "normal": normal, "abnormal": abnormal}
+
+
+def test_prompts_command_with_recipe_set_and_bad_usage():
+    result = _invoke(["prompts", "--dataset", "MVTec", "--class", "bottle", "--set",
+                      'prompts.names.bottle="amber bottle"', "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["name"] == "amber bottle"
+    result = _invoke(["prompts", "--dataset", "MVTec"])
+    assert result.exit_code == 2 and "--class" in result.output and "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, demo_overrides):
+    """A one-epoch demo base run and a test of it, plus an old-style copy of it: recipe and
+    checkpoint without prompt names, as runs trained before names were recorded are."""
+    workdir = tmp_path_factory.mktemp("prompt-names")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    sets = []
+    for o in [*demo_overrides, "stage1.epochs=1", "stage2.epochs=1"]:
+        sets += ["--set", o]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workdir)
+        train = _invoke(["train", "base", "--recipe", "demo", "--json", "--tracking-uri", uri, *sets])
+        assert train.exit_code == 0, train.output
+        run_id = json.loads(train.stdout)["run_id"]
+        client = mlflow.MlflowClient(uri)
+        src = Path(client.download_artifacts(run_id, "", str(workdir / "src")))
+        recipe = json.loads((src / "recipe.json").read_text())
+        del recipe["prompts"]  # recipes had no [prompts] section
+        manifest_path = src / "checkpoints" / "final" / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        del manifest["prompt_names"]
+        manifest_path.write_text(json.dumps(manifest))
+        (src / "recipe.json").write_text(json.dumps(recipe))
+        shutil.rmtree(src / "prompts")
+        run = client.get_run(run_id)
+        old = client.create_run(run.info.experiment_id, tags={k: v for k, v in run.data.tags.items()
+                                                              if k.startswith("aaclip.")})
+        client.log_artifact(old.info.run_id, str(src / "recipe.json"))
+        client.log_artifacts(old.info.run_id, str(src / "checkpoints" / "final"), "checkpoints/final")
+        client.set_terminated(old.info.run_id)
+        tests = {}
+        for rid in (run_id, old.info.run_id):
+            test = _invoke(["test", "--run", rid, "--json", "--tracking-uri", uri])
+            assert test.exit_code == 0, test.output
+            tests[rid] = json.loads(test.stdout)["run_id"]
+    return {"uri": uri, "run": run_id, "old": old.info.run_id, "tests": tests, "workdir": workdir}
+
+
+DEMO_NAMES = {"plank": "wooden plank", "fabric": "woven fabric", "disc": "metal disc"}
+
+
+def test_runs_and_checkpoints_record_the_names(short_run):
+    from aaclip_core.checkpoints import load_checkpoint
+
+    client = mlflow.MlflowClient(short_run["uri"])
+    for rid in (short_run["run"], short_run["tests"][short_run["run"]]):
+        params = client.get_run(rid).data.params
+        assert {c: params[f"prompt.{c}"] for c in DEMO_NAMES} == DEMO_NAMES
+        doc = json.loads(Path(client.download_artifacts(rid, "prompts/names.json", str(short_run["workdir"] / rid)))
+                         .read_text())
+        assert {c: v["name"] for c, v in doc["classes"].items()} == DEMO_NAMES
+        assert doc["classes"]["disc"]["normal"][0] == "metal disc."
+    ckpt = load_checkpoint(Path(client.download_artifacts(short_run["run"], "checkpoints/final",
+                                                          str(short_run["workdir"] / "ck"))))
+    assert ckpt.manifest["prompt_names"] == {"table": "reference", "dataset": "synthetic", "names": DEMO_NAMES}
+
+
+def test_old_checkpoint_evaluates_with_the_names_it_was_trained_with(short_run):
+    """An old run's recipe has no [prompts] section, so today's default would be the folder names
+    ("plank"); it was trained with aaclip's old table ("wooden plank") and is tested with it."""
+    client = mlflow.MlflowClient(short_run["uri"])
+    test_id = short_run["tests"][short_run["old"]]
+    params = client.get_run(test_id).data.params
+    assert {c: params[f"prompt.{c}"] for c in DEMO_NAMES} == DEMO_NAMES
+    doc = json.loads(Path(client.download_artifacts(test_id, "prompts/names.json", str(short_run["workdir"] / "o")))
+                     .read_text())
+    assert {v["source"] for v in doc["classes"].values()} == {"legacy"}
+
+
+def test_prompts_command_shows_a_runs_names(short_run):
+    result = _invoke(["prompts", "--run", short_run["run"], "--class", "disc", "--json",
+                      "--tracking-uri", short_run["uri"]])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["logged"] is True and [c["name"] for c in out["classes"]] == ["metal disc"]
+    assert out["classes"][0]["abnormal"] == reference_expansion("metal disc")[1]
+    result = _invoke(["prompts", "--run", short_run["run"], "--class", "wombat", "--tracking-uri", short_run["uri"]])
+    assert result.exit_code == 2 and "wombat" in result.output
