@@ -121,6 +121,23 @@ def handle_errors(fn):
 
 # ------------------------------------------------------------------------------------------ options
 
+def translate_sets(values: list[str] | None) -> list[str] | None:
+    """--set OLD_NAME=value (the reference's or the fork's setting name) -> the aaclip setting,
+    said once on stderr (`image_cross_attn_weight → cross.image_weight`)."""
+    if not values:
+        return values
+    from aaclip_core.config import translate_override
+
+    out, said = [], set()
+    for text in values:
+        translated, alias = translate_override(text)
+        if alias is not None and alias.old not in said:
+            said.add(alias.old)
+            err.print(alias.arrow, markup=False, highlight=False)
+        out += translated
+    return out
+
+
 RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Shipped recipe name or path to a TOML file.")]
 SetOpt = Annotated[
     Optional[list[str]],
@@ -128,8 +145,10 @@ SetOpt = Annotated[
         "--set",
         "-s",
         metavar="KEY=VALUE",
+        callback=translate_sets,
         help="Override a recipe value, e.g. stage2.epochs=3 (repeatable; values are TOML literals; "
-        "KEY=null puts the field back to its default).",
+        "KEY=null puts the field back to its default; the reference's and the fork's names work too, e.g. "
+        "image_cross_attn_weight=0.1).",
     ),
 ]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: the recipe's, 111).")]

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .setting_aliases import Alias, aliases
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -286,21 +287,50 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def translate_override(text: str) -> tuple[list[str], Alias | None]:
+    """``OLD_NAME=value`` (a reference/fork setting name) -> the same value for the aaclip
+    setting(s) it is, and the alias used; anything else unchanged. Names without a counterpart are
+    left for `apply_overrides` to refuse."""
+    key, sep, raw = text.partition("=")
+    alias = aliases().get(key.strip()) if sep else None
+    if alias is None or not alias.settings:
+        return [text], None
+    return [f"{setting}={raw}" for setting in alias.settings], alias
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        key, value = parse_override(text)
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: '{part}' is a value, not a table.")
-            node = child
-        if value is _RESET:
-            node.pop(parts[-1], None)
-        else:
-            node[parts[-1]] = value
+    for given in overrides:
+        for text in translate_override(given)[0]:
+            _apply_override(data, text)
     return data
+
+
+def _apply_override(data: dict[str, Any], text: str) -> None:
+    key, value = parse_override(text)
+    alias = aliases().get(key)
+    if alias is not None and not alias.settings:
+        raise ConfigError(f"--set {key}: the reference/fork setting '{key}' has no aaclip counterpart: {alias.instead}.")
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{part}' is a value, not a table.")
+        node = child
+    if value is _RESET:
+        node.pop(parts[-1], None)
+    else:
+        node[parts[-1]] = value
+
+
+def _unknown_key(loc: str) -> str:
+    """Why a key is unknown: most often a reference/fork name, or a typo."""
+    alias = aliases().get(loc.rsplit(".", 1)[-1])
+    if alias is None:
+        return "unknown key (`aaclip recipes show NAME --aliases` lists the reference/fork names --set accepts)"
+    if not alias.settings:
+        return f"unknown key: the reference/fork setting '{alias.old}' has no aaclip counterpart: {alias.instead}"
+    return f"unknown key: '{alias.old}' is the reference/fork name of {' and '.join(alias.settings)}; write that"
 
 
 def recipe_from_dict(data: dict[str, Any], source: str) -> Recipe:
@@ -310,7 +340,7 @@ def recipe_from_dict(data: dict[str, Any], source: str) -> Recipe:
         problems = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            msg = _unknown_key(loc) if err["type"] == "extra_forbidden" else err["msg"]
             problems.append(f"'{loc}': {msg}" if loc else msg)
         raise ConfigError(
             f"Recipe {source} is invalid: {'; '.join(problems)}. Fix the key in the file or with "
@@ -352,7 +382,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> tuple[
     data = apply_overrides(data, overrides or [])
     source = f"'{path}'" + (f" with --set {' '.join(overrides)}" if overrides else "")
     recipe = recipe_from_dict(data, source)
-    recipe._stated = _own_keys(path) | {parse_override(o)[0] for o in overrides or []}
+    recipe._stated = _own_keys(path) | {parse_override(t)[0] for o in overrides or [] for t in translate_override(o)[0]}
     return recipe, path
 
 
