@@ -30,7 +30,6 @@ independently, so results do not depend on the batch size.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import tempfile
@@ -40,9 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DatasetRef, Recipe
+from .config import Recipe
 from .data.layouts import IMAGE_EXTENSIONS, MASK_FOLDERS
-from .data.prompt_names import PROMPT_NAMES_ARTIFACT, checkpoint_namer
+from .data.prompt_names import PROMPT_NAMES_ARTIFACT, scoring_namer
 from .errors import ConfigError, DataError
 from .tracking import TAG, connect, download, get_run
 
@@ -329,12 +328,7 @@ def predict_images(
         dataset_name = calibration.dataset if calibration else recipe.data.test.name
         # The test run's own class set and names when calibrated, so the anchors are exactly as in `test`.
         classes = sorted({j.class_name for j in jobs if j.error is None} | set(cal_classes))
-        test_ref = recipe.data.test
-        if test_ref.name != dataset_name:
-            test_ref = DatasetRef(name=dataset_name, layout="auto")
-        names = checkpoint_namer(recipe, test_ref, ckpt.manifest)
-        if calibration is not None and calibration.prompt_names:
-            names = dataclasses.replace(names, recorded={**names.recorded, **calibration.prompt_names})
+        names = scoring_namer(recipe, dataset_name, ckpt.manifest, calibration and calibration.prompt_names)
         bank = AnchorBank(model, classes, names) if classes else None
         if bank is not None:
             bank.freeze()

@@ -16,6 +16,7 @@ trained with it). ``prompts.table = "folder"`` skips the table.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -141,3 +142,23 @@ def checkpoint_namer(recipe: Recipe, ref: DatasetRef, manifest: Mapping[str, Any
     same_data = _normalise(str(record.get("dataset", ""))) == _normalise(ref.name)
     recorded = dict(record.get("names") or {}) if same_data and record.get("table") == recipe.prompts.table else {}
     return PromptNamer(ref.name, recipe.prompts.table, ref.layout, overrides, recorded)
+
+
+def scoring_namer(recipe: Recipe, dataset: str, manifest: Mapping[str, Any],
+                  test_names: Mapping[str, str] | None = None) -> PromptNamer:
+    """Names for scoring images with a checkpoint (`predict`, exported detectors) as its test run on
+    ``dataset`` did: that run's logged names where there are any, else what `test` would choose."""
+    test = recipe.data.test
+    ref = test if test.name == dataset else DatasetRef(name=dataset, layout="auto")
+    namer = checkpoint_namer(recipe, ref, manifest)
+    if test_names:
+        namer = dataclasses.replace(namer, recorded={**namer.recorded, **test_names})
+    return namer
+
+
+def differences_from_reference(dataset: str, names: Mapping[str, str], layout: str | None = None) -> dict[str, tuple[str, str]]:
+    """class -> (name used, the reference's name) for the classes of a known dataset whose name is
+    not the reference's; empty when the dataset is not in the table."""
+    key = reference_dataset(dataset, layout)
+    table = reference_table().get(key, {}) if key else {}
+    return {c: (n, table[c]) for c, n in sorted(names.items()) if c in table and table[c] != n}

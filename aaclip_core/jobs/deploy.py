@@ -21,6 +21,7 @@ from ..config import Recipe, recipe_hash
 from ..deploy.contract import INPUT_NAMES, OUTPUT_NAMES
 from ..deploy.export import FORMATS, OPSET, SUFFIX, export_graph, quantize_int8, write_sidecar
 from ..deploy.graph import DetectorGraph
+from ..data.prompt_names import scoring_namer
 from ..errors import ConfigError
 from ..model_io import default_checkpoint, model_from_checkpoint, run_checkpoint, run_recipe
 from ..predict import find_calibration, training_classes
@@ -124,7 +125,7 @@ def export_detector(
     device = torch.device("cpu")
     model = model_from_checkpoint(recipe, ckpt, device)
     dataset = calibration.dataset if calibration else recipe.data.test.name
-    bank = AnchorBank(model, names, dataset)
+    bank = AnchorBank(model, names, scoring_namer(recipe, dataset, ckpt.manifest, calibration and calibration.prompt_names))
     graph = DetectorGraph(model, bank, calibration.classes if calibration else {}, recipe.model.image_size,
                           recipe.data.domain)
     path = directory / f"{STEM}{SUFFIX[fmt]}"
