@@ -214,6 +214,10 @@ def short_run(tmp_path_factory, demo_overrides):
             test = _invoke(["test", "--run", rid, "--json", "--tracking-uri", uri])
             assert test.exit_code == 0, test.output
             tests[rid] = json.loads(test.stdout)["run_id"]
+        # The run tested again with another name for one class: its latest test, for `compare`.
+        renamed = _invoke(["test", "--run", run_id, "--json", "--tracking-uri", uri,
+                           "--set", 'prompts.names.disc="grey disc"'])
+        assert renamed.exit_code == 0, renamed.output
     return {"uri": uri, "run": run_id, "old": old.info.run_id, "tests": tests, "workdir": workdir}
 
 
@@ -257,3 +261,54 @@ def test_prompts_command_shows_a_runs_names(short_run):
     assert out["classes"][0]["abnormal"] == reference_expansion("metal disc")[1]
     result = _invoke(["prompts", "--run", short_run["run"], "--class", "wombat", "--tracking-uri", short_run["uri"]])
     assert result.exit_code == 2 and "wombat" in result.output
+
+
+def test_compare_marks_a_prompt_name_difference_unfair(short_run):
+    result = _invoke(["compare", "--json", "--tracking-uri", short_run["uri"], "--reference", short_run["old"],
+                      short_run["run"], short_run["old"]])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    row = next(r["key"] for r in doc["rows"] if r["run_id"] == short_run["run"])
+    comparison = next(c for c in doc["comparisons"] if c["row"] == row)
+    assert comparison["verdict"] == "UNFAIR"
+    assert "prompt names differ on synthetic for 1 class(es) (disc: 'grey disc' vs 'metal disc')" in comparison["unfair"]
+    fields = {d["field"]: d for d in doc["differences"]}
+    assert fields["prompt names on synthetic"]["severity"] == "unfair"
+
+
+def test_compare_takes_unlogged_test_names_as_the_old_table():
+    from aaclip_core.compare.fairness import used_prompt_names
+    from aaclip_core.compare.rows import TestResult
+
+    old = TestResult("t", "MVTec", "final", {}, None, {}, True, prompt_names=None)
+    assert used_prompt_names(old, ["bottle", "metal_nut"]) == {"bottle": "bottle", "metal_nut": "metal nut"}
+    new = TestResult("u", "MVTec", "final", {}, None, {}, True, prompt_names={"bottle": "dark bottle"})
+    assert used_prompt_names(new, ["bottle"]) == {"bottle": "dark bottle"}
+
+
+def _doctor_checks(*args) -> dict:
+    result = _invoke(["doctor", "--json", *args])
+    assert result.exit_code in (0, 1), result.output  # 1: another check (data, weights) fails here
+    return {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+
+
+def test_doctor_warns_on_non_reference_names_in_official_fidelity(tmp_path):
+    uri = ["--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    checks = _doctor_checks("--recipe", "base", *uri)
+    assert checks["prompt names (test: MVTec)"]["status"] == "pass"
+    assert checks["prompt names (train: VisA)"]["status"] == "pass"
+    checks = _doctor_checks("--recipe", "base", "--set", 'prompts.names.bottle="bottle"', *uri)
+    warn = checks["prompt names (test: MVTec)"]
+    assert warn["status"] == "warn" and warn["value"] == 1 and "bottle: 'bottle' (reference: 'dark bottle')" in warn["detail"]
+    checks = _doctor_checks("--recipe", "base", "--set", 'prompts.table="folder"', "--set", 'fidelity="corrected"', *uri)
+    assert checks["prompt names (test: MVTec)"]["status"] == "pass"  # allowed outside official fidelity
+    assert checks["prompt names (test: MVTec)"]["value"] == 14  # every MVTec class but screw
+
+
+def test_doctor_names_a_run_that_used_the_old_table():
+    from aaclip_core.doctor.static import check_prompt_names
+
+    old = PromptNamer("VisA", table="legacy")
+    names = {c: old.resolve(c).name for c in reference_table()["VisA"]}
+    check = check_prompt_names("official", "VisA", names, "run prompt names", legacy=True)
+    assert check.status == "warn" and check.value == 8 and "aaclip's old name table" in check.detail

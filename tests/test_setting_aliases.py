@@ -122,3 +122,15 @@ def test_recipes_show_aliases_lists_both_names():
     assert rows["feedback.text_lr"].endswith("# text_lr")
     assert "#" not in rows["eval.aupro"]
     assert "# test_use_image_cross_attn:" in result.stdout
+
+
+def test_doctor_names_settings_by_both_names(tmp_path):
+    import json
+
+    result = CliRunner().invoke(app, ["doctor", "--json", "--recipe", "cross", "--set", "image_cross_attn_weight=1.0",
+                                      "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    assert result.exit_code == 1, result.output  # the weight fails
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    check = checks["cross.image_weight (image_cross_attn_weight)"]
+    assert check["status"] == "fail" and check["value"] == 1.0
+    assert "cross.text_weight (text_cross_attn_weight)" in checks

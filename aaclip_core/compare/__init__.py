@@ -11,7 +11,7 @@ Fairness of a row against the reference row on a test dataset:
 * UNFAIR: test dataset or test images differ, fidelity, backbone or weights, image size,
   QuickGELU (it changes the frozen backbone's function), protocol settings (``eval.*`` except
   ``eval.batch_size`` and ``eval.aupro``, which do not change any number, and ``data.domain``),
-  or the row is a feedback loop other than the held-out selected one (preferring it can only
+  the prompt names the tests used (a test run that logged none used aaclip's old table), or the row is a feedback loop other than the held-out selected one (preferring it can only
   rest on its test score: selection on the test set).
 * note: seed, total epochs, trainable-parameter count, training dataset, declared checkpoint vs
   held-out loop selection, AUPRO computed for one side only.

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .rows import Row
+from ..data.prompt_names import PromptNamer
+from .rows import Row, TestResult
 
 # Protocol settings whose difference does not change a reported number (batch independence is a
 # design rule, SPEC §6; aupro only switches AUPRO on or off).
@@ -40,6 +41,25 @@ def _protocol_diff(a: dict[str, str], b: dict[str, str]) -> tuple[list[str], lis
     return unfair, notes
 
 
+def used_prompt_names(test: TestResult, classes) -> dict[str, str]:
+    """The names a test run used; one that logged none used aaclip's old table (for ``classes``)."""
+    if test.prompt_names is not None:
+        return test.prompt_names
+    old = PromptNamer(test.dataset, "legacy")
+    return {c: old.resolve(c).name for c in sorted(classes)}
+
+
+def _prompt_names_diff(dataset: str, a: TestResult, b: TestResult) -> list[str]:
+    classes = set(a.prompt_names or {}) | set(b.prompt_names or {})
+    na, nb = used_prompt_names(a, classes), used_prompt_names(b, classes)
+    differ = sorted(c for c in set(na) | set(nb) if na.get(c) != nb.get(c))
+    if not differ:
+        return []
+    shown = "; ".join(f"{c}: '{na.get(c, '?')}' vs '{nb.get(c, '?')}'" for c in differ[:3])
+    more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+    return [f"prompt names differ on {dataset} for {len(differ)} class(es) ({shown}{more})"]
+
+
 def fairness(row: Row, ref: Row, dataset: str, paths: tuple[set[str] | None, set[str] | None]) -> dict:
     """Why a comparison of ``row`` with ``ref`` on ``dataset`` is UNFAIR, or what to note."""
     unfair: list[str] = []
@@ -59,7 +79,7 @@ def fairness(row: Row, ref: Row, dataset: str, paths: tuple[set[str] | None, set
         elif rt.root != ft.root:
             unfair.append(f"test data root differs ({rt.root} vs {ft.root})")
         u, n = _protocol_diff(rt.protocol, ft.protocol)
-        unfair += u
+        unfair += u + _prompt_names_diff(dataset, rt, ft)
         notes += n
         if not (rt.protocol_logged and ft.protocol_logged):
             notes.append("a test run predates logged protocol settings; the training recipe's are assumed")
@@ -97,6 +117,8 @@ def differences(rows: list[Row], image_sets: dict[tuple[str, str], set[str] | No
         on = [r for r in rows if d in r.tests]
         add(f"protocol settings on {d}", "unfair",
             {r.key: {k: v for k, v in sorted(r.tests[d].protocol.items()) if k not in _PROTOCOL_NEUTRAL} for r in on})
+        classes = {c for r in on for c in (r.tests[d].prompt_names or {})}
+        add(f"prompt names on {d}", "unfair", {r.key: used_prompt_names(r.tests[d], classes) for r in on})
         sizes = {r.key: len(image_sets[(r.key, d)]) if image_sets.get((r.key, d)) is not None else None for r in on}
         sets = {frozenset(image_sets[(r.key, d)]) for r in on if image_sets.get((r.key, d)) is not None}
         if len(sets) > 1:

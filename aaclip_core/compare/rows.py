@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoints import FINAL, checkpoint_name, parse_checkpoint_name
+from ..data.prompt_names import PROMPT_PARAM
 from ..evaluation import METRIC_NAMES
 from ..tracking import TAG
 from ..training.schedule import loop_epochs
@@ -34,6 +35,8 @@ class TestResult:
     protocol_logged: bool  # False: taken from the training recipe (test run predates the params)
     n_images: int | None = None
     same_dataset: bool = False  # tested on the run's own training data (declared; `test` tags it)
+    # class -> prompt name the test used; None: the test run predates logged names (aaclip's old table)
+    prompt_names: dict[str, str] | None = None
 
 
 @dataclass
@@ -96,6 +99,7 @@ def _test_result(test_run, train_params: dict[str, str]) -> TestResult:
         protocol=protocol,
         protocol_logged=logged,
         same_dataset=test_run.data.tags.get(f"{TAG}same_dataset") == "true",
+        prompt_names={k[len(PROMPT_PARAM):]: v for k, v in p.items() if k.startswith(PROMPT_PARAM)} or None,
     )
 
 

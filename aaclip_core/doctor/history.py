@@ -7,9 +7,18 @@ import math
 from typing import Any
 
 from ..config import Recipe
+from ..data.prompt_names import PROMPT_PARAM, PromptNamer, reference_dataset, reference_table
+from ..setting_aliases import both_names
 from ..tracking import TAG, loop_runs
 from .checks import GRAD_BAND, GRAD_BAND_BACKBONE, GRAD_DEAD, GRAD_FAR_ABOVE, GRAD_VANISHING, LOSS_NEARLY_FLAT, Check
-from .static import check_activation, check_cross_weight, check_data, check_device, check_weights
+from .static import (
+    check_activation,
+    check_cross_weight,
+    check_data,
+    check_device,
+    check_prompt_names,
+    check_weights,
+)
 
 def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((int(m.step), float(m.value)) for m in client.get_metric_history(run_id, key))
@@ -152,7 +161,7 @@ def _run_cross_checks(client, run, loops: dict[int, Any], recipe: Recipe | None)
             w = float(p[f"cross.{kind}_weight"])
         else:
             w = getattr(recipe.cross, f"{kind}_weight") if recipe is not None else None
-        checks.append(check_cross_weight(kind, w, f"run cross.{kind}_weight"))
+        checks.append(check_cross_weight(kind, w, f"run {both_names(f'cross.{kind}_weight')}"))
         logged = []
         for _, r in sorted(loops.items()):
             logged += [v for _, v in _history(client, r.info.run_id, f"cross/{kind}_weight")]
@@ -161,6 +170,19 @@ def _run_cross_checks(client, run, loops: dict[int, Any], recipe: Recipe | None)
             c.detail = f"last of {len(logged)} logged values (first {logged[0]:g}); " + c.detail
             checks.append(c)
     return checks
+
+
+def _run_prompt_check(run, recipe: Recipe | None, fidelity: str | None) -> Check:
+    """The names the run trained with (its prompt.<class> params); a run without them predates
+    recorded names and used aaclip's old table."""
+    dataset = run.data.tags.get(f"{TAG}dataset") or (recipe.data.train.name if recipe else "?")
+    names = {k[len(PROMPT_PARAM):]: v for k, v in run.data.params.items() if k.startswith(PROMPT_PARAM)}
+    legacy = not names
+    if legacy:
+        key = reference_dataset(dataset)
+        old = PromptNamer(dataset, "legacy")
+        names = {c: old.resolve(c).name for c in (reference_table().get(key, {}) if key else {})}
+    return check_prompt_names(fidelity, dataset, names, "run prompt names", legacy)
 
 
 def run_checks(client, mlflow, run, recipe: Recipe | None, tracking_uri: str | None) -> list[Check]:
@@ -188,6 +210,8 @@ def run_checks(client, mlflow, run, recipe: Recipe | None, tracking_uri: str | N
     if t.get(f"{TAG}quick_gelu") is not None:
         quick = _bool(t.get(f"{TAG}quick_gelu"))  # the activation the run actually used
     checks.append(check_activation(fidelity, quick, pretrained, "run activation (QuickGELU vs fidelity vs weights)"))
+    if stage != "imported":
+        checks.append(_run_prompt_check(run, recipe, fidelity))
 
     loops = _loop_runs(client, run)
     feedback = stage == "feedback"

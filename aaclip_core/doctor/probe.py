@@ -24,6 +24,7 @@ def _probe_batch(samples, recipe: Recipe):
 
 def probe_checks(mlflow, run, recipe: Recipe | None, workdir: Path) -> list[Check]:
     from ..anchors import AnchorBank
+    from ..data.prompt_names import checkpoint_namer
     from ..diagnostics import gradient_dilution_probe
     from ..model_io import default_checkpoint, model_from_checkpoint, run_checkpoint
     from ..runtime import select_device
@@ -51,15 +52,13 @@ def probe_checks(mlflow, run, recipe: Recipe | None, workdir: Path) -> list[Chec
         return [Check(names[0], "fail", None, f"cannot set up the probe: {exc}",
                       "fix the weights / data checks above (--set data.train.root=PATH)")]
     batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
-    probe = gradient_dilution_probe(model, AnchorBank(model, batch["class_name"], recipe.data.train.name), recipe,
-                                    batch)
-    at_trained = gradient_dilution_probe(
-        trained, AnchorBank(trained, batch["class_name"], recipe.data.train.name), recipe, batch
-    )
+    prompt_names = checkpoint_namer(recipe, recipe.data.train, ckpt.manifest)  # the names it was trained with
+    probe = gradient_dilution_probe(model, AnchorBank(model, batch["class_name"], prompt_names), recipe, batch)
+    at_trained = gradient_dilution_probe(trained, AnchorBank(trained, batch["class_name"], prompt_names), recipe, batch)
     # With trained weights, switching the cross-attention off moves the model off the distribution it
     # was trained on (larger loss, larger gradients), which confounds the ratio; so the verdict is
     # taken where the starvation starts: the weights the cross-attention was introduced on.
-    where = (f"measured at {origin} with image_cross_attn_weight {probe.image_weight:g} on {len(picked)} training "
+    where = (f"measured at {origin} with image_cross_attn_weight {probe.image_weight:g} (aaclip: cross.image_weight) on {len(picked)} training "
              f"images ({sum(s.label for s in picked)} anomalous); the ratio at the trained checkpoint '{ckpt_name}' is "
              f"its own check (the share there: {100 * at_trained.cross_share:.1f} %)")
     fix = "--set cross.image_weight=0.1 and train again (SPEC §6)"

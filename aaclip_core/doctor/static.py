@@ -1,5 +1,5 @@
 """Checks of a recipe without a run: cross-attention weights, activation vs fidelity vs weights,
-weights available offline, data paths, tracking store, device and precision."""
+prompt names vs the reference's, weights available offline, data paths, tracking store, device and precision."""
 
 from __future__ import annotations
 
@@ -9,27 +9,64 @@ from pathlib import Path
 
 from ..backbone import weights_kind
 from ..config import Recipe
+from ..data.prompt_names import differences_from_reference, reference_dataset, reference_table, training_namer
 from ..errors import AaclipError, ConfigError
+from ..setting_aliases import both_names
 from ..tracking import resolve_tracking_uri
 from .checks import CROSS_WEIGHT_BAND, CROSS_WEIGHT_FAIL, Check
 
 def check_cross_weight(kind: str, weight: float | None, name: str | None = None) -> Check:
-    """``kind`` is 'image' or 'text'."""
-    name = name or f"cross.{kind}_weight"
+    """``kind`` is 'image' or 'text'. Named by both the aaclip and the reference/fork setting name."""
     key = f"cross.{kind}_weight"
+    label = both_names(key)
+    name = name or label
     if weight is None:
         return Check(name, "skip", None, "not recorded")
     lo, hi = CROSS_WEIGHT_BAND
     fix = f"--set {key}=0.1 (the SPEC §6 default)"
     if not math.isfinite(weight) or weight >= CROSS_WEIGHT_FAIL:
         return Check(name, "fail", weight,
-                     f"{key} = {weight:g} >= {CROSS_WEIGHT_FAIL}: the cross-attention takes most of the "
+                     f"{label} = {weight:g} >= {CROSS_WEIGHT_FAIL}: the cross-attention takes most of the "
                      f"stage-{2 if kind == 'image' else 1} gradient and starves the adapters (SPEC §6: at 1.0 the "
                      "image adapter kept 37 % of its gradient and the stage-2 loss stayed flat)", fix)
     if not lo <= weight <= hi:
         why = "0 switches the module off in effect" if weight == 0 else "far from the 0.1 the SPEC measured"
-        return Check(name, "warn", weight, f"{key} = {weight:g} is outside [{lo}, {hi}] ({why})", fix)
-    return Check(name, "pass", weight, f"{key} = {weight:g} within [{lo}, {hi}]")
+        return Check(name, "warn", weight, f"{label} = {weight:g} is outside [{lo}, {hi}] ({why})", fix)
+    return Check(name, "pass", weight, f"{label} = {weight:g} within [{lo}, {hi}]")
+
+
+def check_prompt_names(fidelity: str | None, dataset: str, names: dict[str, str], name: str,
+                       legacy: bool = False) -> Check:
+    """Whether the classes of a dataset the reference's table covers were (or would be) prompted with
+    its names: the reference's numbers, and official fidelity, depend on them."""
+    if reference_dataset(dataset) is None:
+        return Check(name, "skip", dataset, f"'{dataset}' is not a dataset the reference's name table covers")
+    diffs = differences_from_reference(dataset, names)
+    if not diffs:
+        return Check(name, "pass", 0, f"the reference's names for every {dataset} class")
+    shown = "; ".join(f"{c}: '{used}' (reference: '{ref}')" for c, (used, ref) in list(diffs.items())[:3])
+    more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+    origin = "aaclip's old name table (the run predates recorded prompt names)" if legacy else "non-reference names"
+    detail = f"{len(diffs)} {dataset} class(es) prompted with {origin}: {shown}{more}"
+    if fidelity != "official":
+        return Check(name, "pass", len(diffs), detail + f" (allowed in {fidelity} fidelity; not comparable with the "
+                     "reference's numbers)")
+    fix = ("train a new run: runs now use the reference's names" if legacy else
+           "remove those [prompts.names] entries (and any prompts.table = \"folder\"; `aaclip prompts --dataset "
+           f"{dataset} --class CLASS` shows what a class gets)")
+    return Check(name, "warn", len(diffs), detail + "; official fidelity is meant to reproduce the reference", fix)
+
+
+def recipe_prompt_checks(recipe: Recipe) -> list[Check]:
+    """The names the recipe gives the table's classes of its training and test datasets."""
+    checks = []
+    for split in ("train", "test"):
+        ref = getattr(recipe.data, split)
+        key = reference_dataset(ref.name, ref.layout)
+        namer = training_namer(recipe, ref)
+        names = {c: namer.resolve(c).name for c in (reference_table().get(key, {}) if key else {})}
+        checks.append(check_prompt_names(recipe.fidelity, key or ref.name, names, f"prompt names ({split}: {ref.name})"))
+    return checks
 
 
 def _openai_weights(pretrained: str) -> bool:
@@ -223,6 +260,7 @@ def static_checks(recipe: Recipe, tracking_uri: str | None, data_splits=("train"
         check_cross_weight("image", recipe.cross.image_weight),
         check_cross_weight("text", recipe.cross.text_weight),
         check_activation(recipe.fidelity, recipe.quick_gelu, recipe.model.pretrained),
+        *recipe_prompt_checks(recipe),
         check_weights(recipe),
     ]
     checks += [check_data(recipe, s) for s in data_splits]
