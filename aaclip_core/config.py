@@ -409,7 +409,8 @@ def flatten(recipe: Recipe) -> dict[str, str]:
     out: dict[str, str] = {}
 
     def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict) and prefix != "model.custom_config":
+        # An empty table (prompts.names) still shows, so `recipes show` lists every key.
+        if isinstance(value, dict) and value and prefix != "model.custom_config":
             for k, v in value.items():
                 walk(f"{prefix}.{k}" if prefix else k, v)
         else:

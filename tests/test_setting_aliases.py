@@ -131,6 +131,7 @@ def test_doctor_names_settings_by_both_names(tmp_path):
                                       "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
     assert result.exit_code == 1, result.output  # the weight fails
     checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
-    check = checks["cross.image_weight (image_cross_attn_weight)"]
+    check = checks["cross.image_weight"]
     assert check["status"] == "fail" and check["value"] == 1.0
-    assert "cross.text_weight (text_cross_attn_weight)" in checks
+    assert check["detail"].startswith("cross.image_weight (image_cross_attn_weight) = 1 >= 0.5")
+    assert checks["cross.text_weight"]["detail"].startswith("cross.text_weight (text_cross_attn_weight) = 0.1")

@@ -66,7 +66,7 @@ def gradient_checks(client, loops: dict[int, Any], feedback: bool, grad_clip: st
         above = sum(v[2] > hi for v in vals)
         detail = (f"{len(vals)} epochs, range {low[2]:.3g}-{top:.3g} (healthy band {lo}-{hi}; "
                   f"{below} below, {above} above)")
-        fix = ("raise the stage's learning rate (feedback.image_lr: try 2e-3 per SPEC §7), keep "
+        fix = (f"raise the stage's learning rate ({both_names('feedback.image_lr')}: try 2e-3 per SPEC §7), keep "
                "cross.*_weight at 0.1, run `aaclip doctor RUN_ID --probe`")
         high = max(vals, key=lambda v: v[2])
         reference = backbone == GRAD_BAND_BACKBONE
@@ -114,8 +114,8 @@ def loss_checks(client, loops: dict[int, Any], feedback: bool, lr_key: str) -> l
         first, last = hist[0][1], hist[-1][1]
         change = (last - first) / abs(first) if first else 0.0
         detail = f"{what}: {first:.4f} -> {last:.4f} ({len(hist)} points, {100 * change:+.1f} %)"
-        fix = (f"raise {lr_key} (SPEC §7: try 2e-3 if the image loss stays flat), keep cross.image_weight at 0.1, "
-               "run `aaclip doctor RUN_ID --probe`")
+        fix = (f"raise {both_names(lr_key)} (SPEC §7: try 2e-3 if the image loss stays flat), keep "
+               f"{both_names('cross.image_weight')} at 0.1, run `aaclip doctor RUN_ID --probe`")
         if not last < first:
             checks.append(Check(name, "fail", change, "flat: the last epoch's loss is not below the first; " + detail,
                                 fix))
@@ -161,7 +161,7 @@ def _run_cross_checks(client, run, loops: dict[int, Any], recipe: Recipe | None)
             w = float(p[f"cross.{kind}_weight"])
         else:
             w = getattr(recipe.cross, f"{kind}_weight") if recipe is not None else None
-        checks.append(check_cross_weight(kind, w, f"run {both_names(f'cross.{kind}_weight')}"))
+        checks.append(check_cross_weight(kind, w, f"run cross.{kind}_weight"))
         logged = []
         for _, r in sorted(loops.items()):
             logged += [v for _, v in _history(client, r.info.run_id, f"cross/{kind}_weight")]

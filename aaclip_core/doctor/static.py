@@ -16,10 +16,11 @@ from ..tracking import resolve_tracking_uri
 from .checks import CROSS_WEIGHT_BAND, CROSS_WEIGHT_FAIL, Check
 
 def check_cross_weight(kind: str, weight: float | None, name: str | None = None) -> Check:
-    """``kind`` is 'image' or 'text'. Named by both the aaclip and the reference/fork setting name."""
+    """``kind`` is 'image' or 'text'. The check keeps the aaclip key as its name; its detail names the
+    setting by both the aaclip and the reference/fork name."""
     key = f"cross.{kind}_weight"
     label = both_names(key)
-    name = name or label
+    name = name or key
     if weight is None:
         return Check(name, "skip", None, "not recorded")
     lo, hi = CROSS_WEIGHT_BAND
