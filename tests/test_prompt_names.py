@@ -207,6 +207,7 @@ def short_run(tmp_path_factory, demo_overrides):
         old = client.create_run(run.info.experiment_id, tags={k: v for k, v in run.data.tags.items()
                                                               if k.startswith("aaclip.")})
         client.log_artifact(old.info.run_id, str(src / "recipe.json"))
+        client.log_artifact(old.info.run_id, str(src / "data" / "train.jsonl"), "data")
         client.log_artifacts(old.info.run_id, str(src / "checkpoints" / "final"), "checkpoints/final")
         client.set_terminated(old.info.run_id)
         tests = {}
@@ -261,6 +262,13 @@ def test_prompts_command_shows_a_runs_names(short_run):
     assert out["classes"][0]["abnormal"] == reference_expansion("metal disc")[1]
     result = _invoke(["prompts", "--run", short_run["run"], "--class", "wombat", "--tracking-uri", short_run["uri"]])
     assert result.exit_code == 2 and "wombat" in result.output
+    # A run from before logged names: the old table's names for the classes it trained on.
+    result = _invoke(["prompts", "--run", short_run["old"], "--json", "--tracking-uri", short_run["uri"]])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["logged"] is False
+    assert {c["class"]: (c["name"], c["source"]) for c in out["classes"]} == {
+        c: (n, "legacy") for c, n in DEMO_NAMES.items()}
 
 
 def test_compare_marks_a_prompt_name_difference_unfair(short_run):
