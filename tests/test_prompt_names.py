@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from aaclip_cli.main import app
 from aaclip_core.anchors import AnchorBank
+from aaclip_core.compare.rows import TestResult
 from aaclip_core.config import DatasetRef, load_recipe
 from aaclip_core.data.prompt_names import (
     PromptNamer,
@@ -215,10 +216,6 @@ def short_run(tmp_path_factory, demo_overrides):
             test = _invoke(["test", "--run", rid, "--json", "--tracking-uri", uri])
             assert test.exit_code == 0, test.output
             tests[rid] = json.loads(test.stdout)["run_id"]
-        # The run tested again with another name for one class: its latest test, for `compare`.
-        renamed = _invoke(["test", "--run", run_id, "--json", "--tracking-uri", uri,
-                           "--set", 'prompts.names.disc="grey disc"'])
-        assert renamed.exit_code == 0, renamed.output
     return {"uri": uri, "run": run_id, "old": old.info.run_id, "tests": tests, "workdir": workdir}
 
 
@@ -271,22 +268,18 @@ def test_prompts_command_shows_a_runs_names(short_run):
         c: (n, "legacy") for c, n in DEMO_NAMES.items()}
 
 
-def test_compare_marks_a_prompt_name_difference_unfair(short_run):
-    result = _invoke(["compare", "--json", "--tracking-uri", short_run["uri"], "--reference", short_run["old"],
-                      short_run["run"], short_run["old"]])
-    assert result.exit_code == 0, result.output
-    doc = json.loads(result.stdout)
-    row = next(r["key"] for r in doc["rows"] if r["run_id"] == short_run["run"])
-    comparison = next(c for c in doc["comparisons"] if c["row"] == row)
-    assert comparison["verdict"] == "UNFAIR"
-    assert "prompt names differ on synthetic for 1 class(es) (disc: 'grey disc' vs 'metal disc')" in comparison["unfair"]
-    fields = {d["field"]: d for d in doc["differences"]}
-    assert fields["prompt names on synthetic"]["severity"] == "unfair"
+def test_compare_marks_a_prompt_name_difference_unfair():
+    from aaclip_core.compare.fairness import _prompt_names_diff
+
+    a = TestResult("t", "MVTec", "final", {}, None, {}, True, prompt_names={"bottle": "dark bottle"})
+    b = TestResult("u", "MVTec", "final", {}, None, {}, True, prompt_names={"bottle": "bottle"})
+    assert _prompt_names_diff("MVTec", a, b) == [
+        "prompt names differ on MVTec for 1 class(es) (bottle: 'dark bottle' vs 'bottle')"]
+    assert _prompt_names_diff("MVTec", a, a) == []
 
 
 def test_compare_takes_unlogged_test_names_as_the_old_table():
     from aaclip_core.compare.fairness import used_prompt_names
-    from aaclip_core.compare.rows import TestResult
 
     old = TestResult("t", "MVTec", "final", {}, None, {}, True, prompt_names=None)
     assert used_prompt_names(old, ["bottle", "metal_nut"]) == {"bottle": "bottle", "metal_nut": "metal nut"}
