@@ -196,3 +196,20 @@ print(out['n_images'], out['n_errors'])
     n, errors = map(int, res.stdout.split())
     assert n > 0 and errors == 0
     assert len(list((tmp_path / "out" / "overlays").rglob("*.png"))) == n
+
+
+def test_image_of_a_class_not_in_the_file_gets_an_error_row(make_model, demo_recipe, demo_root, tmp_path):
+    from aaclip_core.deploy.predict import predict_with_file
+
+    model = make_model(seed=3)
+    graph = DetectorGraph(model, AnchorBank(model, ["fabric"], "synthetic"), {}, demo_recipe.model.image_size,
+                          demo_recipe.data.domain)
+    path = export_onnx(graph, tmp_path / "detector.onnx")
+    write_sidecar(path, {"format": "onnx", "classes": ["fabric"], "image_size": demo_recipe.model.image_size,
+                         "mean": list(CLIP_MEAN), "std": list(CLIP_STD), "domain": demo_recipe.data.domain})
+    disc = sorted((demo_root / "test" / "disc" / "test" / "good").glob("*.png"))[:1]
+    fabric = sorted((demo_root / "test" / "fabric" / "test" / "good").glob("*.png"))[:1]
+    out = predict_with_file(path, disc + fabric, tmp_path / "out", threshold=0.5)
+    by_class = {r["class_name"]: r for r in out["rows"]}
+    assert "export the run again with --class disc" in by_class["disc"]["error"]
+    assert by_class["fabric"]["error"] is None and by_class["fabric"]["verdict"] in ("normal", "anomalous")

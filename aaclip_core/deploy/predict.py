@@ -88,6 +88,10 @@ def predict_with_file(
             job.class_name = resolve_class(job.path, class_name, known)
         except DataError as exc:
             job.error = str(exc)
+            continue
+        if job.class_name not in known:  # named by a dataset layout, but not baked into the file
+            job.error = (f"class '{job.class_name}' is not in {model} (it has: {', '.join(detector.classes)}); "
+                         f"export the run again with --class {job.class_name}")
 
     def threshold_for(c: str | None) -> tuple[float | None, str]:
         if isinstance(mode, float):
