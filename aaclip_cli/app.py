@@ -99,15 +99,30 @@ def examples(*lines: str) -> str:
     return "Examples:\n\n" + "\n\n".join(f"  $ {escape(line)}" for line in lines)
 
 
+def speaks_for_job() -> bool:
+    """Under torchrun rank 0 speaks for the job; the other ranks print no result."""
+    from aaclip_core.distributed import is_main
+
+    return is_main()
+
+
 def handle_errors(fn):
     """User errors -> one paragraph on stderr and exit 2, never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from aaclip_core.errors import AaclipError
+        from aaclip_core.distributed import RankStopped
+        from aaclip_core.errors import AaclipError, JobFailed
 
         try:
             return fn(*args, **kwargs)
+        except JobFailed as exc:  # not the user's input: a rank of a torchrun job died
+            err.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
+            raise typer.Exit(1) from None
+        except RankStopped as exc:
+            err.print(f"[yellow]stopped[/yellow]: {exc} (torchrun stops every rank when one fails; rank 0 "
+                      "reports which).", soft_wrap=True)
+            raise typer.Exit(1) from None
         except AaclipError as exc:
             # The message names user paths and values: `[...]` in them is text, not console markup.
             err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)

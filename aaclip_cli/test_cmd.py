@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import AaclipCommand, JsonOpt, QuietOpt, SetOpt, UriOpt, app, examples, handle_errors
+from .app import AaclipCommand, JsonOpt, QuietOpt, SetOpt, UriOpt, app, examples, handle_errors, speaks_for_job
 from .display import RichReporter, err, escape, print_json, print_result, results_table
 
 LAYOUT_HELP = "auto, mvtec, visa, btad, mpdd, folder, jsonl."
@@ -68,6 +68,8 @@ def test_cmd(
     with RichReporter(quiet or json_) as rep:
         result = test_run(run, dataset, root, layout, checkpoint, same_dataset, tracking_uri, rep, set_,
                           visualize=visualize)
+    if not speaks_for_job():
+        return
     if json_:
         print_json(result)
         return

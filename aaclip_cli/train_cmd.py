@@ -21,6 +21,7 @@ from .app import (
     handle_errors,
     load_recipe_with_flags,
     loss_summary,
+    speaks_for_job,
     train_app,
 )
 from .display import RichReporter, err, escape, print_json
@@ -149,6 +150,8 @@ def train_feedback_cmd(
 
 def _report_trained(result: dict, as_json: bool, summary: str) -> None:
     """--json: the whole result on stdout; else a summary on stderr and the run id on stdout."""
+    if not speaks_for_job():
+        return
     if as_json:
         print_json(result)
     else:

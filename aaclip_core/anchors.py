@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import distributed
 from .data.prompt_names import PromptName, PromptNamer
 from .model import AACLIP
 from .prompts import N_PROMPTS, anchors_from_embeddings, class_prompts
@@ -63,15 +64,27 @@ class AnchorBank:
 
     @torch.no_grad()
     def freeze(self) -> None:
-        """Cache the per-class anchors (only meaningful when they do not depend on the image)."""
+        """Cache the per-class anchors (only meaningful when they do not depend on the image).
+
+        Under torchrun rank 0 computes them and every rank receives the same tensors."""
         self._frozen = None
         self._frozen_text_context = None
-        if self.model.image_cross_attn is not None:
-            # The first text adapter is frozen wherever anchors are: its tokens are computed once.
-            self._frozen_text_context = self._text_context_of(torch.arange(len(self.class_names)))
-        if not self.model.conditions_text:
-            emb = self.model.encode_text(self.tokens, self.prefix)
-            self._frozen = anchors_from_embeddings(emb)
+        cached = None
+        if distributed.is_main():
+            cached = {}
+            if self.model.image_cross_attn is not None:
+                # The first text adapter is frozen wherever anchors are: its tokens are computed once.
+                cached["text_context"] = self._text_context_of(torch.arange(len(self.class_names)))
+            if not self.model.conditions_text:
+                cached["anchors"] = anchors_from_embeddings(self.model.encode_text(self.tokens, self.prefix))
+            if distributed.active():
+                cached = {k: v.cpu() for k, v in cached.items()}
+        cached = distributed.broadcast_object(cached)
+        device = self.tokens.device
+        if "text_context" in cached:
+            self._frozen_text_context = cached["text_context"].to(device)
+        if "anchors" in cached:
+            self._frozen = cached["anchors"].to(device)
 
     def unfreeze(self) -> None:
         self._frozen = None

@@ -32,3 +32,11 @@ class TrainingDiverged(AaclipError):
 
 class TrackingError(AaclipError):
     """The MLflow store cannot be reached or a run is missing."""
+
+
+class JobFailed(AaclipError):
+    """A rank of a multi-process (torchrun) job failed; the message names the rank and why."""
+
+    def __init__(self, message: str, summary: str) -> None:
+        super().__init__(message)
+        self.summary = summary

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import metrics
+from . import distributed, metrics
 from .anchors import AnchorBank
 from .config import Recipe
 from .model import AACLIP
@@ -127,6 +127,31 @@ def collect_maps(
     return out
 
 
+def gather_class_maps(per_class: dict[str, ClassMaps]) -> dict[str, ClassMaps] | None:
+    """Every rank's maps merged on rank 0 in sample order (None on the other ranks): the classes'
+    min-max normalisation and the exact metrics need all of a class's images together."""
+    shares = distributed.gather_objects(per_class)
+    if shares is None or len(shares) == 1:
+        return shares[0] if shares else None
+    out = {}
+    for c in sorted({c for share in shares for c in share}):
+        rows: dict[int, tuple] = {}
+        for share in shares:
+            if c in share:
+                cm = share[c]
+                for j, idx in enumerate(cm.indices):
+                    rows[idx] = (cm.maps[j], cm.det[j], cm.masks[j], cm.labels[j])
+        order = sorted(rows)
+        out[c] = ClassMaps(
+            maps=torch.stack([rows[i][0] for i in order]),
+            det=torch.stack([rows[i][1] for i in order]),
+            masks=torch.stack([rows[i][2] for i in order]),
+            labels=torch.stack([rows[i][3] for i in order]),
+            indices=order,
+        )
+    return out
+
+
 def _minmax(x: torch.Tensor) -> torch.Tensor:
     lo, hi = x.min(), x.max()
     return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
@@ -197,8 +222,12 @@ def evaluate(
     device: torch.device,
     sample_paths: list[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> EvalReport:
-    per_class = collect_maps(model, bank, loader, recipe, device, progress)
+) -> EvalReport | None:
+    """The report of the loader's images. Under torchrun each rank scores its share of the batches
+    and rank 0 gets the report (the other ranks None), equal to a one-process evaluation."""
+    per_class = gather_class_maps(collect_maps(model, bank, loader, recipe, device, progress))
+    if per_class is None:
+        return None
     results = [score_class(c, per_class[c], recipe) for c in sorted(per_class)]
     rows = []
     calibration = {}

@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import TrackingError
+from . import distributed
+from .errors import AaclipError, JobFailed, TrackingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "aaclip."  # prefix of every tag aaclip writes
@@ -47,7 +48,40 @@ def connect(cli_uri: str | None):
     _quiet_mlflow()  # after the import: mlflow sets up its own loggers when imported
     uri = resolve_tracking_uri(cli_uri)
     mlflow.set_tracking_uri(uri)
-    return mlflow
+    # Exactly one run per job: under torchrun only rank 0 writes; the others may read (recipes,
+    # checkpoints) but their writes go nowhere.
+    return mlflow if distributed.is_main() else ReadOnlyTracking(mlflow)
+
+
+_WRITES = frozenset({
+    "set_experiment", "start_run", "end_run", "log_metric", "log_metrics", "log_param", "log_params", "set_tag",
+    "set_tags", "log_artifact", "log_artifacts", "log_text", "log_dict", "log_figure", "log_image",
+})
+
+
+def _ignore(*args, **kwargs) -> None:
+    return None
+
+
+class ReadOnlyTracking:
+    """MLflow as ranks other than 0 see it: reads pass through, writes do nothing."""
+
+    def __init__(self, mlflow) -> None:
+        self._mlflow = mlflow
+
+    def __getattr__(self, name: str):
+        if name in _WRITES:
+            return _ignore
+        if name == "MlflowClient":
+            return lambda *a, **k: ReadOnlyTracking(self._mlflow.MlflowClient(*a, **k))
+        return getattr(self._mlflow, name)
+
+
+class _FollowerRun:
+    """What `tracked_run` yields on ranks other than 0: the id of rank 0's run."""
+
+    def __init__(self, run_id: str) -> None:
+        self.info = type("RunInfo", (), {"run_id": run_id})()
 
 
 def git_commit() -> str:
@@ -83,22 +117,47 @@ def _tag_experiment_kind(mlflow, experiment) -> None:
 def tracked_run(
     mlflow, experiment: str, run_name: str, tags: dict[str, str], nested: bool = False, run_id: str | None = None
 ) -> Iterator[Any]:
-    """Start (or resume, with ``run_id``) a run; end it FINISHED, FAILED or KILLED."""
-    try:
-        _tag_experiment_kind(mlflow, mlflow.set_experiment(experiment))
-        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested, tags=tags)
-    except Exception as exc:
-        raise TrackingError(
-            f"Cannot open the MLflow store '{mlflow.get_tracking_uri()}' ({type(exc).__name__}: {exc}). "
-            "Check --tracking-uri / MLFLOW_TRACKING_URI, or unset them to use ./mlflow.db."
-        ) from None
+    """Start (or resume, with ``run_id``) a run; end it FINISHED, FAILED or KILLED.
+
+    Under torchrun rank 0 opens the one run and every rank gets its id; when any rank fails, the
+    run ends FAILED with a tag naming the rank and why, and the job raises `JobFailed`.
+    """
+    opened = error = None
+    if distributed.is_main():
+        try:
+            _tag_experiment_kind(mlflow, mlflow.set_experiment(experiment))
+            run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested, tags=tags)
+            opened = run.info.run_id
+        except Exception as exc:
+            error = (
+                f"Cannot open the MLflow store '{mlflow.get_tracking_uri()}' ({type(exc).__name__}: {exc}). "
+                "Check --tracking-uri / MLFLOW_TRACKING_URI, or unset them to use ./mlflow.db."
+            )
+    opened, error = distributed.broadcast_object((opened, error))
+    if error:
+        raise TrackingError(error)
+    if not distributed.is_main():
+        try:
+            yield _FollowerRun(opened)
+        except BaseException as exc:
+            distributed.report_failure(exc)
+            raise
+        return
     try:
         yield run
     except KeyboardInterrupt:
         mlflow.end_run(status="KILLED")
         raise
-    except BaseException:
+    except BaseException as exc:
+        summary = ""
+        if distributed.active():
+            summary = exc.summary if isinstance(exc, JobFailed) else distributed.failure_summary(exc)
+        if summary:
+            mlflow.set_tag(f"{TAG}failure", summary[:5000])
         mlflow.end_run(status="FAILED")
+        if summary and not isinstance(exc, (JobFailed, AaclipError)):
+            raise JobFailed(f"The {distributed.world_size()}-process job failed: {summary}. Run {opened} is "
+                            "marked FAILED.", summary) from exc
         raise
     else:
         mlflow.end_run(status="FINISHED")

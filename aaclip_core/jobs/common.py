@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..anchors import AnchorBank
 from ..backbone import backbone_id
 from ..checkpoints import save_checkpoint
@@ -52,11 +53,14 @@ class Session:
 
 def open_session(recipe: Recipe, recipe_path: Path | None, tracking_uri: str | None, reporter: Reporter | None) -> Session:
     configure_threads(recipe.runtime.threads)
+    # Every rank seeds alike: same initial adapters, same shuffled order (each takes its share).
     generator = seed_everything(recipe.runtime.seed)
-    device = select_device(recipe.runtime.device)
+    device = distributed.setup(select_device(recipe.runtime.device))
     mlflow = connect(tracking_uri)
     workdir = Path(tempfile.mkdtemp(prefix="aaclip-"))
-    return Session(recipe, device, mlflow, reporter or Reporter(), workdir, generator, recipe_path)
+    # Only rank 0 shows progress: N progress bars of one job would say the same thing N times.
+    shown = reporter if reporter is not None and distributed.is_main() else Reporter()
+    return Session(recipe, device, mlflow, shown, workdir, generator, recipe_path)
 
 
 def run_tags(recipe: Recipe, stage: str, dataset: str) -> dict[str, str]:
@@ -70,12 +74,17 @@ def run_tags(recipe: Recipe, stage: str, dataset: str) -> dict[str, str]:
         f"{TAG}backbone": backbone_id(recipe),
         f"{TAG}quick_gelu": str(recipe.quick_gelu).lower(),
         f"{TAG}recipe": recipe.name,
+        # The distributed setting the job ran under (1 / none without torchrun).
+        f"{TAG}world_size": str(distributed.world_size()),
+        f"{TAG}backend": distributed.setting().backend,
     }
 
 
 def log_recipe(session: Session) -> None:
     mlflow = session.mlflow
     log_params(mlflow, flatten(session.recipe))
+    setting = distributed.setting()
+    mlflow.log_params({"distributed.world_size": setting.world_size, "distributed.backend": setting.backend})
     log_json_artifact(mlflow, session.recipe.model_dump(mode="json"), "recipe.json")
     if session.recipe_path is not None and session.recipe_path.is_file():
         mlflow.log_artifact(str(session.recipe_path), "recipe_source")
@@ -83,6 +92,8 @@ def log_recipe(session: Session) -> None:
 
 def log_metadata(session: Session, samples: list[Sample], name: str, root: str) -> None:
     """The sample list a run actually used, in the reference JSON-lines format."""
+    if not distributed.is_main():
+        return
     path = session.workdir / name
     write_metadata_jsonl(samples, path, Path(root).expanduser().resolve())
     session.mlflow.log_artifact(str(path), "data")
@@ -93,10 +104,12 @@ def save_checkpoint_dir(session: Session, name: str, model: AACLIP, meta: dict, 
     return save_checkpoint(session.workdir / "checkpoints" / name, model.adapter_state_dict(), meta, **states)
 
 
-def save_and_log(session: Session, name: str, model: AACLIP, meta: dict, optimizer_state: dict | None = None) -> Path:
-    local = save_checkpoint_dir(session, name, model, meta, optimizer_state=optimizer_state)
-    session.mlflow.log_artifacts(str(local), f"checkpoints/{name}")
-    return local
+def save_and_log(session: Session, name: str, model: AACLIP, meta: dict, optimizer_state: dict | None = None) -> None:
+    """Rank 0 writes and logs the checkpoint; the other ranks (same weights) wait until it has."""
+    if distributed.is_main():
+        local = save_checkpoint_dir(session, name, model, meta, optimizer_state=optimizer_state)
+        session.mlflow.log_artifacts(str(local), f"checkpoints/{name}")
+    distributed.barrier()
 
 
 def probe_batch(samples: list[Sample], recipe: Recipe, size: int = 16) -> dict:

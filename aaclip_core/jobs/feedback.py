@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..checkpoints import Checkpoint, checkpoint_name, parse_checkpoint_name
 from ..config import Recipe
 from ..data import train_val_split
@@ -220,7 +221,9 @@ def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: 
             loop_losses[loop] = _run_loop(session, recipe, state, bank, loop, start_stage if loop == start_loop else 1,
                                           text_loader, image_loader, val_loader, probe, parent_id,
                                           children.get(loop))
-        history = _val_history(mlflow, parent_id, fb.selection_metric)
+        # Rank 0 reads what it logged; the other ranks take its answer.
+        history = _val_history(mlflow, parent_id, fb.selection_metric) if distributed.is_main() else None
+        history = distributed.broadcast_object(history)
         best, reason = select_loop(history, fb.selection_metric)
         mlflow.set_tags({
             f"{TAG}selected_checkpoint": checkpoint_name(best, 2),
@@ -298,8 +301,10 @@ def _run_loop(
             extra = {}
             if stage == 2:
                 report = evaluate(model, bank, val_loader, recipe, session.device)
-                extra["val"] = report.mean
-                val = {f"val/{k}": v for k, v in report.mean.items() if not math.isnan(v)}
+                # Rank 0 holds the report of the whole held-out split; the others the same numbers.
+                mean = distributed.broadcast_object(report.mean if report is not None else None)
+                extra["val"] = mean
+                val = {f"val/{k}": v for k, v in mean.items() if not math.isnan(v)}
                 mlflow.log_metrics(val)
                 mlflow.log_metrics({**val, "loop/stage2_loss": hist.losses[-1]}, step=loop, run_id=parent_id)
                 session.reporter.info(
@@ -313,12 +318,15 @@ def _run_loop(
 
 def _save(session: common.Session, state: FeedbackState, recipe: Recipe, loop: int, stage: int, epochs: int,
           parent_id: str, extra: dict, prompt_names: dict) -> None:
-    meta = common.manifest(recipe, state.model, f"stage{stage}", epochs, loop=loop, prompt_names=prompt_names,
-                           **extra)
-    name = checkpoint_name(loop, stage)
-    local = common.save_checkpoint_dir(
-        session, name, state.model, meta,
-        optimizers={"text": state.text_opt.state_dict(), "image": state.image_opt.state_dict()},
-        extra_tensors=_rng_tensors(state),
-    )
-    session.mlflow.MlflowClient().log_artifacts(parent_id, str(local), f"checkpoints/{name}")
+    """Rank 0 writes and logs the loop checkpoint; the other ranks (same state) wait until it has."""
+    if distributed.is_main():
+        meta = common.manifest(recipe, state.model, f"stage{stage}", epochs, loop=loop, prompt_names=prompt_names,
+                               **extra)
+        name = checkpoint_name(loop, stage)
+        local = common.save_checkpoint_dir(
+            session, name, state.model, meta,
+            optimizers={"text": state.text_opt.state_dict(), "image": state.image_opt.state_dict()},
+            extra_tensors=_rng_tensors(state),
+        )
+        session.mlflow.MlflowClient().log_artifacts(parent_id, str(local), f"checkpoints/{name}")
+    distributed.barrier()

@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from .. import distributed
 from ..config import DatasetRef, Recipe, apply_overrides, flatten, recipe_from_dict
 from ..data.prompt_names import checkpoint_namer
 from ..errors import ConfigError
@@ -145,6 +146,9 @@ def test_run(
                                   sample_paths=[str(s.image_path) for s in samples],
                                   progress=session.reporter.eval_progress)
                 seconds = time.perf_counter() - started
+                if report is None:  # a rank other than 0 under torchrun: rank 0 logs the whole test
+                    return {"run_id": run.info.run_id, "source_run_id": run_id, "checkpoint": ckpt_name,
+                            "rank": distributed.rank()}
                 metrics = {k: v for k, v in report.mean.items() if not math.isnan(v)}
                 for r in report.classes:
                     for m in METRIC_NAMES:

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+
+from .. import distributed
 
 from ..config import DatasetRef, Recipe
 from ..data import AnomalyDataset, Sample, index_dataset, k_shot, select_classes, validate_samples
@@ -15,6 +17,7 @@ from ..data.locate import dataset_hint
 from ..data.synthetic import DEMO_HALVES, ensure_demo_half, is_demo_data
 from ..errors import DataError
 from ..runtime import select_device
+from .sharding import RankShareBatches, StridedBatches, WeightedItems
 
 
 def load_samples(ref: DatasetRef, seed: int, validate: bool = True, field: str = "data.train") -> list[Sample]:
@@ -85,21 +88,29 @@ def make_dataset(samples: list[Sample], recipe: Recipe, augment: str) -> Anomaly
 def make_loader(
     dataset: AnomalyDataset, batch_size: int, shuffle: bool, recipe: Recipe, generator: torch.Generator | None
 ) -> DataLoader:
+    """A training loader (``shuffle``) yields this rank's weighted share of each global batch of
+    ``batch_size``; an evaluation loader yields this rank's whole batches (see `sharding`). With
+    one process both are the plain loader."""
     workers = recipe.data.num_workers
     if workers > 0 and recipe.data.cache_images:
         # Decode once in the main process, so forked workers share the filled cache.
         dataset.preload()
+    rank, world = distributed.rank(), distributed.world_size()
+    if shuffle:
+        order = BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=False)
+        items, batches = WeightedItems(dataset), RankShareBatches(order, rank, world)
+    else:
+        order = BatchSampler(SequentialSampler(dataset), batch_size, drop_last=False)
+        items, batches = dataset, StridedBatches(order, rank, world)
     return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
+        items,
+        batch_sampler=batches,
         num_workers=workers,
         pin_memory=select_device(recipe.runtime.device).type == "cuda",
         # Workers are re-created every epoch so that they see the dataset's epoch (set_epoch), which
         # keys the augmentation draws; persistent workers would repeat epoch 1's draws forever.
         persistent_workers=False,
         generator=generator,
-        drop_last=False,
     )
 
 

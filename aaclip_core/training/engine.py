@@ -10,12 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
+from .. import distributed
 from ..anchors import AnchorBank
 from ..config import Recipe
 from ..errors import TrainingDiverged
-from ..losses import detection_loss, orthogonality_loss, segmentation_loss
+from ..losses import LossTerms, anchor_dots, detection_per_sample
 from ..model import AACLIP
 from ..runtime import autocast
 from ..similarity import training_probs
@@ -81,9 +83,9 @@ def _mean_dicts(ds: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(d[k] for d in ds if k in d) / sum(1 for d in ds if k in d) for k in sorted(keys)}
 
 
-def stage1_loss(
+def stage1_terms(
     model: AACLIP, bank: AnchorBank, recipe: Recipe, images, masks, class_names, features: str
-) -> torch.Tensor:
+) -> LossTerms:
     """Segmentation loss of frozen image features against trainable text anchors + orthogonality.
 
     ``official`` counts only the last level's segmentation term (the reference overwrote the loss
@@ -98,35 +100,92 @@ def stage1_loss(
         context = model.anchor_context(images) if mixed else feats[0]
     anchors = bank.anchors(class_names, context)
     size = recipe.model.image_size
-    if recipe.fidelity == "official":
-        seg = segmentation_loss(training_probs(feats[-1], anchors, size), masks)
-    else:
-        seg = sum(segmentation_loss(training_probs(f, anchors, size), masks) for f in feats)
-    return seg + recipe.stage1.text_norm_weight * orthogonality_loss(anchors)
+    terms = LossTerms()
+    for f in feats[-1:] if recipe.fidelity == "official" else feats:
+        terms.add_segmentation(training_probs(f, anchors, size), masks)
+    terms.squared.append((recipe.stage1.text_norm_weight, anchor_dots(anchors)))
+    return terms
 
 
-def stage2_loss(model: AACLIP, bank: AnchorBank, recipe: Recipe, images, masks, labels, class_names) -> torch.Tensor:
+def stage2_terms(model: AACLIP, bank: AnchorBank, recipe: Recipe, images, masks, labels, class_names) -> LossTerms:
     """Detection cross-entropy + the segmentation loss of every level (SPEC §4)."""
     with torch.no_grad():
         context = model.anchor_context(images) if model.conditions_text else None
         anchors = bank.anchors(class_names, context)
     text_ctx = bank.text_context(class_names) if model.image_cross_attn is not None and model.use_image_cross else None
     seg, det = model.encode_image(images, text_ctx)
-    loss = detection_loss(det, anchors, labels)
+    terms = LossTerms(added=[detection_per_sample(det, anchors, labels)])
     size = recipe.model.image_size
     for f in seg:
-        loss = loss + segmentation_loss(training_probs(f, anchors, size), masks)
-    return loss
+        terms.add_segmentation(training_probs(f, anchors, size), masks)
+    return terms
+
+
+def _local_loss(terms: LossTerms) -> torch.Tensor:
+    values = terms.values()
+    return terms.loss(values.mean(dim=0))
+
+
+def stage1_loss(
+    model: AACLIP, bank: AnchorBank, recipe: Recipe, images, masks, class_names, features: str
+) -> torch.Tensor:
+    """The stage-1 loss of one batch in this process (see `stage1_terms`)."""
+    return _local_loss(stage1_terms(model, bank, recipe, images, masks, class_names, features))
+
+
+def stage2_loss(model: AACLIP, bank: AnchorBank, recipe: Recipe, images, masks, labels, class_names) -> torch.Tensor:
+    """The stage-2 loss of one batch in this process (see `stage2_terms`)."""
+    return _local_loss(stage2_terms(model, bank, recipe, images, masks, labels, class_names))
 
 
 def stage_loss(stage: int, model: AACLIP, bank: AnchorBank, recipe: Recipe, batch: dict, device: torch.device,
                features: str) -> torch.Tensor:
-    """The loss a stage optimises, on one loader batch, under the recipe's precision."""
+    """The loss a stage optimises on one loader batch, under the recipe's precision.
+
+    The batch may be this rank's share of a global batch (its ``weight`` marks padding samples
+    with 0): the loss is then the global batch's, from means reduced over all ranks.
+    """
     images, masks, labels, classes = _batch_to(batch, device)
+    weights = batch.get("weight")
+    weights = torch.ones(len(classes), device=device) if weights is None else weights.to(device)
     with autocast(device, recipe.runtime.precision):
         if stage == 1:
-            return stage1_loss(model, bank, recipe, images, masks, classes, features)
-        return stage2_loss(model, bank, recipe, images, masks, labels, classes)
+            terms = stage1_terms(model, bank, recipe, images, masks, classes, features)
+        else:
+            terms = stage2_terms(model, bank, recipe, images, masks, labels, classes)
+    return terms.loss(distributed.batch_means(terms.values(), weights))
+
+
+class StageObjective(nn.Module):
+    """One stage's loss as a module, so DistributedDataParallel can wrap it: DDP needs the forward
+    pass to go through its wrapper to synchronise the gradients of the backward pass."""
+
+    def __init__(self, stage: int, model: AACLIP, bank: AnchorBank, recipe: Recipe, device: torch.device,
+                 features: str) -> None:
+        super().__init__()
+        self.model = model
+        self.stage, self.bank, self.recipe, self.device, self.features = stage, bank, recipe, device, features
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return stage_loss(self.stage, self.model, self.bank, self.recipe, batch, self.device, self.features)
+
+
+def synchronised(objective: StageObjective, device: torch.device) -> nn.Module:
+    """The objective wrapped in DDP over the stage's trainable parameters only (adapters,
+    projections, cross-attention): the frozen backbone is neither broadcast nor all-reduced."""
+    if not distributed.active():
+        return objective
+    from torch.nn.parallel import DistributedDataParallel
+
+    frozen = [f"model.{n}" for n, p in objective.model.named_parameters() if not p.requires_grad]
+    frozen += [f"model.{n}" for n, _ in objective.model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(objective, frozen)
+    return DistributedDataParallel(
+        objective,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        # A cross-attention module that is switched off for a loop is trainable but unused.
+        find_unused_parameters=objective.model.text_cross_attn is not None,
+    )
 
 
 @torch.no_grad()
@@ -135,8 +194,12 @@ def probe_loss(stage: int, model: AACLIP, bank: AnchorBank, recipe: Recipe, batc
     """The stage's loss on a fixed batch, in eval mode (no dropout, no random draws)."""
     was_training = model.training
     model.train(False)
+    images, masks, labels, classes = _batch_to(batch, device)
     try:
-        return float(stage_loss(stage, model, bank, recipe, batch, device, features))
+        with autocast(device, recipe.runtime.precision):
+            if stage == 1:
+                return float(stage1_loss(model, bank, recipe, images, masks, classes, features))
+            return float(stage2_loss(model, bank, recipe, images, masks, labels, classes))
     finally:
         model.train(was_training)
 
@@ -167,11 +230,12 @@ def run_stage(
         bank.unfreeze()
     else:
         bank.freeze()
+    objective = synchronised(StageObjective(stage, model, bank, recipe, device, features), device)
     name = f"stage{stage}"
     hist = StageHistory()
 
     def probe(epoch: int) -> None:
-        if probe_batch is None:
+        if probe_batch is None or not distributed.is_main():
             return
         value = probe_loss(stage, model, bank, recipe, probe_batch, device, features)
         hist.probe_losses.append(value)
@@ -187,7 +251,7 @@ def run_stage(
             losses: list[float] = []
             norms: list[dict[str, float]] = []
             for b, batch in enumerate(loader):
-                loss = stage_loss(stage, model, bank, recipe, batch, device, features)
+                loss = objective(batch)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"The {name} loss became {loss.item()} at epoch {epoch + 1}, batch {b + 1}: training "
