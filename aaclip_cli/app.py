@@ -111,16 +111,19 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from rich.markup import escape
+
         from aaclip_core.distributed import RankStopped
         from aaclip_core.errors import AaclipError, JobFailed
 
         try:
             return fn(*args, **kwargs)
         except JobFailed as exc:  # not the user's input: a rank of a torchrun job died
-            err.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
+            # The peers' messages quote library errors, which may hold [brackets] rich would parse.
+            err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(1) from None
         except RankStopped as exc:
-            err.print(f"[yellow]stopped[/yellow]: {exc} (torchrun stops every rank when one fails; rank 0 "
+            err.print(f"[yellow]stopped[/yellow]: {escape(str(exc))} (torchrun stops every rank when one fails; rank 0 "
                       "reports which).", soft_wrap=True)
             raise typer.Exit(1) from None
         except AaclipError as exc:

@@ -140,6 +140,8 @@ def _install_sigterm() -> None:
     rank 0 can end its run FAILED (with the reason) instead of vanishing with the run RUNNING."""
 
     def handler(signum, frame):
+        # Once only: a second signal must not interrupt the clean-up the first one started.
+        signal.signal(signum, signal.SIG_IGN)
         raise RankStopped(f"rank {_setting.rank} received {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, handler)

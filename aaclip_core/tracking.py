@@ -151,7 +151,12 @@ def tracked_run(
     except BaseException as exc:
         summary = ""
         if distributed.active():
-            summary = exc.summary if isinstance(exc, JobFailed) else distributed.failure_summary(exc)
+            try:
+                summary = exc.summary if isinstance(exc, JobFailed) else distributed.failure_summary(exc)
+            except distributed.RankStopped:
+                # torchrun's SIGTERM came while rank 0 was already failing (a broken collective
+                # comes first): the peers' reports are still what explains the failure.
+                summary = distributed.failure_summary(exc)
         if summary:
             mlflow.set_tag(f"{TAG}failure", summary[:5000])
         mlflow.end_run(status="FAILED")
