@@ -1,0 +1,209 @@
+"""Training and testing under a real `torchrun --nproc_per_node 2` (Gloo on CPU): the same recipe
+and seed give the adapters and the test metrics of one process, the job leaves exactly one MLflow
+run, and a rank that dies ends the job FAILED with a message naming it.
+
+The recipe is the demo shrunk to a few images (k-shot 4 of 3 classes) with batch sizes chosen so
+that the splits are uneven and the last stage-1 batch (1 image) leaves rank 1 with only padding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from aaclip_core.checkpoints import load_checkpoint
+from aaclip_core.training.sharding import RankShareBatches, StridedBatches, share_bounds
+
+BIN = Path(sys.executable).parent
+SMALL = [
+    'fidelity="corrected"',
+    "data.train.shot=4",
+    "data.test.shot=4",
+    "stage1.epochs=1",
+    "stage1.batch_size=11",  # 12 images: batches of 11 (6 + 5) and 1 (1 + padding)
+    "stage2.epochs=2",
+    "stage2.batch_size=5",  # batches of 5 (3 + 2), 5, 2 (1 + 1)
+    "eval.batch_size=5",
+    'runtime.device="cpu"',
+    "runtime.threads=1",
+]
+
+
+def _sets(values: list[str]) -> list[str]:
+    return [a for v in values for a in ("--set", v)]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")] if p)
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _aaclip(args: list[str], cwd: Path, nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "aaclip"), *args]
+    if nproc > 1:
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_free_port()),
+               "--no-python", "--", *cmd]
+    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _runs(uri: str) -> list:
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def _adapters(uri: str, run_id: str) -> dict[str, torch.Tensor]:
+    mlflow.set_tracking_uri(uri)
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/final",
+                                                dst_path=tempfile.mkdtemp())
+    return load_checkpoint(Path(local)).adapters
+
+
+# ------------------------------------------------------------------------------- the split itself
+
+
+def test_share_bounds_cover_a_batch_once_with_the_larger_shares_first():
+    for n in range(0, 12):
+        for world in (1, 2, 3, 5):
+            bounds = [share_bounds(n, r, world) for r in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            sizes = [b - a for a, b in bounds]
+            assert sizes == sorted(sizes, reverse=True) and max(sizes) - min(sizes) <= 1
+
+
+def test_rank_shares_rebuild_the_global_batches_and_pad_empty_shares_with_weight_zero():
+    order = [[4, 1, 7], [0, 2], [5]]
+    shares = [list(RankShareBatches(order, r, 2)) for r in range(2)]
+    assert shares[0] == [[(4, 1.0), (1, 1.0)], [(0, 1.0)], [(5, 1.0)]]
+    assert shares[1] == [[(7, 1.0)], [(2, 1.0)], [(5, 0.0)]]
+    strided = [list(StridedBatches(order, r, 2)) for r in range(2)]
+    assert strided == [[[4, 1, 7], [5]], [[0, 2]]]
+
+
+# ------------------------------------------------------------------------------- torchrun jobs
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory, demo_root):
+    """The same recipe and seed trained by one process and by torchrun with 2 (separate stores);
+    then the one-process run tested by one process and by torchrun with 2."""
+    work = tmp_path_factory.mktemp("ddp")
+    sets = _sets([f'data.train.root="{demo_root / "train"}"', f'data.test.root="{demo_root / "test"}"', *SMALL])
+    out = {}
+    for n in (1, 2):
+        uri = f"sqlite:///{work / f'mlflow-{n}.db'}"
+        train = _aaclip(["train", "base", "--recipe", "demo", *sets, "--tracking-uri", uri, "--json"], work, n)
+        assert train.returncode == 0, train.stderr[-3000:]
+        out[n] = {"uri": uri, "run_id": json.loads(train.stdout)["run_id"], "train_runs": _runs(uri),
+                  "train_stdout": train.stdout}
+    uri, run_id = out[1]["uri"], out[1]["run_id"]
+    for n in (1, 2):
+        test = _aaclip(["test", "--run", run_id, "--tracking-uri", uri, "--json", *sets], work, n)
+        assert test.returncode == 0, test.stderr[-3000:]
+        out[n]["test"] = json.loads(test.stdout)
+    out["runs_after_tests"] = _runs(uri)
+    return out
+
+
+def test_two_processes_train_the_adapters_of_one(jobs):
+    one = _adapters(jobs[1]["uri"], jobs[1]["run_id"])
+    two = _adapters(jobs[2]["uri"], jobs[2]["run_id"])
+    assert one.keys() == two.keys()
+    worst = max(float((one[k] - two[k]).abs().max()) for k in one)
+    assert worst <= 1e-5, worst
+    # Not two untrained models: training moved the weights away from their (shared) initialisation.
+    losses = json.loads(jobs[2]["train_stdout"])["stage2_loss"]
+    assert len(losses) == 2 and losses == pytest.approx(json.loads(jobs[1]["train_stdout"])["stage2_loss"], rel=1e-5)
+
+
+def test_a_torchrun_job_leaves_one_run_that_records_its_setting(jobs):
+    runs = jobs[2]["train_runs"]
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["aaclip.world_size"] == "2" and run.data.tags["aaclip.backend"] == "gloo"
+    assert run.data.params["distributed.world_size"] == "2"
+    tests = [r for r in jobs["runs_after_tests"] if r.data.tags.get("aaclip.stage") == "test"]
+    assert sorted(r.data.tags["aaclip.world_size"] for r in tests) == ["1", "2"]
+    assert all(r.info.status == "FINISHED" for r in tests)
+
+
+def test_a_sharded_test_gives_the_metrics_of_one_process(jobs):
+    one, two = jobs[1]["test"], jobs[2]["test"]
+    assert one["mean"] == two["mean"]
+    assert one["classes"] == two["classes"]
+    assert one["calibration"] == two["calibration"]
+    assert sum(c["n_images"] for c in two["classes"]) == 12
+
+
+def test_killing_a_rank_ends_the_job_failed_naming_it(tmp_path, demo_root):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Long enough never to end on its own: only the kill ends it.
+    sets = _sets([f'data.train.root="{demo_root / "train"}"', *SMALL, "stage1.epochs=5000"])
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()), "--no-python", "--",
+           str(BIN / "aaclip"), "train", "base", "--recipe", "demo", *sets, "--tracking-uri", uri, "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        rank1 = _wait_for_training_rank(proc.pid, uri, rank=1, timeout=180)
+        os.kill(rank1, signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, stderr = proc.communicate(timeout=120)
+        ended_after = time.monotonic() - killed_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0, stderr[-3000:]
+    assert ended_after < 90, ended_after
+    runs = _runs(uri)
+    assert len(runs) == 1
+    assert runs[0].info.status == "FAILED", stderr[-3000:]
+    failure = runs[0].data.tags["aaclip.failure"]
+    assert "rank 1" in failure, failure
+    assert "rank 1" in stderr and "FAILED" in stderr, stderr[-3000:]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        out += [int(c) for c in children]
+    return out
+
+
+def _wait_for_training_rank(agent: int, uri: str, rank: int, timeout: float) -> int:
+    """The pid of ``rank`` once the job's run is logging epoch metrics (so training is under way)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        try:  # rank 0 creates the store: read it only once it exists, and retry while it is being set up
+            runs = _runs(uri) if Path(uri.removeprefix("sqlite:///")).exists() else []
+        except Exception:
+            continue
+        if runs and "stage1/probe_loss" in runs[0].data.metrics:
+            for pid in _children(agent):
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                if f"RANK={rank}".encode() in environ:
+                    return pid
+    raise AssertionError("the torchrun job did not start training in time")
