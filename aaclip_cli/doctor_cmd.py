@@ -58,6 +58,10 @@ def doctor_cmd(
         Optional[str], typer.Option("--recipe", "-r", help="Recipe to check without a run (default: base).")
     ] = None,
     set_: SetOpt = None,
+    world_size: Annotated[
+        Optional[int],
+        typer.Option("--world-size", min=1, help="Check the recipe for N torchrun processes (per-rank batch sizes)."),
+    ] = None,
 ):
     """Check a recipe or a run: each check passes, warns or fails with its number and a fix.
 
@@ -65,7 +69,7 @@ def doctor_cmd(
     metric, weights/QuickGELU/fidelity, data, tracking, device. Exit 1 if a check fails."""
     from aaclip_core.doctor import diagnose
 
-    report = diagnose(run_id, recipe, set_, probe, tracking_uri)
+    report = diagnose(run_id, recipe, set_, probe, tracking_uri, world_size)
     if json_:
         print_json(report.as_dict())
     else:

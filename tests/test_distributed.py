@@ -207,3 +207,29 @@ def _wait_for_training_rank(agent: int, uri: str, rank: int, timeout: float) -> 
                 if f"RANK={rank}".encode() in environ:
                     return pid
     raise AssertionError("the torchrun job did not start training in time")
+
+
+# ------------------------------------------------------------------------------------- doctor
+
+
+def test_doctor_warns_when_a_rank_gets_no_image_or_official_stage1_gets_one(demo_recipe):
+    from aaclip_core.doctor.distributed import check_distributed
+
+    by_name = {c.name: c for c in check_distributed(demo_recipe, 16, "gloo")}  # batches 16 and 8
+    assert by_name["distributed setting"].value == "16 x gloo"
+    assert by_name["stage1 batch per rank"].status == "warn" and by_name["stage1 batch per rank"].value == 1
+    assert by_name["stage2 batch per rank"].status == "warn" and by_name["stage2 batch per rank"].value == 0
+    corrected = demo_recipe.model_copy(update={"fidelity": "corrected"})
+    by_name = {c.name: c for c in check_distributed(corrected, 16, "gloo")}
+    assert by_name["stage1 batch per rank"].status == "pass"  # no batch-mates needed
+    assert [c.status for c in check_distributed(demo_recipe, 2, "gloo")] == ["pass"] * 3
+    assert len(check_distributed(demo_recipe, 1, "none")) == 1
+
+
+def test_doctor_reports_the_setting_a_run_ran_under(jobs):
+    from aaclip_core.doctor import diagnose
+
+    for n in (1, 2):
+        report = diagnose(jobs[n]["run_id"], tracking_uri=jobs[n]["uri"])
+        setting = next(c for c in report.checks if c.name == "distributed setting")
+        assert setting.value == ("1 x none" if n == 1 else "2 x gloo")

@@ -32,7 +32,8 @@ Thresholds (documented in one place):
   ratio at the trained checkpoint (confounded: switching a trained cross-attention off moves the
   model off its training distribution) warns below 0.8, as its own check.
 
-Modules: ``checks`` (the verdict type and thresholds), ``static`` (recipe checks), ``history`` (a
+Modules: ``checks`` (the verdict type and thresholds), ``static`` (recipe checks), ``distributed``
+(torchrun setting, per-rank batch sizes), ``history`` (a
 run's logged history), ``probe`` (the gradient-dilution probe), ``diagnosis`` (`diagnose`).
 """
 

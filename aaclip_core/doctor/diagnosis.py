@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from ..config import apply_overrides, recipe_from_dict
 from ..errors import ConfigError, TrackingError
 from ..tracking import TAG
 from .checks import Check, DoctorReport
+from .distributed import check_distributed, recipe_backend
 from .history import run_checks
 from .probe import probe_checks
 from .static import check_tracking, static_checks
@@ -19,14 +21,20 @@ def diagnose(
     overrides: list[str] | None = None,
     probe: bool = False,
     tracking_uri: str | None = None,
+    world_size: int | None = None,
 ) -> DoctorReport:
+    """``world_size``: check a recipe for that many torchrun processes (default: the launcher's
+    WORLD_SIZE, else 1); a run reports the setting it ran under."""
     from ..config import load_recipe
 
     if run_id is None:
         if probe:
             raise ConfigError("--probe needs a RUN_ID: it loads that run's selected checkpoint.")
         r, _ = load_recipe(recipe or "base", overrides)
-        return DoctorReport(None, static_checks(r, tracking_uri))
+        n = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        return DoctorReport(None, static_checks(r, tracking_uri) + check_distributed(r, n, recipe_backend(r)))
+    if world_size is not None:
+        raise ConfigError("--world-size checks a recipe for N processes; a run reports the setting it ran under.")
     if recipe is not None:
         raise ConfigError("--recipe checks a recipe without a run; with RUN_ID the run's own recipe is checked "
                           "(adjust it with --set).")
@@ -55,6 +63,9 @@ def diagnose(
         if run_recipe is not None and overrides:
             run_recipe = recipe_from_dict(apply_overrides(run_recipe.model_dump(mode="json"), overrides), "with --set")
         checks += run_checks(client, mlflow, run, run_recipe, tracking_uri)
+        tags = run.data.tags
+        checks += check_distributed(run_recipe, int(tags.get(f"{TAG}world_size", "1")),
+                                    tags.get(f"{TAG}backend", "none"))
         if probe:
             checks += probe_checks(mlflow, run, run_recipe, workdir)
     return DoctorReport(run.info.run_id, checks)

@@ -193,7 +193,8 @@ def run_checks(client, mlflow, run, recipe: Recipe | None, tracking_uri: str | N
     if status == "FINISHED":
         checks.append(Check("run status", "pass", status, f"{stage} run, finished"))
     elif status == "FAILED":
-        checks.append(Check("run status", "fail", status, f"{stage} run ended FAILED",
+        why = t.get(f"{TAG}failure")  # torchrun jobs: which rank failed and why
+        checks.append(Check("run status", "fail", status, f"{stage} run ended FAILED" + (f": {why}" if why else ""),
                             "read the error of the failed command and train again"))
     else:
         fix = f"aaclip train feedback --resume {run.info.run_id}" if stage == "feedback" else "train it again"
