@@ -170,6 +170,12 @@ class StageObjective(nn.Module):
         return stage_loss(self.stage, self.model, self.bank, self.recipe, batch, self.device, self.features)
 
 
+def _switched_off(model: AACLIP, stage: int) -> bool:
+    if stage == 1:
+        return model.text_cross_attn is not None and not model.use_text_cross
+    return model.image_cross_attn is not None and not model.use_image_cross
+
+
 def synchronised(objective: StageObjective, device: torch.device) -> nn.Module:
     """The objective wrapped in DDP over the stage's trainable parameters only (adapters,
     projections, cross-attention): the frozen backbone is neither broadcast nor all-reduced."""
@@ -183,8 +189,8 @@ def synchronised(objective: StageObjective, device: torch.device) -> nn.Module:
     return DistributedDataParallel(
         objective,
         device_ids=[device.index] if device.type == "cuda" else None,
-        # A cross-attention module that is switched off for a loop is trainable but unused.
-        find_unused_parameters=objective.model.text_cross_attn is not None,
+        # A cross-attention module switched off for a loop is trainable but unused.
+        find_unused_parameters=_switched_off(objective.model, objective.stage),
     )
 
 
