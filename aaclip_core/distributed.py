@@ -231,7 +231,8 @@ def report_failure(exc: BaseException) -> None:
 
 
 def failure_summary(own: BaseException) -> str:
-    """On rank 0 after a failure: which rank failed and why, in one paragraph.
+    """On rank 0 after a failure: which rank failed and why, in one paragraph ("" when the whole
+    job was stopped from outside and no rank failed).
 
     Rank 0's own user error (an AaclipError) is its own. Anything else (a broken collective, the
     SIGTERM torchrun sends to the survivors) means another rank went first: a rank that raised
@@ -268,4 +269,6 @@ def failure_summary(own: BaseException) -> str:
             f"by the out-of-memory killer; torchrun's failure summary gives its exit code), and rank 0 saw "
             f"{type(own).__name__}: {own}"
         )
+    if isinstance(own, RankStopped):
+        return ""  # every rank was told to stop (scheduler, Ctrl-C on torchrun): no rank failed
     return f"rank 0 failed: {type(own).__name__}: {own}"

@@ -157,6 +157,9 @@ def tracked_run(
                 # torchrun's SIGTERM came while rank 0 was already failing (a broken collective
                 # comes first): the peers' reports are still what explains the failure.
                 summary = distributed.failure_summary(exc)
+        if isinstance(exc, distributed.RankStopped) and not summary:
+            mlflow.end_run(status="KILLED")  # stopped from outside, like an interrupt
+            raise
         if summary:
             mlflow.set_tag(f"{TAG}failure", summary[:5000])
         mlflow.end_run(status="FAILED")
