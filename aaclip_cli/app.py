@@ -113,8 +113,7 @@ def handle_errors(fn):
     def wrapper(*args, **kwargs):
         from rich.markup import escape
 
-        from aaclip_core.distributed import RankStopped
-        from aaclip_core.errors import AaclipError, JobFailed
+        from aaclip_core.errors import AaclipError, JobFailed, RankStopped
 
         try:
             return fn(*args, **kwargs)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
+from .errors import ConfigError, RankStopped
 
 # A rank that waits longer than this in a collective gives up (its peer is gone or stuck): the
 # job fails instead of hanging. Long enough for rank 0 to write a checkpoint or score a test set
@@ -64,10 +64,6 @@ def _launch_setting() -> Setting:
 _setting = _launch_setting()
 _object_group: Any = None
 _store: Any = None
-
-
-class RankStopped(Exception):
-    """Raised in a rank that received SIGTERM (torchrun stops the survivors when a rank dies)."""
 
 
 def setting() -> Setting:

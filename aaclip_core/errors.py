@@ -40,3 +40,8 @@ class JobFailed(AaclipError):
     def __init__(self, message: str, summary: str) -> None:
         super().__init__(message)
         self.summary = summary
+
+
+class RankStopped(Exception):
+    """A rank of a torchrun job received SIGTERM (torchrun stops the survivors when a rank dies;
+    a scheduler stops them all). Not a user error: no AaclipError."""

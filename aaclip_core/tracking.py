@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import distributed
-from .errors import AaclipError, JobFailed, TrackingError
+from .errors import AaclipError, JobFailed, RankStopped, TrackingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "aaclip."  # prefix of every tag aaclip writes
@@ -153,11 +153,11 @@ def tracked_run(
         if distributed.active():
             try:
                 summary = exc.summary if isinstance(exc, JobFailed) else distributed.failure_summary(exc)
-            except distributed.RankStopped:
+            except RankStopped:
                 # torchrun's SIGTERM came while rank 0 was already failing (a broken collective
                 # comes first): the peers' reports are still what explains the failure.
                 summary = distributed.failure_summary(exc)
-        if isinstance(exc, distributed.RankStopped) and not summary:
+        if isinstance(exc, RankStopped) and not summary:
             mlflow.end_run(status="KILLED")  # stopped from outside, like an interrupt
             raise
         if summary:
