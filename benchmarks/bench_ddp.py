@@ -8,7 +8,7 @@ Each configuration is a real `torchrun --nproc_per_node N` job running the same 
 training step as `aaclip train` (DDP over the adapters, global batch = the recipe's batch size,
 split across the ranks) on random tensors of the recipe's image size. On a CPU the processes share
 the machine's cores, so the speed-up is bounded by the cores (torchrun sets one thread per process
-unless OMP_NUM_THREADS says otherwise); on GPUs each process has its own device.
+(OMP_NUM_THREADS, default 1 for every configuration); on GPUs each process has its own device.
 """
 
 from __future__ import annotations
@@ -107,19 +107,23 @@ def main() -> None:
         worker(args)
         return
     torchrun = Path(sys.executable).parent / "torchrun"
+    # torchrun sets one thread per process only when it starts several; the same count for every
+    # configuration keeps the comparison about processes (OMP_NUM_THREADS overrides it).
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     rows = []
     for n in args.procs:
         cmd = [str(torchrun), "--nproc_per_node", str(n), "--master_port", str(_free_port()), __file__, "--worker",
                "--recipe", args.recipe, "--steps", str(args.steps)]
         for s in args.sets:
             cmd += ["--set", s]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCH ")), None)
         if done.returncode != 0 or line is None:
             print(f"{n} process(es) failed:\n{done.stderr[-2000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(line[6:]))
-    print(f"recipe {args.recipe}, {os.cpu_count()} CPU cores visible, torch {torch.__version__}")
+    print(f"recipe {args.recipe}, {os.cpu_count()} CPU cores visible, {env['OMP_NUM_THREADS']} thread(s) per process, "
+          f"load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}")
     print(f"{'procs':>5} {'backend':>7} {'stage-1 img/s':>14} {'stage-2 img/s':>14} {'speed-up 1/2':>13}")
     base = rows[0] if rows else None
     for r in rows:
