@@ -129,9 +129,12 @@ def handle_errors(fn):
             # The message names user paths and values: `[...]` in them is text, not console markup.
             err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(EXIT_USAGE) from None
-        except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/yellow]: the run is marked KILLED; finished checkpoints are kept.")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:  # Ctrl-C, and SIGTERM/SIGHUP (aaclip_core.signals)
+            from aaclip_core.signals import describe, exit_code
+
+            err.print(f"[yellow]interrupted[/yellow] ({describe(exc)}): a run in progress is marked KILLED; "
+                      "finished checkpoints are kept.", soft_wrap=True)
+            raise typer.Exit(exit_code(exc)) from None
 
     return wrapper
 

@@ -21,12 +21,16 @@ from . import compare_cmd  # noqa: E402,F401
 from . import doctor_cmd  # noqa: E402,F401
 from . import prompts_cmd  # noqa: E402,F401
 from . import transfer_cmd  # noqa: E402,F401
+from . import runs_cmd  # noqa: E402,F401
 
 __all__ = ["app", "main"]
 
 
 def main() -> None:  # pragma: no cover - entry point
+    from aaclip_core.signals import install
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    install()  # SIGTERM/SIGHUP end a run KILLED, like Ctrl-C
     app(prog_name="aaclip")
 
 

@@ -45,3 +45,9 @@ class JobFailed(AaclipError):
 class RankStopped(Exception):
     """A rank of a torchrun job received SIGTERM (torchrun stops the survivors when a rank dies;
     a scheduler stops them all). Not a user error: no AaclipError."""
+
+
+class StoreError(TrackingError):
+    """The MLflow store cannot be used: unreachable, read-only, locked, refused our credentials, or
+    written by another MLflow version. Raised only by ``tracking.store_failure``, which names the
+    store URI and the cause in one paragraph without the driver's traceback text."""

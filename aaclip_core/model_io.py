@@ -69,7 +69,7 @@ def model_from_checkpoint(recipe: Recipe, ckpt: Checkpoint, device: torch.device
 
 
 def run_recipe(mlflow, run_id: str, workdir: Path) -> Recipe:
-    get_run(mlflow, run_id)
+    run_id = get_run(mlflow, run_id).info.run_id  # the full id, when given a prefix
     path = download(mlflow, run_id, "recipe.json", workdir / run_id)
     return recipe_from_dict(json.loads(path.read_text(encoding="utf-8")), f"of run {run_id}")
 

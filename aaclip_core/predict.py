@@ -286,7 +286,7 @@ def predict_images(
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}.")
     mlflow = connect(tracking_uri)
-    get_run(mlflow, run_id)
+    run_id = get_run(mlflow, run_id).info.run_id  # the full id, when given a prefix
     out_dir = Path(out_dir) if out_dir is not None else Path(f"aaclip-predict-{run_id[:8]}")
     jobs = collect_images(list(inputs), out_dir)
 

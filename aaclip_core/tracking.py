@@ -1,8 +1,12 @@
-"""The run registry: every train and test is an MLflow run.
+"""The run registry: every train and test is an MLflow run. The only module that imports MLflow.
 
 Store: ``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > SQLite ``mlflow.db`` in the working directory
 (MLflow's own default, with its default local artifact folder). A run that raises ends FAILED, one
-interrupted with Ctrl-C ends KILLED; never RUNNING.
+interrupted (Ctrl-C, SIGTERM, SIGHUP) ends KILLED; never RUNNING. A running run carries its host, its
+process id and a heartbeat, so a run whose process died can be told from one still training.
+
+Every failure of the store itself (unreachable, read-only, locked, wrong schema version) goes through
+``store_failure``: one paragraph naming the URI and the cause, never the driver's traceback text.
 """
 
 from __future__ import annotations
@@ -11,43 +15,223 @@ import contextlib
 import json
 import logging
 import os
+import re
+import socket
 import subprocess
 import tempfile
+import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from . import distributed
-from .errors import AaclipError, JobFailed, RankStopped, TrackingError
+from .errors import AaclipError, JobFailed, RankStopped, StoreError, TrackingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "aaclip."  # prefix of every tag aaclip writes
 # The experiment tag the MLflow 3 UI reads to pick its page: model training, not the GenAI overview.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+HOST_TAG, PID_TAG, HEARTBEAT_TAG = f"{TAG}host", f"{TAG}pid", f"{TAG}heartbeat"
+HEARTBEAT_SECONDS = 30.0
+# A RUNNING run whose heartbeat is older than this is stale: ten missed beats, so a loaded machine or
+# a slow store does not make a live run look dead.
+STALE_AFTER_SECONDS = 10 * HEARTBEAT_SECONDS
+
+# MLflow's own settings for HTTP stores. Its defaults (7 retries, 120 s timeout) make an unreachable
+# server cost minutes; these make it fail in about 15 s. Applied only where the user set nothing.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+}
+# How often opening a store is retried when another process holds it (SQLite "database is locked").
+_OPEN_ATTEMPTS = 5
 
 
 def _quiet_mlflow() -> None:
-    for name in ("mlflow", "alembic", "alembic.runtime.migration"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("mlflow", "alembic", "alembic.runtime.migration", "urllib3.connectionpool"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="mlflow")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Against a tracking server MLflow writes "View run/experiment at: URL" lines to stdout when a
     # run ends, which would break `--json` and `RUN=$(aaclip train ...)`: stdout is the caller's.
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
 
 def resolve_tracking_uri(cli_uri: str | None) -> str:
     return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-def connect(cli_uri: str | None):
-    """Point MLflow at the store and return the module (imported lazily: it is slow to import)."""
+# ------------------------------------------------------------------------------------------ failures
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or any(e is s for s in seen) or len(seen) > 20:
+            continue
+        seen.append(e)
+        todo += [e.__cause__, e.__context__]
+    return seen
+
+
+def _http_status(chain: list[BaseException]) -> int | None:
+    for e in chain:
+        getter = getattr(e, "get_http_status_code", None)
+        if callable(getter):
+            with contextlib.suppress(Exception):
+                return int(getter())
+    return None
+
+
+_HTTP_VARS = "MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT"
+
+
+def classify_store_failure(exc: BaseException) -> str | None:
+    """The cause of a store failure in words, or None when it is not recognisably the store's."""
+    chain = _exception_chain(exc)
+    text = " | ".join(f"{type(e).__name__}: {e}" for e in chain).lower()
+    if "readonly database" in text or "read-only file system" in text:
+        return "is read-only for this process (SQLite: attempt to write a readonly database)"
+    if "database is locked" in text:
+        return "is locked by another process (SQLite waited and gave up)"
+    if "unable to open database file" in text:
+        return "cannot be opened: the database file or its folder is missing or not accessible"
+    if "file is not a database" in text or "database disk image is malformed" in text:
+        return "is not a readable SQLite database (the file is damaged or of another kind)"
+    if "out-of-date database schema" in text:
+        return "has an older schema version than this MLflow expects (back it up, then run `mlflow db upgrade URI`)"
+    if "can't locate revision" in text:
+        return "was written by a newer MLflow (unknown schema version); use that MLflow version or a new store"
+    status = _http_status(chain)
+    if status in (401, 403) or " 401 " in text or " 403 " in text:
+        return (f"refused our credentials (HTTP {status or 'auth error'}); set MLFLOW_TRACKING_USERNAME / "
+                "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN")
+    if any(k in text for k in ("nameresolutionerror", "name or service not known", "failed to resolve",
+                               "temporary failure in name resolution", "nodename nor servname")):
+        return "cannot be reached: its host name does not resolve (DNS)"
+    if "connection refused" in text:
+        return f"cannot be reached: connection refused (is the server running on that port?); retries: {_HTTP_VARS}"
+    if "timed out" in text or "timeout" in text:
+        return f"did not answer in time (timeout); raise {_HTTP_VARS} for a slow server"
+    if "max retries exceeded" in text or "connectionerror" in text:
+        return f"cannot be reached (connection failed); retries: {_HTTP_VARS}"
+    return None
+
+
+def store_failure(uri: str, exc: BaseException, doing: str) -> StoreError:
+    """The one translation point from a driver/client exception to a user-facing StoreError."""
+    cause = classify_store_failure(exc)
+    if cause is None:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first_line = re.sub(r"\s*\[SQL:.*", "", first_line)[:200]
+        cause = f"failed ({type(exc).__name__}: {first_line})"
+    return StoreError(
+        f"The MLflow store '{uri}' {cause}, while {doing}. Check --tracking-uri / MLFLOW_TRACKING_URI "
+        "(unset, aaclip uses ./mlflow.db)."
+    )
+
+
+@contextlib.contextmanager
+def store_call(mlflow, doing: str) -> Iterator[None]:
+    """Run store calls; any non-aaclip exception becomes a StoreError naming the URI and the cause."""
+    try:
+        yield
+    except AaclipError:
+        raise
+    except Exception as exc:
+        raise store_failure(mlflow.get_tracking_uri(), exc, doing) from None
+
+
+# ------------------------------------------------------------------------------------------ opening
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other stores or in-memory SQLite)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    raw = uri[len("sqlite:///"):].split("?", 1)[0]
+    if raw.startswith("file:"):
+        raw = raw[len("file:"):]
+    return Path(raw) if raw and raw != ":memory:" else None
+
+
+def _creation_lock(db: Path | None):
+    """A file lock beside the SQLite file: MLflow creates and migrates a new store without one, and two
+    processes doing it at once collide ("duplicate column name"). Where the lock file cannot be made
+    (a read-only folder) nothing can be created either, so no lock is needed."""
+    if db is None:
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    lock = FileLock(str(db) + ".lock", timeout=120)
+    try:
+        lock.acquire()
+    except OSError:
+        return contextlib.nullcontext()
+    return contextlib.closing(_Releaser(lock))
+
+
+class _Releaser:
+    def __init__(self, lock) -> None:
+        self._lock = lock
+
+    def close(self) -> None:
+        self._lock.release()
+
+
+def _transient(exc: BaseException) -> bool:
+    text = " ".join(str(e) for e in _exception_chain(exc)).lower()
+    return "database is locked" in text or "duplicate column" in text or "already exists" in text
+
+
+def _check_writable(uri: str, db: Path | None) -> None:
+    """A SQLite store this process cannot write fails now, before any work, not at the first write."""
+    if db is None:
+        return
+    folder = db.parent if str(db.parent) else Path(".")
+    if db.exists() and not os.access(db, os.W_OK) or not os.access(folder, os.W_OK | os.X_OK):
+        what = f"the file {db}" if db.exists() and not os.access(db, os.W_OK) else f"the folder {folder}"
+        raise StoreError(
+            f"The MLflow store '{uri}' is read-only for this process ({what} is not writable), so no run can be "
+            "recorded in it. Point --tracking-uri at a store you can write, e.g. sqlite:///mlflow.db in your own "
+            "folder (commands that only read, such as `aaclip runs` and `aaclip compare`, work on it as it is)."
+        )
+
+
+def connect(cli_uri: str | None, write: bool = False):
+    """Point MLflow at the store, make sure it opens (creating/migrating a new SQLite store under a
+    file lock, retrying while another process holds it) and return the module (imported lazily: it is
+    slow to import). ``write``: the caller will record runs, so a read-only store is refused now."""
     import mlflow
 
     _quiet_mlflow()  # after the import: mlflow sets up its own loggers when imported
     uri = resolve_tracking_uri(cli_uri)
     mlflow.set_tracking_uri(uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.parent.is_dir() and str(db.parent):
+        raise StoreError(
+            f"The MLflow store '{uri}' cannot be opened: the folder {db.parent} does not exist. Create it or fix "
+            "--tracking-uri / MLFLOW_TRACKING_URI."
+        )
+    if write:
+        _check_writable(uri, db)
+    with _creation_lock(db):
+        for attempt in range(_OPEN_ATTEMPTS):
+            try:
+                mlflow.MlflowClient().search_experiments(max_results=1)
+                break
+            except Exception as exc:
+                if attempt + 1 < _OPEN_ATTEMPTS and _transient(exc):
+                    time.sleep(0.5 * 2**attempt)
+                    continue
+                raise store_failure(uri, exc, "opening it") from None
     # Exactly one run per job: under torchrun only rank 0 writes; the others may read (recipes,
     # checkpoints) but their writes go nowhere.
     return mlflow if distributed.is_main() else ReadOnlyTracking(mlflow)
@@ -117,7 +301,8 @@ def _tag_experiment_kind(mlflow, experiment) -> None:
 def tracked_run(
     mlflow, experiment: str, run_name: str, tags: dict[str, str], nested: bool = False, run_id: str | None = None
 ) -> Iterator[Any]:
-    """Start (or resume, with ``run_id``) a run; end it FINISHED, FAILED or KILLED.
+    """Start (or resume, with ``run_id``) a run; end it FINISHED, FAILED or KILLED. While it is open
+    it carries this host and process and a heartbeat (see ``run_liveness``).
 
     Under torchrun rank 0 opens the one run and every rank gets its id; when any rank fails, the
     run ends FAILED with a tag naming the rank and why, and the job raises `JobFailed`.
@@ -125,17 +310,17 @@ def tracked_run(
     opened = error = None
     if distributed.is_main():
         try:
-            _tag_experiment_kind(mlflow, mlflow.set_experiment(experiment))
-            run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested, tags=tags)
+            with store_call(mlflow, "starting a run"):
+                _tag_experiment_kind(mlflow, mlflow.set_experiment(experiment))
+                own = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), HEARTBEAT_TAG: str(int(time.time()))}
+                run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested,
+                                       tags={**tags, **own})
             opened = run.info.run_id
-        except Exception as exc:
-            error = (
-                f"Cannot open the MLflow store '{mlflow.get_tracking_uri()}' ({type(exc).__name__}: {exc}). "
-                "Check --tracking-uri / MLFLOW_TRACKING_URI, or unset them to use ./mlflow.db."
-            )
+        except AaclipError as exc:
+            error = str(exc)
     opened, error = distributed.broadcast_object((opened, error))
     if error:
-        raise TrackingError(error)
+        raise StoreError(error)
     if not distributed.is_main():
         try:
             yield _FollowerRun(opened)
@@ -143,12 +328,15 @@ def tracked_run(
             distributed.report_failure(exc)
             raise
         return
+    heartbeat = _Heartbeat(mlflow.MlflowClient(), run.info.run_id)
     try:
         yield run
-    except KeyboardInterrupt:
-        mlflow.end_run(status="KILLED")
+    except KeyboardInterrupt:  # Ctrl-C, and SIGTERM/SIGHUP through aaclip_core.signals
+        heartbeat.stop()
+        _end_run(mlflow, "KILLED")
         raise
     except BaseException as exc:
+        heartbeat.stop()
         summary = ""
         if distributed.active():
             try:
@@ -158,17 +346,100 @@ def tracked_run(
                 # comes first): the peers' reports are still what explains the failure.
                 summary = distributed.failure_summary(exc)
         if isinstance(exc, RankStopped) and not summary:
-            mlflow.end_run(status="KILLED")  # stopped from outside, like an interrupt
+            _end_run(mlflow, "KILLED")  # stopped from outside, like an interrupt
             raise
         if summary:
-            mlflow.set_tag(f"{TAG}failure", summary[:5000])
-        mlflow.end_run(status="FAILED")
+            with contextlib.suppress(Exception):
+                mlflow.set_tag(f"{TAG}failure", summary[:5000])
+        _end_run(mlflow, "FAILED")
         if summary and not isinstance(exc, (JobFailed, AaclipError)):
             raise JobFailed(f"The {distributed.world_size()}-process job failed: {summary}. Run {opened} is "
                             "marked FAILED.", summary) from exc
         raise
     else:
-        mlflow.end_run(status="FINISHED")
+        heartbeat.stop()
+        with store_call(mlflow, "ending a run"):
+            mlflow.end_run(status="FINISHED")
+
+
+def _end_run(mlflow, status: str) -> None:
+    """End the active run while another error is on its way out: a store failure here must not hide it."""
+    with contextlib.suppress(Exception):
+        mlflow.end_run(status=status)
+
+
+class _Heartbeat:
+    """Refresh the run's heartbeat tag every HEARTBEAT_SECONDS from a daemon thread: cheap (one tag
+    write), and independent of how long an epoch takes. A failed write is skipped, not fatal."""
+
+    def __init__(self, client, run_id: str) -> None:
+        self._client, self._run_id = client, run_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="aaclip-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            with contextlib.suppress(Exception):
+                self._client.set_tag(self._run_id, HEARTBEAT_TAG, str(int(time.time())))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def run_liveness(run, now: float | None = None) -> str | None:
+    """For a RUNNING run: "live" or "stale" (its process is gone, or its heartbeat stopped more than
+    STALE_AFTER_SECONDS ago); None for a run that is not RUNNING."""
+    if run.info.status != "RUNNING":
+        return None
+    tags = run.data.tags
+    if tags.get(HOST_TAG) == socket.gethostname() and tags.get(PID_TAG, "").isdigit():
+        if not _pid_alive(int(tags[PID_TAG])):
+            return "stale"
+    beat = tags.get(HEARTBEAT_TAG)
+    last = float(beat) if beat and beat.replace(".", "", 1).isdigit() else run.info.start_time / 1000
+    return "stale" if (now or time.time()) - last > STALE_AFTER_SECONDS else "live"
+
+
+def describe_owner(run) -> str:
+    tags = run.data.tags
+    beat = tags.get(HEARTBEAT_TAG, "")
+    ago = f", last heartbeat {int(time.time() - float(beat))} s ago" if beat.isdigit() else ""
+    return f"host {tags.get(HOST_TAG, '?')}, process {tags.get(PID_TAG, '?')}{ago}"
+
+
+def end_stale_run(mlflow, run, status: str = "KILLED") -> list[str]:
+    """End a stale RUNNING run (and its RUNNING children) as ``status``; refuse a live one."""
+    liveness = run_liveness(run)
+    run_id = run.info.run_id
+    if liveness is None:
+        raise TrackingError(f"Run {run_id} is {run.info.status}, not RUNNING: there is nothing to end.")
+    if liveness == "live":
+        raise TrackingError(
+            f"Run {run_id} is still alive ({describe_owner(run)}); stop that process instead (it then ends "
+            f"KILLED itself), or wait {int(STALE_AFTER_SECONDS)} s after it died."
+        )
+    client = mlflow.MlflowClient()
+    with store_call(mlflow, f"ending run {run_id}"):
+        children = client.search_runs(
+            [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'"
+        )
+        ended = [c.info.run_id for c in children] + [run_id]
+        for rid in ended:
+            client.set_tag(rid, f"{TAG}ended_by", "mark-dead")
+            client.set_terminated(rid, status)
+    return ended
 
 
 def log_params(mlflow, params: dict[str, str]) -> None:
@@ -184,13 +455,65 @@ def log_json_artifact(mlflow, obj: Any, artifact_path: str) -> None:
         mlflow.log_artifact(str(p), None if parent == "." else parent)
 
 
+_FULL_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def resolve_run_id(mlflow, run_id: str) -> str:
+    """The full id of the run ``run_id`` names: a full id, or any unique prefix of one. Ambiguity and
+    no match are errors that say what to do."""
+    run_id = run_id.strip().lower()
+    if _FULL_RUN_ID.match(run_id):
+        return run_id
+    if not re.fullmatch(r"[0-9a-f]+", run_id or "x"):
+        raise TrackingError(
+            f"'{run_id}' is not a run id (32 hexadecimal digits, or a unique prefix of one). List runs with "
+            "`aaclip runs`."
+        )
+    matches = [r.info.run_id for r in all_runs(mlflow) if r.info.run_id.startswith(run_id)]
+    if len(matches) == 1:
+        return matches[0]
+    uri = mlflow.get_tracking_uri()
+    if not matches:
+        raise TrackingError(
+            f"No run whose id starts with '{run_id}' in the MLflow store '{uri}'. List runs with `aaclip runs`, "
+            "or point --tracking-uri at the store that holds it."
+        )
+    shown = ", ".join(sorted(matches)[:10]) + (f" and {len(matches) - 10} more" if len(matches) > 10 else "")
+    raise TrackingError(f"The id prefix '{run_id}' matches {len(matches)} runs: {shown}. Give more digits.")
+
+
+def all_runs(mlflow, filter_string: str = "", experiment_ids: list[str] | None = None,
+             max_results: int | None = None, order_by: list[str] | None = None) -> list:
+    """Runs of every experiment (or the given ones), newest first, page by page."""
+    client = mlflow.MlflowClient()
+    out: list = []
+    with store_call(mlflow, "listing runs"):
+        if experiment_ids is None:
+            experiment_ids = [e.experiment_id for e in client.search_experiments(view_type=3)]
+        if not experiment_ids:
+            return out
+        token = None
+        while max_results is None or len(out) < max_results:
+            page = client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token,
+                                      order_by=order_by or ["attributes.start_time DESC"])
+            out.extend(page)
+            token = page.token
+            if not token:
+                break
+    return out[:max_results] if max_results is not None else out
+
+
 def get_run(mlflow, run_id: str):
+    """The run a full id or a unique id prefix names."""
+    full = resolve_run_id(mlflow, run_id)
     try:
-        return mlflow.get_run(run_id)
-    except Exception:
+        return mlflow.get_run(full)
+    except Exception as exc:
+        if classify_store_failure(exc) is not None:
+            raise store_failure(mlflow.get_tracking_uri(), exc, f"reading run {full}") from None
         raise TrackingError(
             f"No run '{run_id}' in the MLflow store '{mlflow.get_tracking_uri()}'. List runs with "
-            "`aaclip compare`, or point --tracking-uri at the store that holds it."
+            "`aaclip runs`, or point --tracking-uri at the store that holds it."
         ) from None
 
 
@@ -198,6 +521,8 @@ def download(mlflow, run_id: str, artifact_path: str, dst: Path) -> Path:
     try:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)))
     except Exception as exc:
+        if classify_store_failure(exc) is not None:
+            raise store_failure(mlflow.get_tracking_uri(), exc, f"downloading {artifact_path} of run {run_id}") from None
         raise TrackingError(
             f"Run '{run_id}' has no artifact '{artifact_path}' ({type(exc).__name__}). Was it trained to the "
             "end? `aaclip doctor RUN_ID` shows what the run holds."

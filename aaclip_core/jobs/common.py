@@ -56,7 +56,7 @@ def open_session(recipe: Recipe, recipe_path: Path | None, tracking_uri: str | N
     # Every rank seeds alike: same initial adapters, same shuffled order (each takes its share).
     generator = seed_everything(recipe.runtime.seed)
     device = distributed.setup(select_device(recipe.runtime.device))
-    mlflow = connect(tracking_uri)
+    mlflow = connect(tracking_uri, write=True)
     workdir = Path(tempfile.mkdtemp(prefix="aaclip-"))
     # Only rank 0 shows progress: N progress bars of one job would say the same thing N times.
     shown = reporter if reporter is not None and distributed.is_main() else Reporter()

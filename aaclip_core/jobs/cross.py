@@ -26,6 +26,7 @@ def load_base_adapters(
     where they came from. The cross-attention modules keep their fresh initialisation."""
     recipe = session.recipe
     if from_run:
+        from_run = get_run(session.mlflow, from_run).info.run_id  # the full id, when given a prefix
         base_recipe = common.run_recipe(session.mlflow, from_run, session.workdir)
         if backbone_id(base_recipe) != backbone_id(recipe) or base_recipe.fidelity != recipe.fidelity:
             raise ConfigError(
@@ -66,7 +67,7 @@ def train_cross(
 ) -> dict:
     inherited: dict = {}
     if from_run:
-        get_run(connect(tracking_uri), from_run)
+        from_run = get_run(connect(tracking_uri), from_run).info.run_id  # the full id, when given a prefix
         recipe, inherited = common.inherit_from_run(recipe, from_run, tracking_uri)
     common.check_train_samples(recipe)
     session = common.open_session(recipe, recipe_path, tracking_uri, reporter)

@@ -113,7 +113,7 @@ def export_detector(
     directory = Path(directory)
     _check_target(directory, fmt, int8)
     mlflow = connect(tracking_uri)
-    get_run(mlflow, run_id)
+    run_id = get_run(mlflow, run_id).info.run_id  # the full id, when given a prefix
     with tempfile.TemporaryDirectory(prefix="aaclip-export-") as tmp:
         workdir = Path(tmp)
         recipe = run_recipe(mlflow, run_id, workdir)

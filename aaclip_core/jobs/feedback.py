@@ -26,7 +26,7 @@ from ..data.splits import small_split_warning
 from ..errors import ConfigError
 from ..evaluation import evaluate
 from ..model import AACLIP, build_model
-from ..tracking import TAG, connect, get_run, list_artifacts, loop_runs, tracked_run
+from ..tracking import TAG, connect, describe_owner, get_run, list_artifacts, loop_runs, run_liveness, tracked_run
 from ..training.data import make_dataset, make_loader
 from ..training.engine import StageSchedule, run_stage
 from ..training.groups import count_trainable, stage_parameters
@@ -120,7 +120,7 @@ def train_feedback(
                 "--resume continues a feedback run with its own recipe and weights; it takes no --from, "
                 "--recipe, --set, --seed or --loops."
             )
-        recipe = _resumable_recipe(tracking_uri, resume)
+        recipe, resume = _resumable_recipe(tracking_uri, resume)
         recipe_path = None
     elif recipe is None:
         raise ConfigError("train feedback needs a recipe (--recipe) or --resume RUN_ID.")
@@ -140,18 +140,25 @@ def train_feedback(
         session.close()
 
 
-def _resumable_recipe(tracking_uri: str | None, run_id: str) -> Recipe:
-    """The recipe of a feedback parent run; any other run is refused rather than taken over."""
+def _resumable_recipe(tracking_uri: str | None, run_id: str) -> tuple[Recipe, str]:
+    """The recipe and full id of a feedback parent run; any other run is refused rather than taken
+    over, and so is one still RUNNING in a live process (a stale one is taken over)."""
     mlflow = connect(tracking_uri)
     run = get_run(mlflow, run_id)
+    run_id = run.info.run_id
     stage = run.data.tags.get(f"{TAG}stage")
     if stage != "feedback":
         raise ConfigError(
             f"Run {run_id} is a '{stage}' run, not a feedback job; --resume only continues an interrupted "
             "`aaclip train feedback` run (its parent run id, as printed when it started)."
         )
+    if run_liveness(run) == "live":
+        raise ConfigError(
+            f"Run {run_id} is still running ({describe_owner(run)}); resuming it would train it twice. Stop that "
+            "process first (it ends the run KILLED), then resume."
+        )
     with tempfile.TemporaryDirectory(prefix="aaclip-resume-") as tmp:
-        return common.run_recipe(mlflow, run_id, Path(tmp))
+        return common.run_recipe(mlflow, run_id, Path(tmp)), run_id
 
 
 def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: str | None, run_name: str | None) -> dict:

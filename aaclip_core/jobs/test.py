@@ -97,8 +97,15 @@ def test_run(
     overrides: list[str] | None = None,
     visualize: int = 0,
 ) -> dict:
-    mlflow = connect(tracking_uri)
+    mlflow = connect(tracking_uri, write=True)
     source = get_run(mlflow, run_id)
+    run_id = source.info.run_id  # the full id, when given a prefix
+    if source.data.tags.get(f"{TAG}stage") == "test":
+        trained = source.data.tags.get(f"{TAG}source_run", "unknown")
+        raise ConfigError(
+            f"Run {run_id} is a test run (it evaluated the training run {trained}); `test --run` takes a training "
+            f"run. Pass --run {trained} to evaluate that run again."
+        )
     with tempfile.TemporaryDirectory(prefix="aaclip-test-") as tmp:
         workdir = Path(tmp)
         recipe = common.run_recipe(mlflow, run_id, workdir)

@@ -212,7 +212,7 @@ def export_run(
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"'{directory}' exists and is not a directory; pass a directory to export into.")
     mlflow = connect(tracking_uri)
-    get_run(mlflow, run_id)
+    run_id = get_run(mlflow, run_id).info.run_id  # the full id, when given a prefix
     name = checkpoint or common.default_checkpoint(mlflow, run_id)
     with tempfile.TemporaryDirectory(prefix="aaclip-export-") as tmp:
         ckpt = common.run_checkpoint(mlflow, run_id, name, Path(tmp))

@@ -1,0 +1,93 @@
+"""`aaclip runs`: list the runs of a store, and end the ones whose process died.
+
+A row says what a user needs to pick a run id for `test`, `predict`, `doctor` or `--from`: the
+stage, name, status (RUNNING runs whose process is gone are marked stale), dataset, the run's main
+metric, and its parent (a test run's training run, a feedback loop's job).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+from .errors import ConfigError
+from .tracking import TAG, all_runs, connect, end_stale_run, get_run, run_liveness, store_call
+
+# The number a row shows: a test run's mean pixel AUROC (the protocol's headline metric); a training
+# run's last epoch loss of its last stage.
+_TEST_METRIC = "pixel_auroc"
+_LOSS_METRICS = ("stage2/loss", "stage1/loss")
+
+
+@dataclass
+class RunRow:
+    run_id: str
+    stage: str
+    name: str
+    status: str
+    stale: bool
+    dataset: str
+    metric: str | None
+    value: float | None
+    parent: str | None
+    experiment: str
+    started: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _main_metric(run) -> tuple[str | None, float | None]:
+    metrics = run.data.metrics
+    names = (_TEST_METRIC,) if run.data.tags.get(f"{TAG}stage") == "test" else _LOSS_METRICS
+    for name in names:
+        if name in metrics:
+            return name, float(metrics[name])
+    return None, None
+
+
+def _row(run, experiments: dict[str, str]) -> RunRow:
+    tags = run.data.tags
+    metric, value = _main_metric(run)
+    started = datetime.fromtimestamp(run.info.start_time / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
+    return RunRow(
+        run_id=run.info.run_id,
+        stage=tags.get(f"{TAG}stage", "-"),
+        name=run.info.run_name or "",
+        status=run.info.status,
+        stale=run_liveness(run) == "stale",
+        dataset=tags.get(f"{TAG}dataset", "-"),
+        metric=metric,
+        value=value,
+        parent=tags.get("mlflow.parentRunId"),
+        experiment=experiments.get(run.info.experiment_id, run.info.experiment_id),
+        started=started,
+    )
+
+
+def list_runs(tracking_uri: str | None, experiment: str | None = None, stage: str | None = None,
+              limit: int = 50) -> list[RunRow]:
+    """The newest ``limit`` runs, optionally of one experiment and/or one stage."""
+    if limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {limit}.")
+    mlflow = connect(tracking_uri)
+    client = mlflow.MlflowClient()
+    with store_call(mlflow, "listing experiments"):
+        experiments = {e.experiment_id: e.name for e in client.search_experiments(view_type=3)}
+    ids = None
+    if experiment is not None:
+        ids = [i for i, name in experiments.items() if name == experiment]
+        if not ids:
+            known = ", ".join(sorted(experiments.values())) or "none"
+            raise ConfigError(f"--experiment '{experiment}': no such experiment in the store (it has: {known}).")
+    stage_filter = f"tags.`{TAG}stage` = '{stage}'" if stage else ""
+    if stage and not stage.replace("-", "").isalnum():
+        raise ConfigError(f"--stage '{stage}' is not a stage name (base, cross, feedback, feedback-loop, test, ...).")
+    runs = all_runs(mlflow, stage_filter, experiment_ids=ids, max_results=limit)
+    return [_row(r, experiments) for r in runs]
+
+
+def mark_dead(tracking_uri: str | None, run_id: str) -> list[str]:
+    """End a RUNNING run whose process is gone as KILLED (with its RUNNING children); returns their ids."""
+    mlflow = connect(tracking_uri, write=True)
+    return end_stale_run(mlflow, get_run(mlflow, run_id))
