@@ -372,7 +372,13 @@ def _read_layered(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(parent, str):
         raise ConfigError(f"Recipe '{path}': 'extends' must be a recipe name or path.")
     relative = path.parent / parent
-    parent_path = relative if relative.suffix == ".toml" and relative.is_file() else resolve_recipe_path(parent)
+    try:
+        parent_path = relative if relative.suffix == ".toml" and relative.is_file() else resolve_recipe_path(parent)
+    except ConfigError:
+        raise ConfigError(
+            f"Recipe '{path}' extends '{parent}', which is neither a TOML file relative to it ({relative}) nor a "
+            f"shipped recipe ({', '.join(shipped_recipes())}). Fix the 'extends' line of '{path}'."
+        ) from None
     return _deep_merge(_read_layered(parent_path, (*seen, path)), data)
 
 

@@ -8,8 +8,10 @@ dataset always yields the same order.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -78,30 +80,41 @@ def _looks_mvtec(class_dir: Path) -> bool:
     return (class_dir / "test").is_dir() or (class_dir / "train" / "good").is_dir()
 
 
+def _no_images(class_dir: Path, split: str, layout: str) -> DataError:
+    return DataError(
+        f"Class folder {class_dir} has no {split} images (layout {layout!r}: {LAYOUT_DESCRIPTIONS[layout]}). "
+        "Add its images or move the folder out of the dataset root."
+    )
+
+
 def _index_mvtec(root: Path, split: str) -> list[Sample]:
     samples = []
     for class_dir in _class_dirs(root, lambda d: (d / split).is_dir()):
-        if split == "train":
-            samples += [
-                Sample(p, NORMAL, class_dir.name, None)
-                for p in _images_in(class_dir / "train" / "good")
-            ]
-            continue
-        for defect_dir in _subdirs(class_dir / "test"):
-            defect = defect_dir.name
-            for image in _images_in(defect_dir):
-                if defect == NORMAL_DEFECT:
-                    samples.append(Sample(image, NORMAL, class_dir.name, None))
-                    continue
-                mask = class_dir / "ground_truth" / defect / f"{image.stem}_mask.png"
-                if not mask.is_file():
-                    raise DataError(
-                        f"Anomalous image {image} has no mask: expected {mask}. MVTec-style "
-                        "datasets need a mask for every image outside test/good; add it or "
-                        "move the image."
-                    )
-                samples.append(Sample(image, ANOMALOUS, class_dir.name, mask, defect))
+        before = len(samples)
+        _index_mvtec_class(class_dir, split, samples)
+        if len(samples) == before:
+            raise _no_images(class_dir, split, "mvtec")
     return samples
+
+
+def _index_mvtec_class(class_dir: Path, split: str, samples: list[Sample]) -> None:
+    if split == "train":
+        samples += [Sample(p, NORMAL, class_dir.name, None) for p in _images_in(class_dir / "train" / "good")]
+        return
+    for defect_dir in _subdirs(class_dir / "test"):
+        defect = defect_dir.name
+        for image in _images_in(defect_dir):
+            if defect == NORMAL_DEFECT:
+                samples.append(Sample(image, NORMAL, class_dir.name, None))
+                continue
+            mask = class_dir / "ground_truth" / defect / f"{image.stem}_mask.png"
+            if not mask.is_file():
+                raise DataError(
+                    f"Anomalous image {image} has no mask: expected {mask}. MVTec-style "
+                    "datasets need a mask for every image outside test/good; add it or "
+                    "move the image."
+                )
+            samples.append(Sample(image, ANOMALOUS, class_dir.name, mask, defect))
 
 
 # --------------------------------------------------------------------------- btad
@@ -114,6 +127,8 @@ def _looks_btad(class_dir: Path) -> bool:
 def _index_btad(root: Path, split: str) -> list[Sample]:
     samples = []
     for class_dir in _class_dirs(root, lambda d: (d / split).is_dir()):
+        if not any(_images_in(class_dir / split / name) for name in ("ok", "ko")):
+            raise _no_images(class_dir, split, "btad")
         samples += [
             Sample(p, NORMAL, class_dir.name, None) for p in _images_in(class_dir / split / "ok")
         ]
@@ -142,6 +157,8 @@ def _index_folder(root: Path, split: str) -> list[Sample]:
     _reject_train_split("folder", split)
     samples = []
     for class_dir in _class_dirs(root, _looks_folder):
+        if not any(_images_in(class_dir / name) for name in ("normal", "anomaly")):
+            raise _no_images(class_dir, split, "folder")
         samples += [
             Sample(p, NORMAL, class_dir.name, None) for p in _images_in(class_dir / "normal")
         ]
@@ -376,8 +393,31 @@ _INDEXERS: dict[str, Callable[[Path, str], list[Sample]]] = {
 }
 
 
+def filesystem_error(exc: OSError | RuntimeError, fallback: Path) -> DataError:
+    """A file-system failure while listing a dataset (a symbolic-link loop, an unreadable folder) as
+    a DataError naming the path. pathlib reports a loop met by ``resolve()`` as a RuntimeError."""
+    path = getattr(exc, "filename", None)
+    if path is None:
+        found = re.search(r"Symlink loop from '(.*)'", str(exc))
+        path = found.group(1) if found else fallback
+    if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
+        why = "is a symbolic link that loops back on itself (ELOOP)"
+    else:
+        why = f"cannot be read ({getattr(exc, 'strerror', None) or exc})"
+    return DataError(f"{path} {why}, met while indexing the dataset at {fallback}. Fix or remove that entry.")
+
+
 def index_dataset(root: Path, layout: str = "auto", split: str = "test") -> list[Sample]:
     """List the images of the dataset at ``root`` as absolute-path `Sample`s, sorted."""
+    try:
+        return _index_dataset(root, layout, split)
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "Symlink loop" not in str(exc):
+            raise
+        raise filesystem_error(exc, Path(root)) from None
+
+
+def _index_dataset(root: Path, layout: str, split: str) -> list[Sample]:
     if layout not in LAYOUTS:
         raise ConfigError(f"Unknown dataset layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
     if split not in SPLITS:
