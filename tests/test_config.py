@@ -203,3 +203,10 @@ def test_levels_deeper_than_named_backbone_is_a_config_error(make_model, demo_re
     cfg = demo_recipe.model.model_copy(update={"levels": [1, 2, 3, 9]})
     with pytest.raises(AaclipError, match="model.levels"):
         AACLIP(clip, cfg, demo_recipe.fidelity)
+
+
+def test_extends_naming_a_missing_recipe_says_which_file_extends_it(tmp_path):
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "no-such-parent"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"child\.toml' extends 'no-such-parent'"):
+        load_recipe(str(child))

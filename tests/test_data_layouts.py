@@ -383,3 +383,26 @@ def test_sample_rejects_label_outside_0_1(tmp_path):
         Sample(tmp_path / "x.png", 3, "c", None)
 
 
+def test_a_dataset_root_that_is_a_symlink_loop_is_named(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(DataError, match=rf"{loop} is a symbolic link that loops"):
+        index_dataset(loop)
+
+
+def test_a_visa_row_pointing_at_a_looping_symlink_is_named(tmp_path):
+    root = make_visa(tmp_path / "visa")
+    csv_path = root / "split_csv" / "1cls.csv"
+    rows = csv_path.read_text(encoding="utf-8").splitlines()
+    (root / "a").symlink_to(root / "b")
+    (root / "b").symlink_to(root / "a")
+    csv_path.write_text("\n".join([rows[0], "candle,test,normal,a,", *rows[1:]]) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"visa/a is a symbolic link that loops"):
+        index_dataset(root, layout="visa")
+
+
+def test_a_class_folder_without_images_beside_others_is_named(tmp_path):
+    root = make_mvtec(tmp_path / "mvtec")
+    (root / "widget" / "test" / "good").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"Class folder .*widget has no test images"):
+        index_dataset(root)

@@ -80,20 +80,26 @@ def _looks_mvtec(class_dir: Path) -> bool:
     return (class_dir / "test").is_dir() or (class_dir / "train" / "good").is_dir()
 
 
-def _no_images(class_dir: Path, split: str, layout: str) -> DataError:
-    return DataError(
-        f"Class folder {class_dir} has no {split} images (layout {layout!r}: {LAYOUT_DESCRIPTIONS[layout]}). "
-        "Add its images or move the folder out of the dataset root."
-    )
+def _check_no_empty_class(empty: list[Path], samples: list[Sample], split: str, layout: str) -> None:
+    """A class folder without images beside classes with images is a mistake to name, not to skip
+    (a dataset with no images at all gets `index_dataset`'s message instead)."""
+    if empty and samples:
+        raise DataError(
+            f"Class folder {empty[0]} has no {split} images" + (f" (nor {len(empty) - 1} more)" if len(empty) > 1 else "")
+            + f"; layout {layout!r} expects {LAYOUT_DESCRIPTIONS[layout]}. Add its images or move the folder out "
+            "of the dataset root."
+        )
 
 
 def _index_mvtec(root: Path, split: str) -> list[Sample]:
-    samples = []
+    samples: list[Sample] = []
+    empty = []
     for class_dir in _class_dirs(root, lambda d: (d / split).is_dir()):
         before = len(samples)
         _index_mvtec_class(class_dir, split, samples)
         if len(samples) == before:
-            raise _no_images(class_dir, split, "mvtec")
+            empty.append(class_dir)
+    _check_no_empty_class(empty, samples, split, "mvtec")
     return samples
 
 
@@ -126,9 +132,10 @@ def _looks_btad(class_dir: Path) -> bool:
 
 def _index_btad(root: Path, split: str) -> list[Sample]:
     samples = []
+    empty = []
     for class_dir in _class_dirs(root, lambda d: (d / split).is_dir()):
         if not any(_images_in(class_dir / split / name) for name in ("ok", "ko")):
-            raise _no_images(class_dir, split, "btad")
+            empty.append(class_dir)
         samples += [
             Sample(p, NORMAL, class_dir.name, None) for p in _images_in(class_dir / split / "ok")
         ]
@@ -143,6 +150,7 @@ def _index_btad(root: Path, split: str) -> list[Sample]:
                     "(or .bmp). Add the mask or move the image out of test/ko."
                 )
             samples.append(Sample(image, ANOMALOUS, class_dir.name, mask, "ko"))
+    _check_no_empty_class(empty, samples, split, "btad")
     return samples
 
 
@@ -156,9 +164,10 @@ def _looks_folder(class_dir: Path) -> bool:
 def _index_folder(root: Path, split: str) -> list[Sample]:
     _reject_train_split("folder", split)
     samples = []
+    empty = []
     for class_dir in _class_dirs(root, _looks_folder):
         if not any(_images_in(class_dir / name) for name in ("normal", "anomaly")):
-            raise _no_images(class_dir, split, "folder")
+            empty.append(class_dir)
         samples += [
             Sample(p, NORMAL, class_dir.name, None) for p in _images_in(class_dir / "normal")
         ]
@@ -169,6 +178,7 @@ def _index_folder(root: Path, split: str) -> list[Sample]:
                     image, ANOMALOUS, class_dir.name, mask if mask.is_file() else None, "anomaly"
                 )
             )
+    _check_no_empty_class(empty, samples, split, "folder")
     return samples
 
 
