@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import bootstrap as bs
-from ..errors import ConfigError, TrackingError
+from ..errors import ConfigError
 from ..evaluation import METRIC_NAMES
-from ..tracking import TAG, connect
+from ..tracking import TAG, connect, store_call
 from .fairness import differences
 from .groups import seed_groups
 from .paired import compare_pair
@@ -78,22 +78,15 @@ def _pick_reference(rows: list[Row], reference: str | None) -> Row:
 
 def _open_store(tracking_uri: str | None, experiments: list[str] | None):
     mlflow = connect(tracking_uri)
-    try:
-        client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient()
+    with store_call(mlflow, "listing experiments"):
         return mlflow, client, experiment_ids(client, experiments)
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise TrackingError(
-            f"Cannot read the MLflow store '{mlflow.get_tracking_uri()}' ({type(exc).__name__}: {exc}). "
-            "Check --tracking-uri / MLFLOW_TRACKING_URI."
-        ) from None
 
 
 def _training_runs(mlflow, client, run_ids, exp_ids, experiments, notes: list[str]) -> list:
     """The runs named (any status, noted when not finished), else every finished training run."""
     if run_ids:
-        runs = resolve_runs(client, run_ids, exp_ids)
+        runs = resolve_runs(mlflow, run_ids)
         notes += [f"run {r.info.run_id[:8]} is {r.info.status}, not FINISHED" for r in runs
                   if r.info.status != "FINISHED"]
     else:

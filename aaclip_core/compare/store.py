@@ -8,9 +8,9 @@ from typing import Any
 
 from .. import bootstrap as bs
 from ..checkpoints import FINAL
-from ..errors import ConfigError, TrackingError
+from ..errors import ConfigError
 from ..pixel_pairs import load_pixel_pairs
-from ..tracking import TAG
+from ..tracking import TAG, get_run
 from .rows import TRAINING_STAGES
 
 def search_runs(client, experiment_ids: list[str], filter_string: str = "") -> list:
@@ -37,24 +37,9 @@ def experiment_ids(client, names: list[str] | None) -> list[str]:
     return ids
 
 
-def resolve_runs(client, ids: list[str], experiment_ids: list[str]) -> list:
-    runs, candidates = [], None
-    for rid in ids:
-        try:
-            runs.append(client.get_run(rid))
-            continue
-        except Exception:
-            pass
-        if candidates is None:  # a short id: match a unique prefix among the store's runs
-            candidates = search_runs(client, experiment_ids)
-        matches = [r for r in candidates if r.info.run_id.startswith(rid)]
-        if len(matches) != 1:
-            raise TrackingError(
-                f"Run '{rid}' is {'ambiguous' if matches else 'not in the store'} "
-                f"'{client._tracking_client.tracking_uri}'. Pass a full run id (`aaclip compare` with no "
-                "ids lists every training run), or point --tracking-uri at the store that holds it."
-            )
-        runs.append(matches[0])
+def resolve_runs(mlflow, ids: list[str]) -> list:
+    """The runs given by full id or unique prefix (tracking.get_run: one resolver for every command)."""
+    runs = [get_run(mlflow, rid) for rid in ids]
     for r in runs:
         stage = r.data.tags.get(f"{TAG}stage")
         if stage == "test":

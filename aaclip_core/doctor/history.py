@@ -9,7 +9,7 @@ from typing import Any
 from ..config import Recipe
 from ..data.prompt_names import PROMPT_PARAM, PromptNamer, reference_dataset, reference_table
 from ..setting_aliases import both_names
-from ..tracking import TAG, loop_runs
+from ..tracking import TAG, describe_owner, loop_runs, run_liveness
 from .checks import GRAD_BAND, GRAD_BAND_BACKBONE, GRAD_DEAD, GRAD_FAR_ABOVE, GRAD_VANISHING, LOSS_NEARLY_FLAT, Check
 from .static import (
     check_activation,
@@ -196,9 +196,16 @@ def run_checks(client, mlflow, run, recipe: Recipe | None, tracking_uri: str | N
         why = t.get(f"{TAG}failure")  # torchrun jobs: which rank failed and why
         checks.append(Check("run status", "fail", status, f"{stage} run ended FAILED" + (f": {why}" if why else ""),
                             "read the error of the failed command and train again"))
+    elif run_liveness(run) == "live":
+        checks.append(Check("run status", "warn", status, f"{stage} run still training ({describe_owner(run)})",
+                            "wait for it to finish, then run doctor again"))
     else:
+        stale = run_liveness(run) == "stale"
         fix = f"aaclip train feedback --resume {run.info.run_id}" if stage == "feedback" else "train it again"
-        checks.append(Check("run status", "warn", status, f"{stage} run ended {status}", fix))
+        if stale:
+            fix = f"aaclip runs --mark-dead {run.info.run_id}, or " + fix
+        what = f"RUNNING but stale: its process is gone or silent ({describe_owner(run)})" if stale else f"ended {status}"
+        checks.append(Check("run status", "warn", "stale" if stale else status, f"{stage} run {what}", fix))
 
     if recipe is not None:
         checks += [check_weights(recipe), check_data(recipe, "train"), check_device(recipe)]

@@ -212,13 +212,15 @@ def check_tracking(tracking_uri: str | None) -> Check:
                 return Check(name, "pass", uri, f"{db} does not exist yet; the first run creates it")
             return Check(name, "fail", uri, f"{db.parent} is not a writable folder",
                          "--tracking-uri sqlite:///PATH/mlflow.db in a writable folder")
-    try:
-        from ..tracking import connect
+    from ..errors import StoreError
+    from ..tracking import connect, store_call
 
-        client = connect(tracking_uri).MlflowClient()
-        n = len(client.search_experiments(max_results=100))
-    except Exception as exc:
-        return Check(name, "fail", uri, f"cannot read the store ({type(exc).__name__}: {exc})",
+    try:
+        mlflow = connect(tracking_uri)
+        with store_call(mlflow, "listing experiments"):
+            n = len(mlflow.MlflowClient().search_experiments(max_results=100))
+    except StoreError as exc:
+        return Check(name, "fail", uri, str(exc).rstrip("."),
                      "check --tracking-uri / MLFLOW_TRACKING_URI, or unset them to use ./mlflow.db")
     return Check(name, "pass", uri, f"reachable, {n} experiment(s)")
 
