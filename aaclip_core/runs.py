@@ -10,13 +10,81 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
-from .errors import ConfigError
-from .tracking import TAG, all_runs, connect, end_stale_run, get_run, run_liveness, store_call
+import os
+import socket
+import time
+
+from .errors import ConfigError, TrackingError
+from .tracking import (
+    HEARTBEAT_TAG,
+    HOST_TAG,
+    PID_TAG,
+    STALE_AFTER_SECONDS,
+    TAG,
+    all_runs,
+    connect,
+    get_run,
+    store_call,
+)
 
 # The number a row shows: a test run's mean pixel AUROC (the protocol's headline metric); a training
 # run's last epoch loss of its last stage.
 _TEST_METRIC = "pixel_auroc"
 _LOSS_METRICS = ("stage2/loss", "stage1/loss")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def run_liveness(run, now: float | None = None) -> str | None:
+    """For a RUNNING run: "live" or "stale" (its process is gone, or its heartbeat stopped more than
+    STALE_AFTER_SECONDS ago); None for a run that is not RUNNING."""
+    if run.info.status != "RUNNING":
+        return None
+    tags = run.data.tags
+    if tags.get(HOST_TAG) == socket.gethostname() and tags.get(PID_TAG, "").isdigit():
+        if not _pid_alive(int(tags[PID_TAG])):
+            return "stale"
+    beat = tags.get(HEARTBEAT_TAG)
+    last = float(beat) if beat and beat.replace(".", "", 1).isdigit() else run.info.start_time / 1000
+    return "stale" if (now or time.time()) - last > STALE_AFTER_SECONDS else "live"
+
+
+def describe_owner(run) -> str:
+    tags = run.data.tags
+    beat = tags.get(HEARTBEAT_TAG, "")
+    ago = f", last heartbeat {int(time.time() - float(beat))} s ago" if beat.isdigit() else ""
+    return f"host {tags.get(HOST_TAG, '?')}, process {tags.get(PID_TAG, '?')}{ago}"
+
+
+def end_stale_run(mlflow, run, status: str = "KILLED") -> list[str]:
+    """End a stale RUNNING run (and its RUNNING children) as ``status``; refuse a live one."""
+    liveness = run_liveness(run)
+    run_id = run.info.run_id
+    if liveness is None:
+        raise TrackingError(f"Run {run_id} is {run.info.status}, not RUNNING: there is nothing to end.")
+    if liveness == "live":
+        raise TrackingError(
+            f"Run {run_id} is still alive ({describe_owner(run)}); stop that process instead (it then ends "
+            f"KILLED itself), or wait {int(STALE_AFTER_SECONDS)} s after it died."
+        )
+    client = mlflow.MlflowClient()
+    with store_call(mlflow, f"ending run {run_id}"):
+        children = client.search_runs(
+            [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'"
+        )
+        ended = [c.info.run_id for c in children] + [run_id]
+        for rid in ended:
+            client.set_tag(rid, f"{TAG}ended_by", "mark-dead")
+            client.set_terminated(rid, status)
+    return ended
 
 
 @dataclass

@@ -6,7 +6,7 @@ interrupted (Ctrl-C, SIGTERM, SIGHUP) ends KILLED; never RUNNING. A running run 
 process id and a heartbeat, so a run whose process died can be told from one still training.
 
 Every failure of the store itself (unreachable, read-only, locked, wrong schema version) goes through
-``store_failure``: one paragraph naming the URI and the cause, never the driver's traceback text.
+``store_failures``: one paragraph naming the URI and the cause, never the driver's traceback text.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 
 from . import distributed
 from .errors import AaclipError, JobFailed, RankStopped, StoreError, TrackingError
+from .store_failures import classify_store_failure, is_transient, store_call, store_failure
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "aaclip."  # prefix of every tag aaclip writes
@@ -64,89 +65,6 @@ def _quiet_mlflow() -> None:
 
 def resolve_tracking_uri(cli_uri: str | None) -> str:
     return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-# ------------------------------------------------------------------------------------------ failures
-
-
-def _exception_chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or any(e is s for s in seen) or len(seen) > 20:
-            continue
-        seen.append(e)
-        todo += [e.__cause__, e.__context__]
-    return seen
-
-
-def _http_status(chain: list[BaseException]) -> int | None:
-    for e in chain:
-        getter = getattr(e, "get_http_status_code", None)
-        if callable(getter):
-            with contextlib.suppress(Exception):
-                return int(getter())
-    return None
-
-
-_HTTP_VARS = "MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT"
-
-
-def classify_store_failure(exc: BaseException) -> str | None:
-    """The cause of a store failure in words, or None when it is not recognisably the store's."""
-    chain = _exception_chain(exc)
-    text = " | ".join(f"{type(e).__name__}: {e}" for e in chain).lower()
-    if "readonly database" in text or "read-only file system" in text:
-        return "is read-only for this process (SQLite: attempt to write a readonly database)"
-    if "database is locked" in text:
-        return "is locked by another process (SQLite waited and gave up)"
-    if "unable to open database file" in text:
-        return "cannot be opened: the database file or its folder is missing or not accessible"
-    if "file is not a database" in text or "database disk image is malformed" in text:
-        return "is not a readable SQLite database (the file is damaged or of another kind)"
-    if "out-of-date database schema" in text:
-        return "has an older schema version than this MLflow expects (back it up, then run `mlflow db upgrade URI`)"
-    if "can't locate revision" in text:
-        return "was written by a newer MLflow (unknown schema version); use that MLflow version or a new store"
-    status = _http_status(chain)
-    if status in (401, 403) or " 401 " in text or " 403 " in text:
-        return (f"refused our credentials (HTTP {status or 'auth error'}); set MLFLOW_TRACKING_USERNAME / "
-                "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN")
-    if any(k in text for k in ("nameresolutionerror", "name or service not known", "failed to resolve",
-                               "temporary failure in name resolution", "nodename nor servname")):
-        return "cannot be reached: its host name does not resolve (DNS)"
-    if "connection refused" in text:
-        return f"cannot be reached: connection refused (is the server running on that port?); retries: {_HTTP_VARS}"
-    if "timed out" in text or "timeout" in text:
-        return f"did not answer in time (timeout); raise {_HTTP_VARS} for a slow server"
-    if "max retries exceeded" in text or "connectionerror" in text:
-        return f"cannot be reached (connection failed); retries: {_HTTP_VARS}"
-    return None
-
-
-def store_failure(uri: str, exc: BaseException, doing: str) -> StoreError:
-    """The one translation point from a driver/client exception to a user-facing StoreError."""
-    cause = classify_store_failure(exc)
-    if cause is None:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        first_line = re.sub(r"\s*\[SQL:.*", "", first_line)[:200]
-        cause = f"failed ({type(exc).__name__}: {first_line})"
-    return StoreError(
-        f"The MLflow store '{uri}' {cause}, while {doing}. Check --tracking-uri / MLFLOW_TRACKING_URI "
-        "(unset, aaclip uses ./mlflow.db)."
-    )
-
-
-@contextlib.contextmanager
-def store_call(mlflow, doing: str) -> Iterator[None]:
-    """Run store calls; any non-aaclip exception becomes a StoreError naming the URI and the cause."""
-    try:
-        yield
-    except AaclipError:
-        raise
-    except Exception as exc:
-        raise store_failure(mlflow.get_tracking_uri(), exc, doing) from None
 
 
 # ------------------------------------------------------------------------------------------ opening
@@ -186,11 +104,6 @@ class _Releaser:
         self._lock.release()
 
 
-def _transient(exc: BaseException) -> bool:
-    text = " ".join(str(e) for e in _exception_chain(exc)).lower()
-    return "database is locked" in text or "duplicate column" in text or "already exists" in text
-
-
 def _check_writable(uri: str, db: Path | None) -> None:
     """A SQLite store this process cannot write fails now, before any work, not at the first write."""
     if db is None:
@@ -228,7 +141,7 @@ def connect(cli_uri: str | None, write: bool = False):
                 mlflow.MlflowClient().search_experiments(max_results=1)
                 break
             except Exception as exc:
-                if attempt + 1 < _OPEN_ATTEMPTS and _transient(exc):
+                if attempt + 1 < _OPEN_ATTEMPTS and is_transient(exc):
                     time.sleep(0.5 * 2**attempt)
                     continue
                 raise store_failure(uri, exc, "opening it") from None
@@ -302,7 +215,7 @@ def tracked_run(
     mlflow, experiment: str, run_name: str, tags: dict[str, str], nested: bool = False, run_id: str | None = None
 ) -> Iterator[Any]:
     """Start (or resume, with ``run_id``) a run; end it FINISHED, FAILED or KILLED. While it is open
-    it carries this host and process and a heartbeat (see ``run_liveness``).
+    it carries this host and process and a heartbeat (``runs.run_liveness`` reads them).
 
     Under torchrun rank 0 opens the one run and every rank gets its id; when any rank fails, the
     run ends FAILED with a tag naming the rank and why, and the job raises `JobFailed`.
@@ -386,60 +299,6 @@ class _Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    return True
-
-
-def run_liveness(run, now: float | None = None) -> str | None:
-    """For a RUNNING run: "live" or "stale" (its process is gone, or its heartbeat stopped more than
-    STALE_AFTER_SECONDS ago); None for a run that is not RUNNING."""
-    if run.info.status != "RUNNING":
-        return None
-    tags = run.data.tags
-    if tags.get(HOST_TAG) == socket.gethostname() and tags.get(PID_TAG, "").isdigit():
-        if not _pid_alive(int(tags[PID_TAG])):
-            return "stale"
-    beat = tags.get(HEARTBEAT_TAG)
-    last = float(beat) if beat and beat.replace(".", "", 1).isdigit() else run.info.start_time / 1000
-    return "stale" if (now or time.time()) - last > STALE_AFTER_SECONDS else "live"
-
-
-def describe_owner(run) -> str:
-    tags = run.data.tags
-    beat = tags.get(HEARTBEAT_TAG, "")
-    ago = f", last heartbeat {int(time.time() - float(beat))} s ago" if beat.isdigit() else ""
-    return f"host {tags.get(HOST_TAG, '?')}, process {tags.get(PID_TAG, '?')}{ago}"
-
-
-def end_stale_run(mlflow, run, status: str = "KILLED") -> list[str]:
-    """End a stale RUNNING run (and its RUNNING children) as ``status``; refuse a live one."""
-    liveness = run_liveness(run)
-    run_id = run.info.run_id
-    if liveness is None:
-        raise TrackingError(f"Run {run_id} is {run.info.status}, not RUNNING: there is nothing to end.")
-    if liveness == "live":
-        raise TrackingError(
-            f"Run {run_id} is still alive ({describe_owner(run)}); stop that process instead (it then ends "
-            f"KILLED itself), or wait {int(STALE_AFTER_SECONDS)} s after it died."
-        )
-    client = mlflow.MlflowClient()
-    with store_call(mlflow, f"ending run {run_id}"):
-        children = client.search_runs(
-            [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'"
-        )
-        ended = [c.info.run_id for c in children] + [run_id]
-        for rid in ended:
-            client.set_tag(rid, f"{TAG}ended_by", "mark-dead")
-            client.set_terminated(rid, status)
-    return ended
 
 
 def log_params(mlflow, params: dict[str, str]) -> None:

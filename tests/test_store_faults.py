@@ -22,7 +22,8 @@ from clirun import aaclip, child_env, one_paragraph, start_aaclip
 from mlflow import MlflowClient
 
 from aaclip_core.errors import StoreError, TrackingError
-from aaclip_core.tracking import HEARTBEAT_TAG, HOST_TAG, STALE_AFTER_SECONDS, connect, resolve_run_id, run_liveness, tracked_run
+from aaclip_core.runs import run_liveness
+from aaclip_core.tracking import HEARTBEAT_TAG, HOST_TAG, STALE_AFTER_SECONDS, connect, resolve_run_id, tracked_run
 
 # A process that records one run with the store module every job uses, then optionally waits.
 RECORD_RUN = """

@@ -9,7 +9,8 @@ from typing import Any
 from ..config import Recipe
 from ..data.prompt_names import PROMPT_PARAM, PromptNamer, reference_dataset, reference_table
 from ..setting_aliases import both_names
-from ..tracking import TAG, describe_owner, loop_runs, run_liveness
+from ..runs import describe_owner, run_liveness
+from ..tracking import TAG, loop_runs
 from .checks import GRAD_BAND, GRAD_BAND_BACKBONE, GRAD_DEAD, GRAD_FAR_ABOVE, GRAD_VANISHING, LOSS_NEARLY_FLAT, Check
 from .static import (
     check_activation,

@@ -26,7 +26,8 @@ from ..data.splits import small_split_warning
 from ..errors import ConfigError
 from ..evaluation import evaluate
 from ..model import AACLIP, build_model
-from ..tracking import TAG, connect, describe_owner, get_run, list_artifacts, loop_runs, run_liveness, tracked_run
+from ..runs import describe_owner, run_liveness
+from ..tracking import TAG, connect, get_run, list_artifacts, loop_runs, tracked_run
 from ..training.data import make_dataset, make_loader
 from ..training.engine import StageSchedule, run_stage
 from ..training.groups import count_trainable, stage_parameters

@@ -1,0 +1,96 @@
+"""The one translation point from a store client's exception (MLflow, SQLAlchemy, SQLite, requests)
+to a user-facing ``StoreError``: one paragraph naming the store URI and the cause (read-only, locked,
+unreachable, refused credentials, wrong schema version), never the driver's traceback text."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+from .errors import AaclipError, StoreError
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or any(e is s for s in seen) or len(seen) > 20:
+            continue
+        seen.append(e)
+        todo += [e.__cause__, e.__context__]
+    return seen
+
+
+def _http_status(chain: list[BaseException]) -> int | None:
+    for e in chain:
+        getter = getattr(e, "get_http_status_code", None)
+        if callable(getter):
+            with contextlib.suppress(Exception):
+                return int(getter())
+    return None
+
+
+_HTTP_VARS = "MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT"
+
+
+def classify_store_failure(exc: BaseException) -> str | None:
+    """The cause of a store failure in words, or None when it is not recognisably the store's."""
+    chain = _exception_chain(exc)
+    text = " | ".join(f"{type(e).__name__}: {e}" for e in chain).lower()
+    if "readonly database" in text or "read-only file system" in text:
+        return "is read-only for this process (SQLite: attempt to write a readonly database)"
+    if "database is locked" in text:
+        return "is locked by another process (SQLite waited and gave up)"
+    if "unable to open database file" in text:
+        return "cannot be opened: the database file or its folder is missing or not accessible"
+    if "file is not a database" in text or "database disk image is malformed" in text:
+        return "is not a readable SQLite database (the file is damaged or of another kind)"
+    if "out-of-date database schema" in text:
+        return "has an older schema version than this MLflow expects (back it up, then run `mlflow db upgrade URI`)"
+    if "can't locate revision" in text:
+        return "was written by a newer MLflow (unknown schema version); use that MLflow version or a new store"
+    status = _http_status(chain)
+    if status in (401, 403) or " 401 " in text or " 403 " in text:
+        return (f"refused our credentials (HTTP {status or 'auth error'}); set MLFLOW_TRACKING_USERNAME / "
+                "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN")
+    if any(k in text for k in ("nameresolutionerror", "name or service not known", "failed to resolve",
+                               "temporary failure in name resolution", "nodename nor servname")):
+        return "cannot be reached: its host name does not resolve (DNS)"
+    if "connection refused" in text:
+        return f"cannot be reached: connection refused (is the server running on that port?); retries: {_HTTP_VARS}"
+    if "timed out" in text or "timeout" in text:
+        return f"did not answer in time (timeout); raise {_HTTP_VARS} for a slow server"
+    if "max retries exceeded" in text or "connectionerror" in text:
+        return f"cannot be reached (connection failed); retries: {_HTTP_VARS}"
+    return None
+
+
+def store_failure(uri: str, exc: BaseException, doing: str) -> StoreError:
+    """The one translation point from a driver/client exception to a user-facing StoreError."""
+    cause = classify_store_failure(exc)
+    if cause is None:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first_line = re.sub(r"\s*\[SQL:.*", "", first_line)[:200]
+        cause = f"failed ({type(exc).__name__}: {first_line})"
+    return StoreError(
+        f"The MLflow store '{uri}' {cause}, while {doing}. Check --tracking-uri / MLFLOW_TRACKING_URI "
+        "(unset, aaclip uses ./mlflow.db)."
+    )
+
+
+@contextlib.contextmanager
+def store_call(mlflow, doing: str) -> Iterator[None]:
+    """Run store calls; any non-aaclip exception becomes a StoreError naming the URI and the cause."""
+    try:
+        yield
+    except AaclipError:
+        raise
+    except Exception as exc:
+        raise store_failure(mlflow.get_tracking_uri(), exc, doing) from None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Another process holds the store (SQLite busy) or is creating it: worth retrying."""
+    text = " ".join(str(e) for e in _exception_chain(exc)).lower()
+    return "database is locked" in text or "duplicate column" in text or "already exists" in text
