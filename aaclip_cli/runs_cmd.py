@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import JsonOpt, UriOpt, app, handle_errors
+from .app import AaclipCommand, JsonOpt, UriOpt, app, examples, handle_errors
 from .display import err, print_json
 
 
@@ -30,7 +30,11 @@ def _lines(rows) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
 
 
-@app.command("runs")
+@app.command(
+    "runs",
+    cls=AaclipCommand,
+    epilog=examples("aaclip runs --stage base --limit 5", "aaclip runs --mark-dead 3f2a9c"),
+)
 @handle_errors
 def runs_cmd(
     experiment: Annotated[Optional[str], typer.Option("--experiment", help="Only runs of this experiment.")] = None,
@@ -45,10 +49,7 @@ def runs_cmd(
     tracking_uri: UriOpt = None,
     json_: JsonOpt = False,
 ):
-    """List runs: id, stage, name, status (stale when its process died), dataset, main metric, parent.
-
-    Example: aaclip runs --stage base --limit 5
-    """
+    """List runs: id, stage, name, status (stale when its process died), dataset, main metric, parent."""
     from aaclip_core.runs import list_runs, mark_dead as end_run
 
     if mark_dead:
