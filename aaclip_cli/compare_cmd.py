@@ -11,18 +11,12 @@ from rich.markup import escape
 from rich import box
 from rich.table import Table
 
+from aaclip_core.names import METRIC_LABELS
+
 from .app import AaclipCommand, JsonOpt, UriOpt, app, examples, handle_errors
 from .display import err, pct, print_json, result_console
 
-_SHORT = {
-    "pixel_auroc": "pixel AUROC",
-    "pixel_ap": "pixel AP",
-    "image_auroc": "image AUROC",
-    "image_ap": "image AP",
-    "aupro": "AUPRO*",
-    "pixel_f1_max": "pixel F1-max*",
-    "image_f1_max": "image F1-max*",
-}
+_SHORT = METRIC_LABELS
 
 
 def _delta(x: float) -> str:
@@ -37,7 +31,7 @@ SAME_DATASET_MARK = "‡"
 def table_metrics(metrics: list[str] | None, wide: bool) -> list[str]:
     """The metric columns: every metric with --wide, else those given with --metric (the first is the
     headline), else the headline pixel AUROC and image AUROC."""
-    from aaclip_core.evaluation import METRIC_NAMES
+    from aaclip_core.names import METRIC_NAMES
 
     if wide:
         return list(METRIC_NAMES)

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from aaclip_core.names import METRIC_LABELS
 from aaclip_core.reporter import Reporter
 
 err = Console(stderr=True, highlight=False)
@@ -155,15 +156,7 @@ class RichReporter(Reporter):
 
 
 def results_table(report: dict, title: str) -> Table:
-    cols = [
-        ("pixel_auroc", "pixel AUROC"),
-        ("pixel_ap", "pixel AP"),
-        ("image_auroc", "image AUROC"),
-        ("image_ap", "image AP"),
-        ("aupro", "AUPRO*"),
-        ("pixel_f1_max", "pixel F1-max*"),
-        ("image_f1_max", "image F1-max*"),
-    ]
+    cols = list(METRIC_LABELS.items())
     t = Table(title=escape(title), caption="x100. * beyond the reference protocol (AUPRO at FPR <= 0.3).")
     t.add_column("class")
     t.add_column("images", justify="right")

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
+from .names import METRIC_LABELS
 from .pixel_pairs import PixelPairs
 
 DEFAULT_RESAMPLES = 1000
@@ -184,7 +185,7 @@ def describe(result: BootstrapResult, row_label: str, ref_label: str, dataset: s
         "worse": f"{row_label} is worse than {ref_label}",
     }.get(v, f"{row_label} does not differ significantly from {ref_label}")
     pct = int(round(100 * result.confidence))
-    metric = result.metric.replace("_auroc", " AUROC")
+    metric = METRIC_LABELS.get(result.metric, result.metric)
     return (
         f"{claim} on {dataset}: {metric} {100 * result.diff:+.2f} points "
         f"({pct}% CI {100 * result.ci_low:+.2f} to {100 * result.ci_high:+.2f}; paired bootstrap, "

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .names import METRIC_NAMES, RECIPE_LAYOUTS
 from .setting_aliases import Alias, aliases
 
 if sys.version_info >= (3, 11):
@@ -64,7 +65,7 @@ class DatasetRef(_Strict):
 
     name: str = "VisA"  # selects the prompt-name table (with layout) and is used for tags
     root: str = "data/VisA"
-    layout: Literal["auto", "mvtec", "visa", "btad", "mpdd", "folder", "jsonl", "synthetic"] = "auto"
+    layout: Literal[RECIPE_LAYOUTS] = "auto"
     classes: list[str] | None = None  # None = every class found
     # Aux-shot k of AA-CLIP: k labelled images per class (half normal, half anomalous); 0 = all.
     shot: int = Field(0, ge=0)
@@ -149,7 +150,8 @@ class FeedbackConfig(_Strict):
     # Below this many validation images the held-out metrics are too coarse to select a loop on:
     # the job and `doctor` warn.
     min_val_images: int = Field(30, ge=0)
-    selection_metric: str = "pixel_auroc"
+    # The held-out metric that selects the loop (aaclip_core.selection): one of the reported metrics.
+    selection_metric: Literal[METRIC_NAMES] = "pixel_auroc"
 
 
 class EvalConfig(_Strict):

@@ -18,6 +18,7 @@ from pathlib import Path
 from aaclip_core.data.samples import ANOMALOUS, NORMAL, NORMAL_DEFECT, Sample, sort_samples
 from aaclip_core.errors import ConfigError, DataError
 from aaclip_core.files import temp_file_beside
+from aaclip_core.names import INDEX_LAYOUTS, LAYOUTS
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 SPLITS = ("train", "test")
@@ -37,7 +38,7 @@ LAYOUT_DESCRIPTIONS = {
     "jsonl": f"a JSON-lines file (or a directory holding {JSONL_DEFAULT_NAME}) with one "
     '{"image_path", "label", "class_name", "mask_path"} object per line',
 }
-LAYOUTS = (*LAYOUT_DESCRIPTIONS, "auto")
+assert tuple(LAYOUT_DESCRIPTIONS) == INDEX_LAYOUTS, "describe every layout of aaclip_core.names"
 
 
 def _is_image(path: Path) -> bool:
