@@ -20,14 +20,14 @@ import tempfile
 from pathlib import Path
 
 from ..backbone import backbone_id
-from ..checkpoints import ReferenceFile, export_reference, map_reference, read_reference, sha256_of
+from ..checkpoints import FINAL, STAGE1, ReferenceFile, export_reference, map_reference, read_reference, sha256_of
 from ..config import Recipe, apply_overrides, recipe_from_dict
 from ..data.prompt_names import training_namer
 from ..errors import CheckpointError, ConfigError
 from ..model import build_model
 from ..tracking import TAG, connect, get_run, log_json_artifact, tracked_run
-from . import common
 from ..reporter import Reporter
+from . import common
 from .import_rules import check_import_sources
 
 ADAPTER_PREFIXES = ("text_adapter.", "image_adapter.")
@@ -43,6 +43,86 @@ def _source_info(ref: ReferenceFile | None) -> dict | None:
         "tensors": len(ref.state),
         "ignored_entries": ref.extra_keys,
     }
+
+
+def _adopt_relu(recipe: Recipe, image: ReferenceFile | None) -> tuple[Recipe, bool, list[str]]:
+    """The recipe with the image file's projection variant when it differs (the file decides which
+    modules exist), whether it was adopted, and the warning saying so."""
+    if image is None or image.relu is None or image.relu == recipe.model.relu:
+        return recipe, False, []
+    before = recipe.model.relu
+    data = apply_overrides(recipe.model_dump(mode="json"), [f"model.relu={str(image.relu).lower()}"])
+    recipe = recipe_from_dict(data, f"'{recipe.name}' with model.relu adopted from '{image.path}'")
+    return recipe, True, [
+        f"'{image.path.name}' holds relu={'on' if image.relu else 'off'} projections (keys "
+        f"'seg_proj.N.fc{'.0' if image.relu else ''}.weight'); the recipe had model.relu = "
+        f"{str(before).lower()}, so the run's recipe uses model.relu = {str(image.relu).lower()}."
+    ]
+
+
+def _import_warnings(text: ReferenceFile | None, image: ReferenceFile | None, seed: int) -> tuple[list[str], list[str]]:
+    """(warnings, notes) about what the files leave untrained or do not hold."""
+    warnings: list[str] = []
+    notes: list[str] = []
+    if image is None:
+        warnings.append(
+            "No --image-adapter: the image adapters keep their untrained Xavier initialisation (seeded "
+            f"with runtime.seed = {seed}); pixel maps and image scores come from untrained adapters. "
+            "The run is tagged aaclip.image_adapter=untrained."
+        )
+    if text is None:
+        warnings.append(
+            "No --text-adapter: the text anchors come from untrained text adapters (Xavier "
+            f"initialisation seeded with runtime.seed = {seed}). The run is tagged "
+            "aaclip.text_adapter=untrained."
+        )
+    for ref in (text, image):
+        if ref is not None and ref.extra_keys:
+            notes.append(
+                f"'{ref.path.name}': not imported: {', '.join(ref.extra_keys)} (the optimiser state is "
+                "not needed to evaluate; training from this run starts fresh optimisers)."
+            )
+        if ref is not None and ref.epoch is None:
+            warnings.append(f"'{ref.path.name}' records no epoch; the checkpoint's epoch is left unknown.")
+    return warnings, notes
+
+
+def _imported_model(session: common.Session, recipe: Recipe, files: tuple[ReferenceFile | None, ...]):
+    """The model with the files' adapters; built after seeding, so untrained parts are reproducible."""
+    reporter = session.reporter
+    reporter.info(f"building {recipe.model.name} ({recipe.model.pretrained}) on {session.device}")
+    model = build_model(recipe, session.device)
+    own = model.adapter_state_dict()
+    state: dict = {}
+    for ref in files:
+        if ref is not None:
+            state.update(map_reference(ref, own))
+            reporter.info(f"{ref.kind} adapters: {len(ref.state)} tensors from {ref.path} (epoch {ref.epoch})")
+    model.load_adapter_state_dict({k: v.to(session.device) for k, v in state.items()}, strict=False)
+    return model
+
+
+def _import_tags_and_params(recipe: Recipe, status: dict, sources: dict, relu_adopted: bool
+                            ) -> tuple[dict[str, str], dict[str, str]]:
+    tags = common.run_tags(recipe, "imported", recipe.data.train.name)
+    tags.update({f"{TAG}{part}": s for part, s in status.items()})
+    tags[f"{TAG}selected_checkpoint"] = FINAL
+    tags[f"{TAG}relu"] = str(recipe.model.relu).lower()
+    params: dict[str, str] = {
+        "import.backbone": backbone_id(recipe),
+        "import.fidelity": recipe.fidelity,
+        "import.relu": str(recipe.model.relu).lower(),
+        "import.relu_adopted": str(relu_adopted).lower(),
+    }
+    for part, info in sources.items():
+        params[f"import.{part}.status"] = status[part]
+        if info is not None:
+            tags[f"{TAG}{part}.sha256"] = info["sha256"]
+            tags[f"{TAG}{part}.epoch"] = str(info["epoch"])
+            params[f"import.{part}.sha256"] = info["sha256"]
+            params[f"import.{part}.epoch"] = str(info["epoch"])
+            params[f"import.{part}.file"] = Path(info["path"]).name
+    return tags, params
 
 
 def import_reference_run(
@@ -65,54 +145,14 @@ def import_reference_run(
     reporter = reporter or Reporter()
     text = read_reference(Path(text_adapter), "text") if text_adapter is not None else None
     image = read_reference(Path(image_adapter), "image") if image_adapter is not None else None
-    warnings: list[str] = []
-    notes: list[str] = []
-
-    recipe_relu = recipe.model.relu
-    relu_adopted = False
-    if image is not None and image.relu is not None and image.relu != recipe_relu:
-        data = apply_overrides(recipe.model_dump(mode="json"), [f"model.relu={str(image.relu).lower()}"])
-        recipe = recipe_from_dict(data, f"'{recipe.name}' with model.relu adopted from '{image.path}'")
-        relu_adopted = True
-        warnings.append(
-            f"'{image.path.name}' holds relu={'on' if image.relu else 'off'} projections (keys "
-            f"'seg_proj.N.fc{'.0' if image.relu else ''}.weight'); the recipe had model.relu = "
-            f"{str(recipe_relu).lower()}, so the run's recipe uses model.relu = {str(image.relu).lower()}."
-        )
+    recipe, relu_adopted, warnings = _adopt_relu(recipe, image)
     seed = recipe.runtime.seed
-    if image is None:
-        warnings.append(
-            "No --image-adapter: the image adapters keep their untrained Xavier initialisation (seeded "
-            f"with runtime.seed = {seed}); pixel maps and image scores come from untrained adapters. "
-            "The run is tagged aaclip.image_adapter=untrained."
-        )
-    if text is None:
-        warnings.append(
-            "No --text-adapter: the text anchors come from untrained text adapters (Xavier "
-            f"initialisation seeded with runtime.seed = {seed}). The run is tagged "
-            "aaclip.text_adapter=untrained."
-        )
-    for ref in (text, image):
-        if ref is not None and ref.extra_keys:
-            notes.append(
-                f"'{ref.path.name}': not imported: {', '.join(ref.extra_keys)} (the optimiser state is "
-                "not needed to evaluate; training from this run starts fresh optimisers)."
-            )
-        if ref is not None and ref.epoch is None:
-            warnings.append(f"'{ref.path.name}' records no epoch; the checkpoint's epoch is left unknown.")
+    more, notes = _import_warnings(text, image, seed)
+    warnings += more
 
     session = common.open_session(recipe, recipe_path, tracking_uri, reporter)
     try:
-        reporter.info(f"building {recipe.model.name} ({recipe.model.pretrained}) on {session.device}")
-        model = build_model(recipe, session.device)  # after seeding: untrained parts are reproducible
-        own = model.adapter_state_dict()
-        state: dict = {}
-        for ref in (text, image):
-            if ref is not None:
-                state.update(map_reference(ref, own))
-                reporter.info(f"{ref.kind} adapters: {len(ref.state)} tensors from {ref.path} (epoch {ref.epoch})")
-        model.load_adapter_state_dict({k: v.to(session.device) for k, v in state.items()}, strict=False)
-
+        model = _imported_model(session, recipe, (text, image))
         text_epoch = text.epoch if text is not None else 0
         image_epoch = image.epoch if image is not None else 0
         status = {
@@ -121,25 +161,7 @@ def import_reference_run(
         }
         sources = {"text_adapter": _source_info(text), "image_adapter": _source_info(image)}
         backbone = backbone_id(recipe)
-        tags = common.run_tags(recipe, "imported", recipe.data.train.name)
-        tags.update({f"{TAG}{part}": s for part, s in status.items()})
-        tags[f"{TAG}selected_checkpoint"] = "final"
-        tags[f"{TAG}relu"] = str(recipe.model.relu).lower()
-        params: dict[str, str] = {
-            "import.backbone": backbone,
-            "import.fidelity": recipe.fidelity,
-            "import.relu": str(recipe.model.relu).lower(),
-            "import.relu_adopted": str(relu_adopted).lower(),
-        }
-        for part, info in sources.items():
-            params[f"import.{part}.status"] = status[part]
-            if info is not None:
-                tags[f"{TAG}{part}.sha256"] = info["sha256"]
-                tags[f"{TAG}{part}.epoch"] = str(info["epoch"])
-                params[f"import.{part}.sha256"] = info["sha256"]
-                params[f"import.{part}.epoch"] = str(info["epoch"])
-                params[f"import.{part}.file"] = Path(info["path"]).name
-
+        tags, params = _import_tags_and_params(recipe, status, sources, relu_adopted)
         name = run_name or f"import-{recipe.name}"
         with tracked_run(session.mlflow, recipe.tracking.experiment, name, tags) as run:
             mlflow = session.mlflow
@@ -162,12 +184,12 @@ def import_reference_run(
                 # The reference trained these files with its own table: what this recipe names by default.
                 prompt_names=training_namer(recipe, recipe.data.train).record([]),
             )
-            common.save_and_log(session, "final", model, meta)
-            mlflow.set_tag(f"{TAG}selected_checkpoint", "final")
+            common.save_and_log(session, FINAL, model, meta)
+            mlflow.set_tag(f"{TAG}selected_checkpoint", FINAL)
             return {
                 "run_id": run.info.run_id,
                 "stage": "imported",
-                "checkpoint": "final",
+                "checkpoint": FINAL,
                 "text_adapter": sources["text_adapter"],
                 "image_adapter": sources["image_adapter"],
                 "status": status,
@@ -191,7 +213,7 @@ def import_reference_run(
 def _export_epochs(manifest: dict) -> tuple[int, int]:
     """(text epoch, image epoch) of a checkpoint, as the reference files record them."""
     epoch = manifest.get("epoch")
-    if manifest.get("stage") == "stage1":
+    if manifest.get("stage") == STAGE1:
         return int(epoch or 0), 0  # image adapters not trained yet
     text_epoch = manifest.get("text_epoch", epoch)
     image_epoch = manifest.get("image_epoch", epoch)
@@ -242,7 +264,7 @@ def export_run(
         f"'seg_proj.N.fc{'.0' if relu else ''}.weight'); load them with the matching relu setting, "
         f"backbone {meta.get('backbone')} and fidelity {meta.get('fidelity')}.",
     ]
-    if meta.get("stage") == "stage1":
+    if meta.get("stage") == STAGE1:
         notes.append("This is a stage-1 checkpoint: the image adapters in the image file are untrained.")
     return {
         "run_id": run_id,
