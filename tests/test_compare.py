@@ -253,3 +253,26 @@ def test_paired_bootstrap_identical_better_and_unpaired():
 
     partial = bs.paired_image_auroc(better[:60], ref, 100)
     assert partial.unpaired_images == 10 and partial.n_images == 60
+
+
+def test_a_test_run_with_other_model_settings_than_its_training_run_is_unfair(store, tmp_path, monkeypatch):
+    """Each test run is judged by its own protocol: a test at another image size or fidelity than the run
+    was trained with is UNFAIR, although the training runs' tags are identical. (On a copy of the store's
+    database, so the other tests keep theirs; the artifacts stay where they are.)"""
+    uri, ids, tmp = store
+    shutil.copy(tmp / "mlflow.db", tmp_path / "mlflow.db")
+    copy = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp)
+    for run, change in ((ids["base_seed"], "model.image_size=48"), (ids["cross"], "fidelity=corrected")):
+        res = runner.invoke(app, ["test", "--run", run, "--set", change, "--tracking-uri", copy, "-q"])
+        assert res.exit_code == 0, res.output
+    out = _compare(copy, "--json", "--bootstrap", "0")
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.stdout)
+    comps = {c["row"]: c for c in doc["comparisons"]}
+    sized = comps[_by_key(doc, ids["base_seed"])["key"]]
+    assert sized["verdict"] == "UNFAIR"
+    assert any("image size 48" in u and "trained with 56" in u for u in sized["unfair"]), sized["unfair"]
+    assert any("protocol model.image_size differs" in u for u in sized["unfair"])
+    fid = comps[_by_key(doc, ids["cross"])["key"]]
+    assert fid["verdict"] == "UNFAIR" and any("fidelity corrected" in u for u in fid["unfair"]), fid["unfair"]

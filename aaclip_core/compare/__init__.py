@@ -9,12 +9,17 @@ are raw floats in [0, 1] everywhere here; the CLI shows them x100.
 Fairness of a row against the reference row on a test dataset:
 
 * UNFAIR: test dataset or test images differ, fidelity, backbone or weights, image size,
-  QuickGELU (it changes the frozen backbone's function), protocol settings (``eval.*`` except
-  ``eval.batch_size`` and ``eval.aupro``, which do not change any number, and ``data.domain``),
-  the prompt names the tests used (a test run that logged none used aaclip's old table), or the row is a feedback loop other than the held-out selected one (preferring it can only
+  QuickGELU (it changes the frozen backbone's function), each test's own protocol (its
+  ``protocol.*`` params: ``eval.*`` except ``eval.batch_size`` and ``eval.aupro``, which do not
+  change any number, ``data.domain``, prompt settings, and the fidelity, image size, QuickGELU and
+  backbone the test ran with), the prompt names the tests used (a test run that logged none used
+  aaclip's old table), a test run with other model settings than its training run
+  (``test --set model.image_size=...``), one test on its model's training data and the other not,
+  or the row is a feedback loop other than the held-out selected one (preferring it can only
   rest on its test score: selection on the test set).
 * note: seed, total epochs, trainable-parameter count, training dataset, declared checkpoint vs
-  held-out loop selection, AUPRO computed for one side only.
+  held-out loop selection, AUPRO computed for one side only, a protocol setting an older test
+  run did not record.
 
 Modules: ``store`` (reading runs), ``rows`` (one row per run or loop), ``fairness``, ``groups``
 (seed means), ``paired`` (the bootstrap on a pair of rows), ``comparison`` (`compare_runs`), ``plot``.

@@ -13,8 +13,8 @@ from ..tracking import TAG, connect, store_call
 from .fairness import differences
 from .groups import seed_groups
 from .paired import compare_pair
-from .rows import TRAINING_STAGES, Row, rows_of
-from .store import TestArtifacts, experiment_ids, latest_tests, resolve_runs, search_runs
+from .rows import Row, rows_of
+from .store import TRAINING_STAGES, TestArtifacts, experiment_ids, latest_tests, resolve_runs, search_runs
 
 
 @dataclass

@@ -28,13 +28,24 @@ _NOTE_FIELDS = (
 )
 
 
+# A test's own model settings against its training run's: (protocol key, row attribute, name).
+_TRAINED_AS = (
+    ("fidelity", "fidelity", "fidelity"),
+    ("model.image_size", "image_size", "image size"),
+    ("model.quick_gelu", "quick_gelu", "QuickGELU"),
+    ("model.name", "backbone", "backbone"),
+)
+
+
 def _protocol_diff(a: dict[str, str], b: dict[str, str]) -> tuple[list[str], list[str]]:
     unfair, notes = [], []
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k, "?"), b.get(k, "?")
         if va == vb or k == "eval.batch_size":
             continue
-        if k == "eval.aupro":
+        if k.startswith(("model.", "fidelity", "prompts.")) and (k not in a or k not in b):
+            notes.append(f"protocol {k} recorded for one test only (an older test run)")
+        elif k == "eval.aupro":
             notes.append(f"AUPRO computed on one side only (eval.aupro {va} vs {vb})")
         else:
             unfair.append(f"protocol {k} differs ({va} vs {vb})")
@@ -60,6 +71,20 @@ def _prompt_names_diff(dataset: str, a: TestResult, b: TestResult) -> list[str]:
     return [f"prompt names differ on {dataset} for {len(differ)} class(es) ({shown}{more})"]
 
 
+def _tested_as_trained(row: Row, dataset: str) -> list[str]:
+    """How a row's test on ``dataset`` ran with other model settings than its training run."""
+    t = row.tests.get(dataset)
+    if t is None:
+        return []
+    out = []
+    for key, attr, name in _TRAINED_AS:
+        trained = row.attrs.get(attr)
+        tested = t.protocol.get(key)
+        if tested is not None and trained is not None and str(tested).lower() != str(trained).lower():
+            out.append(f"{row.label} was tested with {name} {tested}, trained with {trained} (test run {t.run_id[:8]})")
+    return out
+
+
 def fairness(row: Row, ref: Row, dataset: str, paths: tuple[set[str] | None, set[str] | None]) -> dict:
     """Why a comparison of ``row`` with ``ref`` on ``dataset`` is UNFAIR, or what to note."""
     unfair: list[str] = []
@@ -80,7 +105,11 @@ def fairness(row: Row, ref: Row, dataset: str, paths: tuple[set[str] | None, set
             unfair.append(f"test data root differs ({rt.root} vs {ft.root})")
         u, n = _protocol_diff(rt.protocol, ft.protocol)
         unfair += u + _prompt_names_diff(dataset, rt, ft)
+        unfair += _tested_as_trained(row, dataset) + _tested_as_trained(ref, dataset)
         notes += n
+        if rt.training_data != ft.training_data and None not in (rt.training_data, ft.training_data):
+            unfair.append(f"one test ran on its model's training data, the other did not "
+                          f"({rt.training_data} vs {ft.training_data})")
         if not (rt.protocol_logged and ft.protocol_logged):
             notes.append("a test run predates logged protocol settings; the training recipe's are assumed")
     for who in (row, ref):

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checkpoints import checkpoint_name
 from ..errors import ConfigError
 from ..files import temp_file_beside
 from .comparison import Comparison
@@ -44,7 +45,7 @@ class PlotContent:
 
 
 def _is_loop_row(r) -> bool:
-    return r.stage == "feedback" and r.loop is not None and r.checkpoint == f"loop_{r.loop}_stage_2"
+    return r.stage == "feedback" and r.loop is not None and r.checkpoint == checkpoint_name(r.loop, 2)
 
 
 def plot_content(result, dataset: str | None = None) -> PlotContent:

@@ -13,8 +13,8 @@ from ..data.prompt_names import PROMPT_PARAM
 from ..evaluation import METRIC_NAMES
 from ..tracking import TAG
 from ..training.schedule import loop_epochs
+from .store import TRAINING_STAGES, find_run
 
-TRAINING_STAGES = ("base", "cross", "feedback", "imported")
 STAGE_ORDER = {s: i for i, s in enumerate(TRAINING_STAGES)}
 
 # Recipe keys that do not change what a run learns or scores: ignored when grouping seeds.
@@ -31,12 +31,13 @@ class TestResult:
     checkpoint: str
     metrics: dict[str, float]  # mean over classes, raw [0, 1]
     root: str | None
-    protocol: dict[str, str]  # eval.* and data.domain the test ran with
+    protocol: dict[str, str]  # eval.*, data.domain, model and fidelity settings the test ran with
     protocol_logged: bool  # False: taken from the training recipe (test run predates the params)
     n_images: int | None = None
     same_dataset: bool = False  # tested on the run's own training data (declared; `test` tags it)
     # class -> prompt name the test used; None: the test run predates logged names (aaclip's old table)
     prompt_names: dict[str, str] | None = None
+    training_data: bool | None = None  # tested on the model's training data (None: not recorded)
 
 
 @dataclass
@@ -100,7 +101,13 @@ def _test_result(test_run, train_params: dict[str, str]) -> TestResult:
         protocol_logged=logged,
         same_dataset=test_run.data.tags.get(f"{TAG}same_dataset") == "true",
         prompt_names={k[len(PROMPT_PARAM):]: v for k, v in p.items() if k.startswith(PROMPT_PARAM)} or None,
+        training_data=_bool_tag(test_run.data.tags.get(f"{TAG}training_data",
+                                                       test_run.data.tags.get(f"{TAG}same_dataset"))),
     )
+
+
+def _bool_tag(value: str | None) -> bool | None:
+    return None if value is None else value == "true"
 
 
 def _int(x) -> int | None:
@@ -163,10 +170,9 @@ def run_epochs(client, run, loop: int | None, _seen: tuple = ()) -> tuple[int | 
             own, how = (te or 0) + (ie or 0), f"imported {te or 0}+{ie or 0}"
     parent = t.get(f"{TAG}parent_run")
     if own is not None and parent and parent not in _seen:
-        try:
-            prun = client.get_run(parent)
-        except Exception:
-            return own, how + f" (+ unknown from parent {parent[:8]})"
+        prun = find_run(client, parent)
+        if prun is None:  # deleted from the store
+            return own, how + f" (+ unknown from parent {parent[:8]}, not in the store)"
         pe, _ = run_epochs(client, prun, _parent_loop(t.get(f"{TAG}parent_checkpoint")),
                            (*_seen, run.info.run_id))
         if pe is not None:

@@ -11,7 +11,9 @@ from ..checkpoints import FINAL
 from ..errors import ConfigError
 from ..pixel_pairs import load_pixel_pairs
 from ..tracking import TAG, get_run
-from .rows import TRAINING_STAGES
+
+TRAINING_STAGES = ("base", "cross", "feedback", "imported")
+
 
 def search_runs(client, experiment_ids: list[str], filter_string: str = "") -> list:
     out, token = [], None
@@ -35,6 +37,14 @@ def experiment_ids(client, names: list[str] | None) -> list[str]:
             raise ConfigError(f"--experiment '{name}': no such MLflow experiment (known: {known}).")
         ids.append(exp.experiment_id)
     return ids
+
+
+def find_run(client, run_id: str):
+    """The run with this id in any experiment, or None when the store has none; a store that cannot
+    be read raises (it is not a missing run)."""
+    ids = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(ids, f"attributes.run_id = '{run_id}'", max_results=1) if ids else []
+    return found[0] if found else None
 
 
 def resolve_runs(mlflow, ids: list[str]) -> list:
@@ -77,22 +87,21 @@ class TestArtifacts:
         self._scores: dict[str, list[bs.ImageScore] | None] = {}
         self._pixels: dict[str, dict | None] = {}
 
+    def _download(self, test_run_id: str, name: str, folder: str) -> Path | None:
+        """A test run's ``results/<name>``, or None when the run has none (an older test run);
+        a store that cannot be read raises."""
+        if f"results/{name}" not in {a.path for a in self.client.list_artifacts(test_run_id, "results")}:
+            return None
+        return Path(self.client.download_artifacts(test_run_id, f"results/{name}", str(self.workdir / folder)))
+
     def image_scores(self, test_run_id: str) -> list[bs.ImageScore] | None:
         if test_run_id not in self._scores:
-            try:
-                local = self.client.download_artifacts(test_run_id, "results/image_scores.csv",
-                                                       str(self.workdir / test_run_id))
-                self._scores[test_run_id] = bs.read_image_scores(Path(local))
-            except Exception:
-                self._scores[test_run_id] = None
+            local = self._download(test_run_id, "image_scores.csv", test_run_id)
+            self._scores[test_run_id] = bs.read_image_scores(local) if local else None
         return self._scores[test_run_id]
 
     def pixel_pairs(self, test_run_id: str) -> dict | None:
         if test_run_id not in self._pixels:
-            try:
-                local = self.client.download_artifacts(test_run_id, "results/pixel_pairs.npz",
-                                                       str(self.workdir / f"{test_run_id}-px"))
-                self._pixels[test_run_id] = load_pixel_pairs(Path(local))
-            except Exception:
-                self._pixels[test_run_id] = None
+            local = self._download(test_run_id, "pixel_pairs.npz", f"{test_run_id}-px")
+            self._pixels[test_run_id] = load_pixel_pairs(local) if local else None
         return self._pixels[test_run_id]
