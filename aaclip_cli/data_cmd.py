@@ -10,7 +10,9 @@ import typer
 from .app import AaclipCommand, JsonOpt, data_app, examples, handle_errors
 from .display import err, escape, out, print_json, print_result
 
-LAYOUT_HELP = "auto, mvtec, visa, btad, mpdd, folder, jsonl."
+from aaclip_core.names import LAYOUTS
+
+LAYOUT_HELP = "Dataset layout: " + ", ".join(LAYOUTS) + "."
 
 
 @data_app.command(

@@ -24,6 +24,7 @@ def _fmt(x) -> str:
     cls=AaclipCommand,
     epilog=examples(
         "aaclip predict --run RUN_ID photos/",
+        "aaclip predict --model ./model photos/",
         "aaclip predict --model export/detector.onnx --threshold 0.5 --save-maps img1.png img2.png",
     ),
 )
@@ -35,18 +36,25 @@ def predict_cmd(
     run: Annotated[Optional[str], typer.Option("--run", help="Run id whose model scores the images.")] = None,
     model: Annotated[
         Optional[Path],
-        typer.Option("--model", help="An exported detector (.onnx or .pt from `aaclip export --format`) instead of "
-                                     "a run: no tracking store or training stack needed."),
+        typer.Option("--model", help="A model folder (`aaclip export --format aaclip`) or an exported detector (.onnx "
+                                     "or .pt from `aaclip export --format onnx|torchscript`) instead of a run: no "
+                                     "tracking store needed (a detector file needs no training stack either)."),
+    ] = None,
+    calibration: Annotated[
+        Optional[str],
+        typer.Option("--calibration", help="The test whose calibration scales the scores: a test run id (or the test "
+                                           "dataset's name). Needed when the images' dataset is ambiguous."),
     ] = None,
     out: Annotated[
-        Optional[Path], typer.Option("--out", help="Output folder (default: ./aaclip-predict-<run id[:8]>).")
+        Optional[Path], typer.Option("--out", help="Output folder (default: ./aaclip-predict-<run id[:8] or model>).")
     ] = None,
     threshold: Annotated[
         Optional[str],
         typer.Option(
             "--threshold",
             help="Image-score threshold for the verdict: a number, or 'auto' for the F1-optimal threshold of the "
-            "run's latest test run (default: auto when the run has been tested, else no verdict).",
+            "calibration: the test on the images' own dataset (default: auto when that test is unambiguous, else "
+            "no verdict).",
         ),
     ] = None,
     class_name: Annotated[
@@ -70,16 +78,17 @@ def predict_cmd(
 ):
     """Score images: image score, verdict, anomaly-map overlay PNG and predictions.jsonl.
 
-    Scores are on the scale of the run's latest `aaclip test`. Exit 1 when some image could not be scored."""
+    Scores are on the scale of the calibration's test (the test on the images' own dataset). Exit 1 when some image could not be scored."""
     if (run is None) == (model is None):
         from aaclip_core.errors import ConfigError
 
-        raise ConfigError("predict needs a model: pass either --run RUN_ID or --model FILE (not both).")
-    if model is not None:
-        if checkpoint is not None:
-            from aaclip_core.errors import ConfigError
+        raise ConfigError("predict needs a model: pass either --run RUN_ID or --model DIR|FILE (not both).")
+    if model is not None and not model.is_dir():
+        from aaclip_core.errors import ConfigError
 
-            raise ConfigError("--checkpoint picks a checkpoint of a run; an exported file holds one model (drop it).")
+        if checkpoint is not None or calibration is not None:
+            raise ConfigError("--checkpoint and --calibration apply to a run or a model folder; an exported file holds "
+                              "one model and its calibration (drop them).")
         from aaclip_core.deploy.predict import predict_with_file
 
         with RichReporter(quiet or json_) as rep:
@@ -89,7 +98,8 @@ def predict_cmd(
 
         with RichReporter(quiet or json_) as rep:
             result = predict_images(
-                run, inputs, out, threshold, class_name, checkpoint, save_maps, batch_size, tracking_uri, rep
+                run, inputs, out, threshold, class_name, checkpoint, save_maps, batch_size, tracking_uri, rep,
+                model_dir=model, calibration=calibration,
             )
     if json_:
         print_json(result)
@@ -125,7 +135,8 @@ def _print_predictions(title: str, result: dict) -> None:
         err.print(f"... and {len(rows) - MAX_TABLE_ROWS} more rows in {escape(str(result['predictions']))}")
     cal = result["calibration"]
     if cal:
-        err.print(f"scores calibrated by {escape(str(cal['dataset']))} test run {cal['test_run_id']}")
+        err.print(f"scores calibrated by the {escape(str(cal['dataset']))} test "
+                  f"{cal['test_run_id'] or '(recorded in the folder)'}")
     elif result.get("calibration_note"):
         err.print(f"[yellow]note:[/yellow] {escape(result['calibration_note'])}", soft_wrap=True)
         if result["threshold"] is None:

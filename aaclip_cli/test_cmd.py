@@ -10,7 +10,9 @@ import typer
 from .app import AaclipCommand, JsonOpt, QuietOpt, SetOpt, UriOpt, app, examples, handle_errors, speaks_for_job
 from .display import RichReporter, err, escape, print_json, print_result, results_table
 
-LAYOUT_HELP = "auto, mvtec, visa, btad, mpdd, folder, jsonl."
+from aaclip_core.names import LAYOUTS
+
+LAYOUT_HELP = "Dataset layout: " + ", ".join(LAYOUTS) + "."
 
 
 @app.command(
@@ -19,11 +21,17 @@ LAYOUT_HELP = "auto, mvtec, visa, btad, mpdd, folder, jsonl."
     epilog=examples(
         "aaclip test --run RUN_ID",
         "aaclip test --run RUN_ID --dataset MVTec --data-root /data/mvtec_anomaly_detection --json > report.json",
+        "aaclip test --model ./model --dataset MVTec --data-root /data/mvtec_anomaly_detection",
     ),
 )
 @handle_errors
 def test_cmd(
-    run: Annotated[str, typer.Option("--run", help="Run id to evaluate.")],
+    run: Annotated[Optional[str], typer.Option("--run", help="Run id to evaluate.")] = None,
+    model: Annotated[
+        Optional[Path],
+        typer.Option("--model", help="Model folder to evaluate instead of a run (no tracking store; the folder keeps "
+                                     "the test's calibration)."),
+    ] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", help="Test dataset name (class names).")] = None,
     data_root: Annotated[
         Optional[Path],
@@ -53,12 +61,13 @@ def test_cmd(
         ),
     ] = 0,
 ):
-    """Evaluate a run with the reference protocol: per-class pixel/image AUROC and AP, plus AUPRO, F1-max."""
+    """Evaluate a run (or a model folder) with the reference protocol: per-class pixel/image AUROC and AP,
+    plus AUPRO, F1-max."""
     from aaclip_core.errors import ConfigError
 
     if loop is not None and checkpoint is not None:
         raise ConfigError("Pass either --loop or --checkpoint, not both.")
-    from aaclip_core.jobs.feedback import checkpoint_name
+    from aaclip_core.checkpoints import checkpoint_name
     from aaclip_core.jobs.test import test_run
 
     if loop is not None:
@@ -67,14 +76,15 @@ def test_cmd(
     root = str(data_root) if data_root is not None else None
     with RichReporter(quiet or json_) as rep:
         result = test_run(run, dataset, root, layout, checkpoint, same_dataset, tracking_uri, rep, set_,
-                          visualize=visualize)
+                          visualize=visualize, model_dir=model)
     if not speaks_for_job():
         return
     if json_:
         print_json(result)
         return
+    what = f"run {run[:8]}" if run else f"model {model}"
     title = (
-        f"{result['dataset']} - run {run[:8]} checkpoint '{result['checkpoint']}' "
+        f"{result['dataset']} - {what} checkpoint '{result['checkpoint']}' "
         f"(stage {result['checkpoint_stage']}, epoch {result['checkpoint_epoch']})"
     )
     print_result(results_table(result, title))
@@ -84,4 +94,8 @@ def test_cmd(
                   "aaclip.same_dataset=true.", soft_wrap=True)
     if result.get("visualizations"):
         err.print(f"{len(result['visualizations'])} anomaly-map pictures logged under visualizations/<class>/")
+    if result["run_id"] is None:
+        err.print(f"calibration for {escape(result['dataset'])} recorded in the model folder "
+                  f"{escape(str(result['model_dir']))}", soft_wrap=True)
+        return
     err.print(f"test run {escape(result['run_id'])}")

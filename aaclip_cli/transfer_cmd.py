@@ -42,14 +42,17 @@ IMPORT_HELP = "\n\n".join(
 EXPORT_HELP = "\n\n".join(
     [
         "Write a run's checkpoint into DIR. --format reference (default): text_adapter.pth and "
-        "image_adapter_{epoch}.pth. --format onnx / torchscript: detector.onnx / detector.pt, one graph "
-        "from image to anomaly map and image score, with detector.onnx.json / detector.pt.json beside it.",
+        "image_adapter_{epoch}.pth. --format aaclip: a model folder (adapters.safetensors + manifest.json "
+        "with recipe, modes and the calibrations of the run's tests) that `aaclip test --model DIR` and "
+        "`aaclip predict --model DIR` load with no tracking store. --format onnx / torchscript: "
+        "detector.onnx / detector.pt, one graph from image to anomaly map and image score, with "
+        "detector.onnx.json / detector.pt.json beside it.",
         "reference: the keys text_adapter / image_adapter plus epoch in the reference module layout "
         "(projection variant as trained) and no optimiser state. Files of the same name in DIR are "
         "replaced. Checkpoints with cross-attention modules are refused: the format has no place for them.",
         "onnx / torchscript: backbone, adapters, each class's text anchors (computed per image inside the "
-        "graph for cross-attention runs), the evaluation blur and up-sampling and the calibration of the "
-        "run's latest test; inputs image [B, 3, S, S] (CLIP-normalised) and class_index [B]. The JSON holds "
+        "graph for cross-attention runs), the evaluation blur and up-sampling and the calibration "
+        "`predict --run` would choose; inputs image [B, 3, S, S] (CLIP-normalised) and class_index [B]. The JSON holds "
         "classes, image size, mean/std, thresholds and provenance. Score with `aaclip predict --model FILE` "
         "(ONNX Runtime: pip install 'aaclip[deploy]'). --int8 also writes detector.int8.onnx, dynamically "
         "quantised, with its metric change on the run's test data in its JSON.",
@@ -130,7 +133,8 @@ def export_cmd(
         Optional[str], typer.Option("--checkpoint", help="Checkpoint of the run (default: its selected one).")
     ] = None,
     fmt: Annotated[
-        str, typer.Option("--format", help="reference (.pth files), onnx or torchscript (one scoring graph).")
+        str, typer.Option("--format", help="reference (.pth files), aaclip (a model folder), onnx or torchscript "
+                                           "(one scoring graph).")
     ] = "reference",
     classes: Annotated[
         Optional[list[str]],
@@ -144,11 +148,11 @@ def export_cmd(
     json_: JsonOpt = False,
 ):
     """Write a run's checkpoint as reference files or one scoring graph (see EXPORT_HELP)."""
-    if fmt != "reference":
-        from aaclip_core.jobs.deploy import export_detector
+    from aaclip_core.jobs.export import GRAPH_FORMATS, export
 
+    if fmt in GRAPH_FORMATS:
         with RichReporter(json_) as rep:
-            result = export_detector(run, directory, fmt, checkpoint, classes, int8, tracking_uri, rep)
+            result = export(fmt, run, directory, checkpoint, tracking_uri, rep, classes=classes, int8=int8)
         if json_:
             print_json(result)
             return
@@ -168,11 +172,9 @@ def export_cmd(
     if classes or int8:
         from aaclip_core.errors import ConfigError
 
-        raise ConfigError("--class and --int8 apply to --format onnx / torchscript, not to the reference files.")
-    from aaclip_core.jobs.transfer import export_run
-
+        raise ConfigError(f"--class and --int8 apply to --format onnx / torchscript, not to --format {fmt}.")
     with RichReporter(json_) as rep:
-        result = export_run(run, directory, checkpoint, tracking_uri, rep)
+        result = export(fmt, run, directory, checkpoint, tracking_uri, rep)
     if json_:
         print_json(result)
         return

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .anchors import AnchorBank
 from .config import Recipe
@@ -38,17 +38,17 @@ def gradient_dilution_probe(model: AACLIP, bank: AnchorBank, recipe: Recipe, bat
     the module under test. The model's switches and trainable flags are restored afterwards."""
     if model.image_cross_attn is None:
         raise ValueError("the model has no image cross-attention to probe")
-    was_on = model.use_image_cross
+    was = model.modes
     bank.freeze()
     try:
         set_trainable(model, 2)
         model.train(False)
-        model.use_image_cross = True
+        model.set_modes(replace(was, image_cross=True))
         with_ca = _stage2_grads(model, bank, recipe, batch)
-        model.use_image_cross = False
+        model.set_modes(replace(was, image_cross=False))
         without = _stage2_grads(model, bank, recipe, batch)
     finally:
-        model.use_image_cross = was_on
+        model.set_modes(was)
         for p in model.parameters():
             p.requires_grad_(False)
     total_sq = sum(v**2 for k, v in with_ca.items())

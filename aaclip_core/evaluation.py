@@ -18,13 +18,14 @@ from torch.utils.data import DataLoader
 
 from . import distributed, metrics
 from .anchors import AnchorBank
+from .calibration import ClassCalibration
 from .config import Recipe
 from .model import AACLIP
+from .names import METRIC_NAMES
 from .pixel_pairs import PixelPairs, pixel_pairs
 from .runtime import autocast
 from .similarity import test_map
 
-METRIC_NAMES = ("pixel_auroc", "pixel_ap", "image_auroc", "image_ap", "aupro", "pixel_f1_max", "image_f1_max")
 
 
 @dataclass
@@ -152,11 +153,6 @@ def gather_class_maps(per_class: dict[str, ClassMaps]) -> dict[str, ClassMaps] |
     return out
 
 
-def _minmax(x: torch.Tensor) -> torch.Tensor:
-    lo, hi = x.min(), x.max()
-    return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
-
-
 def _safe(fn, *args, **kwargs):
     """A metric that is undefined for this class (one label only) is NaN, not 0; any other bad
     input is a bug and propagates."""
@@ -175,16 +171,15 @@ def _detection(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 
 def image_scores(cm: ClassMaps, domain: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(normalised pixel maps, image scores) of a class under the reference protocol."""
-    maps = _minmax(cm.maps)
-    det = _minmax(cm.det)
-    pmax = maps.flatten(1).max(dim=1).values
-    score = pmax if domain == "medical" else 0.5 * pmax + 0.5 * det
-    return maps, score
+    """(normalised pixel maps, image scores) of a class under the reference protocol: min-max over
+    the class's test set (:mod:`aaclip_core.calibration`)."""
+    return ClassCalibration.ranges_of(cm.maps, cm.det).apply(cm.maps, cm.det, domain)
 
 
-def score_class(name: str, cm: ClassMaps, recipe: Recipe) -> ClassResult:
-    maps, score = image_scores(cm, recipe.data.domain)
+def score_class(name: str, cm: ClassMaps, recipe: Recipe, normalised: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> ClassResult:
+    """The metrics of a class; ``normalised``: its (maps, image scores) when already computed."""
+    maps, score = normalised or image_scores(cm, recipe.data.domain)
     masks = cm.masks
     aupro = math.nan
     if recipe.eval.aupro:
@@ -228,14 +223,16 @@ def evaluate(
     per_class = gather_class_maps(collect_maps(model, bank, loader, recipe, device, progress))
     if per_class is None:
         return None
-    results = [score_class(c, per_class[c], recipe) for c in sorted(per_class)]
+    results = []
     rows = []
     calibration = {}
     pairs = {}
     for c in sorted(per_class):
         cm = per_class[c]
-        maps, score = image_scores(cm, recipe.data.domain)
-        calibration[c] = class_calibration(cm, score)
+        cal = ClassCalibration.fit(cm.maps, cm.det, cm.labels, recipe.data.domain)
+        maps, score = cal.apply(cm.maps, cm.det, recipe.data.domain)
+        results.append(score_class(c, cm, recipe, (maps, score)))
+        calibration[c] = cal.as_dict()
         if recipe.eval.pixel_pairs:
             # On the normalised maps the metrics were computed on, so the counts reproduce them exactly.
             paths = [sample_paths[i] if sample_paths else str(i) for i in cm.indices]
@@ -255,17 +252,3 @@ def evaluate(
     return EvalReport(classes=results, mean=mean_over_classes(results), image_scores=rows, calibration=calibration,
                       pixel_pairs=pairs)
 
-
-def class_calibration(cm: ClassMaps, score: torch.Tensor) -> dict[str, float]:
-    cal = {
-        "map_min": float(cm.maps.min()),
-        "map_max": float(cm.maps.max()),
-        "det_min": float(cm.det.min()),
-        "det_max": float(cm.det.max()),
-    }
-    try:
-        f1, threshold = metrics.f1_max_threshold(score, cm.labels)
-        cal.update({"image_f1_max": float(f1), "image_threshold": float(threshold)})
-    except metrics.UndefinedMetricError:
-        pass
-    return cal

@@ -1,21 +1,29 @@
-"""From a stored run to a working model: the run's recipe, one of its checkpoints, and the model
-rebuilt from both. It sits below the jobs so that `predict`, `doctor` and `compare` load models
-without reaching up into the job package."""
+"""From a stored run to a working model: the run's recipe, one of its checkpoints, the model rebuilt
+from both, its tests' calibrations and a feedback run's per-loop validation. It sits below the jobs
+so that `predict`, `doctor` and `compare` load models without reaching up into the job package.
+The tracking store only stores and finds these; a model folder needs none (:mod:`.model_folder`)."""
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
 
 from .backbone import backbone_id
-from .checkpoints import CHECKPOINT_CORE_FILES, FINAL, Checkpoint, load_checkpoint
+from .calibration import Calibration, choose_calibration
+from .checkpoints import (CHECKPOINT_CORE_FILES, FINAL, MANIFEST, Checkpoint, checkpoint_name, load_checkpoint,
+                          parse_checkpoint_name)
 from .config import Recipe, recipe_from_dict
-from .data.prompt_names import MANIFEST_KEY
+from .data.prompt_names import MANIFEST_KEY, PROMPT_NAMES_ARTIFACT
 from .errors import CheckpointError
-from .model import AACLIP, build_model
-from .tracking import TAG, download, get_run
+from .model import AACLIP
+from .model_folder import model_from_checkpoint  # noqa: F401 - model_from_checkpoint re-exported
+from .selection import select_loop
+from .tracking import TAG, download, get_run, list_artifacts
+
+MAX_TEST_RUNS = 50
 
 
 def manifest(recipe: Recipe, model: AACLIP, stage: str, epoch: int, loop: int | None = None, *,
@@ -29,8 +37,7 @@ def manifest(recipe: Recipe, model: AACLIP, stage: str, epoch: int, loop: int | 
         "fidelity": recipe.fidelity,
         "backbone": backbone_id(recipe),
         "cross_attention": model.text_cross_attn is not None,
-        "cross_attention_on": {"text": model.use_text_cross, "image": model.use_image_cross},
-        "context_source": model.context_source,
+        "modes": model.modes.as_dict(),
         "recipe": recipe.model_dump(mode="json"),
         MANIFEST_KEY: prompt_names,
         **extra,
@@ -49,20 +56,6 @@ def load_adapters(model: AACLIP, state: dict[str, torch.Tensor]) -> None:
         model.load_adapter_state_dict(current)
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"Checkpoint does not fit the model: {exc}.") from None
-
-
-def model_from_checkpoint(recipe: Recipe, ckpt: Checkpoint, device: torch.device) -> AACLIP:
-    meta = ckpt.manifest
-    model = build_model(recipe, device, with_cross=bool(meta.get("cross_attention")))
-    try:
-        model.load_adapter_state_dict({k: v.to(device) for k, v in ckpt.adapters.items()})
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"Checkpoint does not fit the run's recipe: {exc}.") from None
-    model.context_source = meta.get("context_source", "dpam")
-    switches = meta.get("cross_attention_on")
-    if switches:
-        model.use_text_cross, model.use_image_cross = bool(switches["text"]), bool(switches["image"])
-    return model
 
 
 # ------------------------------------------------------------------------------------------ from a run
@@ -88,6 +81,106 @@ def run_checkpoint(mlflow, run_id: str, name: str, workdir: Path, with_optimizer
 
 
 def default_checkpoint(mlflow, run_id: str) -> str:
-    """The checkpoint a run declares as its result (a feedback run: the held-out selected loop)."""
+    """The checkpoint a run declares as its result. A feedback run: its held-out selected loop, or,
+    when it ended before selecting (interrupted), the selection over the loops it finished."""
     run = get_run(mlflow, run_id)
-    return run.data.tags.get(f"{TAG}selected_checkpoint", FINAL)
+    tags = run.data.tags
+    if f"{TAG}selected_checkpoint" in tags or tags.get(f"{TAG}stage") != "feedback":
+        return tags.get(f"{TAG}selected_checkpoint", FINAL)
+    with tempfile.TemporaryDirectory(prefix="aaclip-select-") as tmp:
+        val = loop_validation(mlflow, run_id, Path(tmp))
+    if not val:
+        raise CheckpointError(f"Feedback run {run_id} finished no loop: it has no checkpoint to use. Resume it with "
+                              f"`aaclip train feedback --resume {run_id}`.")
+    metric = run.data.params.get("feedback.selection_metric", "pixel_auroc")
+    return checkpoint_name(select_loop(val, metric).loop, 2)
+
+
+def loop_validation(mlflow, run_id: str, workdir: Path) -> dict[int, dict[str, float]]:
+    """loop -> the held-out validation results a feedback run kept with each loop's final
+    (``loop_<k>_stage_2``) checkpoint; only the manifests are downloaded."""
+    out: dict[int, dict[str, float]] = {}
+    for path in list_artifacts(mlflow, run_id, "checkpoints"):
+        parsed = parse_checkpoint_name(Path(path).name)
+        if parsed is None or parsed[1] != 2:
+            continue
+        local = download(mlflow, run_id, f"{path}/{MANIFEST}", workdir / run_id / Path(path).name)
+        val = json.loads(local.read_text(encoding="utf-8")).get("val")
+        if isinstance(val, dict):
+            out[parsed[0]] = {k: float(v) for k, v in val.items() if v is not None}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ its tests
+
+
+def finished_tests(mlflow, run_id: str, checkpoint: str | None) -> list:
+    """Finished test runs of ``run_id`` (at ``checkpoint`` when given), newest first."""
+    client = mlflow.MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    filt = f"tags.\"{TAG}source_run\" = '{run_id}' and attributes.status = 'FINISHED'"
+    if checkpoint is not None:
+        filt += f" and tags.\"{TAG}checkpoint\" = '{checkpoint}'"
+    return client.search_runs(experiments, filt, order_by=["attributes.start_time DESC"], max_results=MAX_TEST_RUNS)
+
+
+def _has_artifact(mlflow, run_id: str, folder: str, name: str) -> bool:
+    return f"{folder}/{name}" in list_artifacts(mlflow, run_id, folder)
+
+
+def tested_calibrations(mlflow, run_id: str, checkpoint: str, workdir: Path) -> tuple[list[Calibration], str | None]:
+    """The calibrations of the finished test runs of ``run_id`` at ``checkpoint``, newest first, and
+    a note when there are none (or only test runs of another checkpoint). Test runs older than the
+    calibration report are skipped; a store that cannot be read is an error, not "no test run"."""
+    out = []
+    for run in finished_tests(mlflow, run_id, checkpoint):
+        tid = run.info.run_id
+        if not _has_artifact(mlflow, tid, "results", "report.json"):
+            continue
+        report = json.loads(download(mlflow, tid, "results/report.json", workdir / "calibration" / tid)
+                            .read_text(encoding="utf-8"))
+        cal = Calibration.from_dict({
+            "dataset": run.data.tags.get(f"{TAG}dataset", "?"),
+            "test_run_id": tid,
+            "checkpoint": checkpoint,
+            "training_data": run.data.tags.get(f"{TAG}training_data", run.data.tags.get(f"{TAG}same_dataset")) == "true",
+            "classes": report.get("calibration") or {},
+        })
+        if cal.classes:
+            cal.prompt_names = _test_prompt_names(mlflow, tid, workdir)
+            out.append(cal)
+    if out:
+        return out, None
+    others = finished_tests(mlflow, run_id, None)
+    if others:
+        ck = sorted({r.data.tags.get(f"{TAG}checkpoint", "?") for r in others})
+        return [], f"run {run_id} has finished test runs only of checkpoint(s) {', '.join(ck)}, not '{checkpoint}'"
+    return [], f"run {run_id} has no finished test run"
+
+
+def _test_prompt_names(mlflow, test_run_id: str, workdir: Path) -> dict[str, str]:
+    """class -> the prompt name a test run used; empty for a test run from before names were logged."""
+    if not _has_artifact(mlflow, test_run_id, *PROMPT_NAMES_ARTIFACT.rsplit("/", 1)):
+        return {}
+    path = download(mlflow, test_run_id, PROMPT_NAMES_ARTIFACT, workdir / "calibration" / test_run_id)
+    classes = json.loads(path.read_text(encoding="utf-8")).get("classes", {})
+    return {c: v["name"] for c, v in classes.items()}
+
+
+def chosen_calibration(mlflow, run_id: str, checkpoint: str, workdir: Path, wanted: str | None = None,
+                       classes: set[str] | None = None) -> tuple[Calibration | None, str | None]:
+    """The calibration of the run's tests at ``checkpoint`` that the one rule
+    (:func:`~aaclip_core.calibration.choose_calibration`) picks, or None and why."""
+    calibrations, note = tested_calibrations(mlflow, run_id, checkpoint, workdir)
+    choice = choose_calibration(calibrations, classes or set(), wanted)
+    return choice.calibration, note or choice.note
+
+
+def training_classes(mlflow, run_id: str, recipe: Recipe, workdir: Path) -> set[str]:
+    """Classes the run was trained on (its logged sample list), else those its recipe names."""
+    if not _has_artifact(mlflow, run_id, "data", "train.jsonl"):
+        return set(recipe.data.train.classes or [])
+    path = download(mlflow, run_id, "data/train.jsonl", workdir / "train-meta")
+    return {json.loads(line)["class_name"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}

@@ -23,4 +23,4 @@ LAYOUTS = (*INDEX_LAYOUTS, "auto")
 RECIPE_LAYOUTS = (*LAYOUTS, "synthetic")
 
 # `aaclip export --format`: aaclip_core.jobs.export.EXPORT_FORMATS holds one exporter per name.
-EXPORT_FORMATS = ("reference", "aaclip")
+EXPORT_FORMATS = ("reference", "aaclip", "onnx", "torchscript")

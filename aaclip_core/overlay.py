@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .scale import minmax
+
 CONTOUR_LEVEL = 0.5
 HEAT_ALPHA = 0.5
 FILL_ALPHA = 0.4
@@ -56,13 +58,9 @@ Box = tuple[int, int, int, int]  # (left, top, right, bottom), right/bottom excl
 
 
 def normalise_for_display(raw_map: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
-    """(map - lo) / (hi - lo) clipped to [0, 1]; lo/hi default to the map's own min and max."""
-    m = np.asarray(raw_map, dtype=np.float32)
-    lo = float(m.min()) if lo is None else float(lo)
-    hi = float(m.max()) if hi is None else float(hi)
-    if not hi > lo:
-        return np.zeros_like(m)
-    return np.clip((m - lo) / (hi - lo), 0.0, 1.0)
+    """The calibration's min-max (:func:`aaclip_core.scale.minmax`) clipped to [0, 1] for display; lo/hi
+    default to the map's own min and max."""
+    return np.clip(minmax(np.asarray(raw_map, dtype=np.float32), lo, hi), 0.0, 1.0)
 
 
 def mask_boundary(mask: np.ndarray, width: int = 1) -> np.ndarray:

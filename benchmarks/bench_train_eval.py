@@ -156,7 +156,7 @@ def main() -> None:
 
         def s1():
             with autocast(device, prec):
-                loss = stage1_loss(model, bank, recipe, images, masks, names, "dpam")
+                loss = stage1_loss(model, bank, recipe, images, masks, names)
             loss.backward()
             model.zero_grad(set_to_none=True)
 

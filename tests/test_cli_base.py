@@ -42,7 +42,7 @@ def _fingerprint(model) -> tuple[float, ...]:
 def trained(tmp_path_factory, demo_overrides):
     """`aaclip train base --recipe demo` then `aaclip test` on the trained run."""
     import aaclip_core.jobs.base as base_job
-    import aaclip_core.model_io as loading
+    import aaclip_core.model_folder as loading
 
     workdir = tmp_path_factory.mktemp("cli-base")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"

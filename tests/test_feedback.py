@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from aaclip_core.jobs.feedback import (
     checkpoint_name,
     latest_checkpoint,
     next_stage,
-    select_loop,
     train_feedback,
 )
 from aaclip_core.reporter import Reporter
@@ -71,12 +69,6 @@ def test_checkpoint_names_sort_numerically():
     assert next_stage(None) == (1, 1)
     assert next_stage((3, 1)) == (3, 2)
     assert next_stage((3, 2)) == (4, 1)
-
-
-def test_select_loop_prefers_best_then_earliest():
-    assert select_loop({1: 0.8, 2: 0.9, 3: 0.9}, "pixel_auroc")[0] == 2
-    loop, reason = select_loop({1: math.nan, 2: math.nan}, "pixel_auroc")
-    assert loop == 2 and "no finite" in reason
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -171,6 +163,7 @@ def test_feedback_cli_logs_children_selection_and_tests_selected_loop(demo_overr
     assert parent.data.tags["aaclip.stage"] == "feedback"
     assert parent.data.tags["aaclip.selected_checkpoint"] == checkpoint_name(result["selected_loop"], 2)
     assert "held-out" in parent.data.tags["aaclip.selection"]
+    assert parent.data.tags["aaclip.selection_fallback"] == "false" and result["selection_fallback"] is False
     assert len(client.get_metric_history(parent_id, "val/pixel_auroc")) == 2
     ckpts = {a.path.split("/")[-1] for a in client.list_artifacts(parent_id, "checkpoints")}
     assert ckpts == {checkpoint_name(k, s) for k in (1, 2) for s in (1, 2)}

@@ -132,7 +132,7 @@ def test_stage1_loss_official_counts_last_level_only(make_model, demo_recipe, de
     model, bank = _stage_setup(make_model, demo_recipe, demo_batch)
     images, masks, classes = demo_batch["image"], demo_batch["mask"], demo_batch["class_name"]
     with torch.no_grad():
-        got = stage1_loss(model, bank, demo_recipe, images, masks, classes, "dpam")
+        got = stage1_loss(model, bank, demo_recipe, images, masks, classes)
         feats = model.stage1_features(images)
         anchors = bank.anchors(classes)
         size = demo_recipe.model.image_size
@@ -152,7 +152,7 @@ def test_stage1_loss_corrected_sums_all_levels(make_model, demo_overrides, demo_
     model, bank = _stage_setup(make_model, recipe, demo_batch)
     images, masks, classes = demo_batch["image"], demo_batch["mask"], demo_batch["class_name"]
     with torch.no_grad():
-        got = stage1_loss(model, bank, recipe, images, masks, classes, "dpam")
+        got = stage1_loss(model, bank, recipe, images, masks, classes)
         feats = model.stage1_features(images)
         anchors = bank.anchors(classes)
         seg = sum(segmentation_loss(training_probs(f, anchors, recipe.model.image_size), masks) for f in feats)

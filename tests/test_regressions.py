@@ -15,6 +15,7 @@ from aaclip_core.checkpoints import Checkpoint
 from aaclip_core.config import load_recipe
 from aaclip_core.evaluation import predict_batch
 from aaclip_core.jobs import common
+from aaclip_core.model import ModelModes
 from aaclip_core.runtime import autocast
 from aaclip_core.training import engine
 from aaclip_core.training.data import load_samples, make_dataset, make_loader
@@ -39,7 +40,7 @@ def test_stage1_cross_context_does_not_depend_on_batch_mates(make_model, dpam_fi
     seen = []
     original = bank.anchors
     bank.anchors = lambda names, ctx=None: seen.append(original(names, ctx).detach()) or seen[-1]
-    engine.stage1_loss(model, bank, dpam_first_level, images, demo_batch["mask"], classes, "dpam")
+    engine.stage1_loss(model, bank, dpam_first_level, images, demo_batch["mask"], classes)
     predict_batch(model, bank, images, classes, dpam_first_level)
     # The anchors stage 1 trains against are the ones the test uses for the same images ...
     torch.testing.assert_close(seen[0], seen[1], atol=1e-6, rtol=1e-6)
@@ -77,11 +78,18 @@ def test_eval_maps_are_fp32_under_bf16_autocast(make_model, demo_recipe, demo_ba
 def test_cross_attention_switches_survive_the_checkpoint(make_model, demo_overrides):
     recipe = load_recipe("cross-demo", demo_overrides)[0]
     model = make_model(recipe, with_cross=True)
-    model.use_text_cross = model.use_image_cross = False  # a feedback loop before cross_attn_start_loop
+    # A feedback loop before cross_attn_start_loop, reading the trained image path (loop >= 2).
+    modes = ModelModes(text_cross=False, image_cross=False, context_source="image_path")
+    model.set_modes(modes)
     meta = common.manifest(recipe, model, "stage2", 1, loop=1, prompt_names={})
     restored = common.model_from_checkpoint(recipe, Checkpoint(model.adapter_state_dict(), meta), "cpu")
     assert restored.text_cross_attn is not None
-    assert not restored.use_text_cross and not restored.use_image_cross
+    assert restored.modes == modes and not restored.use_text_cross and not restored.use_image_cross
+    # Manifests written before the modes were one declared state still restore theirs.
+    old = {k: v for k, v in meta.items() if k != "modes"}
+    old.update(cross_attention_on={"text": False, "image": True}, context_source="image_path")
+    legacy = common.model_from_checkpoint(recipe, Checkpoint(model.adapter_state_dict(), old), "cpu")
+    assert legacy.modes == ModelModes(text_cross=False, image_cross=True, context_source="image_path")
 
 
 def test_random_backbone_depends_only_on_the_seed(demo_recipe):

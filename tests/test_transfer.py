@@ -121,7 +121,7 @@ def test_import_both_relu_variants_exactly(relu, own_shapes, tmp_path, monkeypat
 
     m = ckpt.manifest
     assert m["stage"] == "imported" and m["epoch"] == 7 and m["text_epoch"] == 5
-    assert m["cross_attention"] is False and m["context_source"] == "dpam"
+    assert m["cross_attention"] is False and m["modes"]["context_source"] == "dpam"
     tags, params = run.data.tags, run.data.params
     assert tags["aaclip.stage"] == "imported"
     assert tags["aaclip.selected_checkpoint"] == "final"

@@ -18,7 +18,10 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..overlay import save_overlay, verdict_line
-from ..predict import PREDICTIONS_FILE, Calibration, ImageJob, _row, collect_images, parse_threshold, resolve_class
+from ..calibration import Calibration
+from ..predict import PREDICTIONS_FILE, ImageJob, collect_images, parse_threshold, resolve_class
+from ..predict.scoring import row as _row
+from ..scale import minmax
 from .runtime import Detector, load_detector
 
 DEFAULT_BATCH = 8
@@ -28,8 +31,7 @@ def _heat(raw_map: np.ndarray, nmap: np.ndarray, calibrated: bool) -> np.ndarray
     """The overlay's heat map, as `predict.score_image` draws it."""
     if calibrated:
         return np.clip(nmap, 0.0, 1.0)
-    lo, hi = raw_map.min(), raw_map.max()
-    return (raw_map - lo) / (hi - lo) if hi > lo else np.zeros(raw_map.shape, np.float32)
+    return minmax(np.asarray(raw_map, dtype=np.float32))
 
 
 def _calibration(detector: Detector) -> Calibration | None:
@@ -38,7 +40,7 @@ def _calibration(detector: Detector) -> Calibration | None:
     if not source or not classes:
         return None
     checkpoint = (detector.info.get("provenance") or {}).get("checkpoint", "?")
-    return Calibration(source["test_run_id"], source["dataset"], checkpoint, dict(classes))
+    return Calibration.from_dict({**source, "checkpoint": checkpoint, "classes": classes})
 
 
 def predict_with_file(
@@ -71,7 +73,7 @@ def predict_with_file(
             f"without calibration ({note or 'no test run'}). Test the run and export it again, or pass a numeric "
             "--threshold."
         )
-    if thr == "auto" and class_name and "image_threshold" not in cal_classes.get(class_name, {}):
+    if thr == "auto" and class_name and calibration.threshold(class_name) is None:
         raise ConfigError(
             f"--threshold auto: {model} has no F1-optimal threshold for class '{class_name}' (it has: "
             f"{', '.join(sorted(cal_classes)) or 'none'}). Pass a numeric --threshold."
@@ -97,8 +99,7 @@ def predict_with_file(
         if isinstance(mode, float):
             return mode, "user"
         if mode == "auto":
-            t = cal_classes.get(c, {}).get("image_threshold")
-            return (float(t), calibration.source) if t is not None else (None, calibration.source)
+            return calibration.threshold(c or ""), calibration.source
         return None, "none"
 
     if reporter is not None:

@@ -4,12 +4,16 @@ held-out metric per loop and the cross-attention weights it trained with."""
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from ..config import Recipe
 from ..data.prompt_names import PROMPT_PARAM, PromptNamer, reference_dataset, reference_table
 from ..setting_aliases import both_names
+from ..model_io import loop_validation
 from ..runs import describe_owner, run_liveness
+from ..selection import select_loop
 from ..tracking import TAG, loop_runs
 from .checks import GRAD_BAND, GRAD_BAND_BACKBONE, GRAD_DEAD, GRAD_FAR_ABOVE, GRAD_VANISHING, LOSS_NEARLY_FLAT, Check
 from .static import (
@@ -129,13 +133,25 @@ def loss_checks(client, loops: dict[int, Any], feedback: bool, lr_key: str) -> l
     return checks
 
 
-def loop_metric_check(client, run, metric: str) -> Check:
+def _loop_validation(client, mlflow, run, metric: str) -> dict[int, dict[str, float]]:
+    """What the run kept with each loop's checkpoint; runs from before that, their logged history."""
+    with tempfile.TemporaryDirectory(prefix="aaclip-doctor-val-") as tmp:
+        val = loop_validation(mlflow, run.info.run_id, Path(tmp))
+    return val or {k: {metric: v} for k, v in _history(client, run.info.run_id, f"val/{metric}")}
+
+
+def loop_metric_check(val_by_loop: dict[int, dict[str, float]], metric: str) -> Check:
+    """The held-out metric per loop, judged with the selection rule `train feedback` uses."""
     name = f"held-out {metric} per loop"
-    hist = {k: v for k, v in _history(client, run.info.run_id, f"val/{metric}") if math.isfinite(v)}
+    selection = select_loop(val_by_loop, metric)
+    hist = selection.values or {}
+    if selection.fallback and val_by_loop:
+        return Check(name, "fail", None, selection.reason,
+                     "choose a feedback.selection_metric the validation split defines (eval.aupro = true for aupro)")
     if len(hist) < 2:
         return Check(name, "skip", None, f"{len(hist)} loop(s) with a held-out {metric}: nothing to compare")
     listing = ", ".join(f"{k}: {100 * v:.2f}" for k, v in sorted(hist.items()))
-    best = max(sorted(hist), key=lambda k: hist[k])
+    best = selection.loop
     first = hist[min(hist)]
     worse = [k for k in sorted(hist) if k > min(hist) and hist[k] < first]
     value = hist[best]
@@ -238,7 +254,7 @@ def run_checks(client, mlflow, run, recipe: Recipe | None, tracking_uri: str | N
     checks += loss_checks(client, loops, feedback, "feedback.image_lr" if feedback else "stage2.lr")
     if feedback:
         metric = p.get("feedback.selection_metric") or (recipe.feedback.selection_metric if recipe else "pixel_auroc")
-        checks.append(loop_metric_check(client, run, metric))
+        checks.append(loop_metric_check(_loop_validation(client, mlflow, run, metric), metric))
     return checks
 
 

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints import FINAL, STAGE1
 from ..config import Recipe
 from ..data.prompt_names import training_namer
 from ..model import AACLIP, build_model
 from ..tracking import TAG, tracked_run
 from ..training.engine import StageSchedule, run_stage
 from ..training.groups import count_trainable, stage_parameters
-from . import common
 from ..reporter import Reporter
+from . import common
 
 
 def train_base(
@@ -38,7 +39,7 @@ def train_base(
         session.close()
 
 
-def train_reference_stages(session: common.Session, model: AACLIP, samples: list, features: str = "dpam") -> dict:
+def train_reference_stages(session: common.Session, model: AACLIP, samples: list) -> dict:
     """Inside an open run: log the recipe and data, train stage 1 (Adam) then stage 2 (Adam +
     MultiStepLR), checkpoint both, select the final one. Shared by `train base` and `train cross`."""
     recipe, mlflow = session.recipe, session.mlflow
@@ -54,10 +55,10 @@ def train_reference_stages(session: common.Session, model: AACLIP, samples: list
     s1 = recipe.stage1
     opt1 = torch.optim.Adam(stage_parameters(model, 1), lr=s1.lr, betas=s1.betas)
     h1 = run_stage(1, model, bank, text_loader, StageSchedule(opt1), s1.epochs, recipe, session.device,
-                   features=features, log=mlflow.log_metrics, progress=session.reporter.progress,
+                   log=mlflow.log_metrics, progress=session.reporter.progress,
                    epoch_end=session.reporter.epoch_end, probe_batch=probe)
-    common.save_and_log(session, "stage1", model, common.manifest(recipe, model, "stage1", s1.epochs,
-                                                                       prompt_names=bank.record()),
+    common.save_and_log(session, STAGE1, model, common.manifest(recipe, model, STAGE1, s1.epochs,
+                                                                   prompt_names=bank.record()),
                         opt1.state_dict())
 
     s2 = recipe.stage2
@@ -67,10 +68,10 @@ def train_reference_stages(session: common.Session, model: AACLIP, samples: list
                    log=mlflow.log_metrics, progress=session.reporter.progress,
                    epoch_end=session.reporter.epoch_end, probe_batch=probe)
     meta = common.manifest(recipe, model, "stage2", s2.epochs, text_epoch=s1.epochs, prompt_names=bank.record())
-    common.save_and_log(session, "final", model, meta, opt2.state_dict())
+    common.save_and_log(session, FINAL, model, meta, opt2.state_dict())
     seconds = time.perf_counter() - started
     mlflow.log_metric("train_seconds", seconds)
-    mlflow.set_tag(f"{TAG}selected_checkpoint", "final")
+    mlflow.set_tag(f"{TAG}selected_checkpoint", FINAL)
     return {
         "stage1_loss": h1.losses,
         "stage2_loss": h2.losses,
@@ -79,5 +80,5 @@ def train_reference_stages(session: common.Session, model: AACLIP, samples: list
         "stage1_probe_loss": h1.probe_losses,
         "stage2_probe_loss": h2.probe_losses,
         "train_seconds": seconds,
-        "checkpoint": "final",
+        "checkpoint": FINAL,
     }

@@ -51,12 +51,15 @@ class Session:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def open_session(recipe: Recipe, recipe_path: Path | None, tracking_uri: str | None, reporter: Reporter | None) -> Session:
+def open_session(recipe: Recipe, recipe_path: Path | None, tracking_uri: str | None, reporter: Reporter | None,
+                 store: bool = True) -> Session:
+    """Threads, seed (before any model is built: the demo backbone is random) and device; the
+    tracking store unless ``store`` is False (a model folder's test needs none)."""
     configure_threads(recipe.runtime.threads)
     # Every rank seeds alike: same initial adapters, same shuffled order (each takes its share).
     generator = seed_everything(recipe.runtime.seed)
     device = distributed.setup(select_device(recipe.runtime.device))
-    mlflow = connect(tracking_uri, write=True)
+    mlflow = connect(tracking_uri, write=True) if store else None
     workdir = Path(tempfile.mkdtemp(prefix="aaclip-"))
     # Only rank 0 shows progress: N progress bars of one job would say the same thing N times.
     shown = reporter if reporter is not None and distributed.is_main() else Reporter()

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from ..backbone import backbone_id
 from ..checkpoints import import_reference
 from ..config import Recipe
 from ..errors import ConfigError
-from ..model import AACLIP, build_model
+from ..model import AACLIP, ModelModes, build_model
 from ..tracking import TAG, connect, get_run, tracked_run
+from ..reporter import Reporter
 from . import common
 from .base import train_reference_stages
-from ..reporter import Reporter
 
 
 def load_base_adapters(
@@ -38,7 +39,8 @@ def load_base_adapters(
         ckpt = common.run_checkpoint(session.mlflow, from_run, name, session.workdir)
         base = {k: v for k, v in ckpt.adapters.items() if k.startswith(("text_adapter.", "image_adapter."))}
         common.load_adapters(model, base)
-        model.context_source = ckpt.manifest.get("context_source", "dpam")
+        # The base's context source carries over; the fresh cross-attention keeps its switches.
+        model.set_modes(replace(model.modes, context_source=ModelModes.from_manifest(ckpt.manifest).context_source))
         return {f"{TAG}parent_run": from_run, f"{TAG}parent_checkpoint": name, "mlflow.parentRunId": from_run}
     if text_file is None or image_file is None:
         raise ConfigError(
@@ -79,13 +81,9 @@ def train_cross(
         origin = load_base_adapters(session, model, from_run, text_file, image_file)
         tags = {**common.run_tags(recipe, "cross", recipe.data.train.name), **origin}
         with tracked_run(session.mlflow, recipe.tracking.experiment, run_name or f"cross-{recipe.name}", tags) as run:
-            result = train_reference_stages(session, model, samples, features=_stage1_features(model))
+            result = train_reference_stages(session, model, samples)
             return {"run_id": run.info.run_id, "stage": "cross", "parent_run_id": from_run, "inherited": inherited,
                     **result}
     finally:
         session.close()
 
-
-def _stage1_features(model: AACLIP) -> str:
-    """Stage 1 reads its image features from where the model's anchors take their context."""
-    return "image_path" if model.context_source == "image_path" else "dpam"

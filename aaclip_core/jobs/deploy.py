@@ -4,8 +4,9 @@ its dynamic int8 quantisation with the metric change measured on the run's own t
 
 Classes and anchors are those `predict --run` would use: the calibration test run's classes and the
 run's training classes (or ``classes`` when given), with the calibration's dataset name for the
-prompt names. The calibration is that of the latest finished test run of the run and checkpoint, as
-`predict --run` finds it; without one the file scores on the raw scale and the sidecar says so.
+prompt names. The calibration is the one `predict --run` would choose among the run's tests at that checkpoint
+(:func:`aaclip_core.calibration.choose_calibration`: unambiguous, never a test on the training data);
+without one the file scores on the raw scale and the sidecar says why.
 """
 
 from __future__ import annotations
@@ -23,8 +24,14 @@ from ..deploy.export import FORMATS, OPSET, SUFFIX, export_graph, quantize_int8,
 from ..deploy.graph import DetectorGraph
 from ..data.prompt_names import scoring_namer
 from ..errors import ConfigError
-from ..model_io import default_checkpoint, model_from_checkpoint, run_checkpoint, run_recipe
-from ..predict import find_calibration, training_classes
+from ..model_io import (
+    chosen_calibration,
+    default_checkpoint,
+    model_from_checkpoint,
+    run_checkpoint,
+    run_recipe,
+    training_classes,
+)
 from ..reporter import Reporter
 from ..tracking import aaclip_version, connect, get_run, git_commit
 from ..visualize import CLIP_MEAN, CLIP_STD
@@ -56,7 +63,8 @@ def _classes(mlflow, run_id: str, recipe: Recipe, calibration, workdir: Path, wa
 def _sidecar(recipe: Recipe, run_id: str, ckpt_name: str, ckpt, calibration, note: str | None, classes: list[str],
              dataset: str, fmt: str, precision: str) -> dict:
     meta = ckpt.manifest
-    cal = {c: dict(calibration.classes[c]) for c in classes if calibration and c in calibration.classes}
+    tables = calibration.tables() if calibration else {}
+    cal = {c: tables[c] for c in classes if c in tables}
     return {
         "format": fmt,
         "precision": precision,
@@ -118,7 +126,7 @@ def export_detector(
         workdir = Path(tmp)
         recipe = run_recipe(mlflow, run_id, workdir)
         ckpt_name = checkpoint or default_checkpoint(mlflow, run_id)
-        calibration, note = find_calibration(mlflow, run_id, ckpt_name, workdir)
+        calibration, note = chosen_calibration(mlflow, run_id, ckpt_name, workdir)
         names = _classes(mlflow, run_id, recipe, calibration, workdir, classes)
         ckpt = run_checkpoint(mlflow, run_id, ckpt_name, workdir)
     # Exported on the CPU: a graph traced on a GPU would carry the device into the file.
@@ -126,7 +134,7 @@ def export_detector(
     model = model_from_checkpoint(recipe, ckpt, device)
     dataset = calibration.dataset if calibration else recipe.data.test.name
     bank = AnchorBank(model, names, scoring_namer(recipe, dataset, ckpt.manifest, calibration and calibration.prompt_names))
-    graph = DetectorGraph(model, bank, calibration.classes if calibration else {}, recipe.model.image_size,
+    graph = DetectorGraph(model, bank, calibration.tables() if calibration else {}, recipe.model.image_size,
                           recipe.data.domain)
     path = directory / f"{STEM}{SUFFIX[fmt]}"
     reporter.info(f"exporting run {run_id} checkpoint '{ckpt_name}' as {fmt} ({len(names)} classes) to {path}")

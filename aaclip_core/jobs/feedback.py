@@ -25,8 +25,11 @@ from ..data.prompt_names import checkpoint_namer, training_namer
 from ..data.splits import small_split_warning
 from ..errors import ConfigError
 from ..evaluation import evaluate
-from ..model import AACLIP, build_model
+from ..model import AACLIP, ModelModes, build_model
+from ..model_io import loop_validation
+from ..reporter import Reporter
 from ..runs import describe_owner, run_liveness
+from ..selection import check_selection_metric, select_loop
 from ..tracking import TAG, connect, get_run, list_artifacts, loop_runs, tracked_run
 from ..training.data import make_dataset, make_loader
 from ..training.engine import StageSchedule, run_stage
@@ -34,7 +37,7 @@ from ..training.groups import count_trainable, stage_parameters
 from ..training.schedule import WarmupCosine, loop_epochs, loop_lr
 from . import common
 from .cross import load_base_adapters
-from ..reporter import Reporter
+
 
 def latest_checkpoint(names: list[str]) -> tuple[int, int] | None:
     """The last completed (loop, stage), ordered numerically (loop 10 after loop 2)."""
@@ -72,37 +75,20 @@ def _restore(state: FeedbackState, ckpt: Checkpoint) -> None:
     state.generator.set_state(ckpt.extra["rng.loader"])
     if "rng.cuda" in ckpt.extra and torch.cuda.is_available():
         torch.cuda.set_rng_state(ckpt.extra["rng.cuda"])
-    state.model.context_source = ckpt.manifest.get("context_source", "dpam")
+    state.model.set_modes(ModelModes.from_manifest(ckpt.manifest))
 
 
 def _configure_loop(model: AACLIP, recipe: Recipe, loop: int) -> str:
     """Cross-attention on from `cross_attn_start_loop`; from loop 2 on, stage 1 (and the text
     cross-attention's context) read the trained image path instead of the DPAM copy."""
     on = loop >= recipe.feedback.cross_attn_start_loop
-    model.use_text_cross = model.use_image_cross = on
-    model.context_source = "dpam" if loop == 1 else "image_path"
+    model.set_modes(ModelModes(text_cross=on, image_cross=on, context_source="dpam" if loop == 1 else "image_path"))
     return model.context_source
 
 
 def _child_runs(mlflow, parent_id: str) -> dict[int, str]:
     client = mlflow.MlflowClient()
     return {loop: run.info.run_id for loop, run in loop_runs(client, client.get_run(parent_id)).items()}
-
-
-def _val_history(mlflow, parent_id: str, metric: str) -> dict[int, float]:
-    client = mlflow.MlflowClient()
-    return {int(m.step): m.value for m in client.get_metric_history(parent_id, f"val/{metric}")}
-
-
-def select_loop(history: dict[int, float], metric: str) -> tuple[int, str]:
-    """The loop with the best held-out metric (earliest on ties), and why."""
-    finite = {k: v for k, v in history.items() if not math.isnan(v)}
-    if not finite:
-        last = max(history) if history else 1
-        return last, f"no finite held-out {metric}; the last loop is used"
-    best = max(sorted(finite), key=lambda k: finite[k])
-    listing = ", ".join(f"{k}: {100 * v:.2f}" for k, v in sorted(finite.items()))
-    return best, f"highest held-out {metric} (x100 per loop: {listing})"
 
 
 def train_feedback(
@@ -131,6 +117,7 @@ def train_feedback(
     if from_run:
         get_run(connect(tracking_uri), from_run)
         recipe, inherited = common.inherit_from_run(recipe, from_run, tracking_uri)
+    check_selection_metric(recipe)
     session = common.open_session(recipe, recipe_path, tracking_uri, reporter)
     try:
         if from_run:
@@ -167,6 +154,7 @@ def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: 
     mlflow = session.mlflow
     samples = common.train_data(session, recipe)
     train_s, val_s = train_val_split(samples, fb.val_fraction, recipe.runtime.seed)
+    check_selection_metric(recipe, [s.label for s in val_s])
     session.reporter.info(f"held-out validation split: {len(val_s)} images (seed {recipe.runtime.seed})")
     small = small_split_warning(val_s, fb.min_val_images)
     if small:
@@ -229,15 +217,22 @@ def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: 
             loop_losses[loop] = _run_loop(session, recipe, state, bank, loop, start_stage if loop == start_loop else 1,
                                           text_loader, image_loader, val_loader, probe, parent_id,
                                           children.get(loop))
-        # Rank 0 reads what it logged; the other ranks take its answer.
-        history = _val_history(mlflow, parent_id, fb.selection_metric) if distributed.is_main() else None
-        history = distributed.broadcast_object(history)
-        best, reason = select_loop(history, fb.selection_metric)
+        # Rank 0 reads the loops' validation results; the other ranks take its answer.
+        picked = None
+        if distributed.is_main():
+            val = loop_validation(mlflow, parent_id, session.workdir / "selection")
+            picked = (select_loop(val, fb.selection_metric),
+                      {k: v.get(fb.selection_metric, math.nan) for k, v in sorted(val.items())})
+        selection, val_per_loop = distributed.broadcast_object(picked)
+        best, reason = selection.loop, selection.reason
         mlflow.set_tags({
             f"{TAG}selected_checkpoint": checkpoint_name(best, 2),
             f"{TAG}selected_loop": str(best),
             f"{TAG}selection": reason,
+            f"{TAG}selection_fallback": str(selection.fallback).lower(),
         })
+        if selection.fallback:
+            session.reporter.warn(reason)
         seconds = time.perf_counter() - started
         mlflow.log_metric("train_seconds", seconds)
         return {
@@ -247,10 +242,11 @@ def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: 
             "resumed_from": checkpoint_name(*done) if done else None,
             "selected_loop": best,
             "selection": reason,
+            "selection_fallback": selection.fallback,
             "val_metric": fb.selection_metric,
             "val_images": len(val_s),
             "val_warning": small,
-            "val_per_loop": {str(k): v for k, v in sorted(history.items())},
+            "val_per_loop": {str(k): v for k, v in val_per_loop.items()},
             "loop_losses": {str(k): v for k, v in loop_losses.items()},
             "final_stage1_loss": _last(loop_losses, "stage1"),
             "final_stage2_loss": _last(loop_losses, "stage2"),
@@ -301,7 +297,7 @@ def _run_loop(
             lr = loop_lr(base_lr, fb.lr_decay_per_loop, loop)
             sched = WarmupCosine(opt, lr, epochs * len(loader), fb.warmup_epochs * len(loader))
             hist = run_stage(stage, model, bank, loader, StageSchedule(opt, sched, fb.grad_clip), epochs, recipe,
-                             session.device, features=source, augment_epoch_base=loop * 1000 + stage * 100,
+                             session.device, augment_epoch_base=loop * 1000 + stage * 100,
                              log=mlflow.log_metrics, progress=session.reporter.progress,
                              epoch_end=session.reporter.epoch_end, probe_batch=probe)
             out[f"stage{stage}"] = hist.losses

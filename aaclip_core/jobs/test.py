@@ -1,4 +1,10 @@
-"""`aaclip test`: the reference protocol on one declared checkpoint of a run (SPEC §5)."""
+"""`aaclip test`: the reference protocol on one declared checkpoint of a run, or on a model folder
+with no tracking store (SPEC §5).
+
+A run's test is an MLflow run (tags ``aaclip.source_run`` / ``aaclip.checkpoint``) holding the
+metrics, per-image scores, pixel pairs and the calibration (``results/report.json``). A model
+folder's test records its calibration in the folder itself (see :mod:`aaclip_core.model_folder`).
+"""
 
 from __future__ import annotations
 
@@ -7,19 +13,22 @@ import io
 import math
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import distributed
+from ..calibration import Calibration, ClassCalibration
+from ..checkpoints import Checkpoint
 from ..config import DatasetRef, Recipe, apply_overrides, flatten, recipe_from_dict
 from ..data.prompt_names import checkpoint_namer
 from ..errors import ConfigError
-from ..evaluation import METRIC_NAMES, evaluate
+from ..evaluation import METRIC_NAMES, EvalReport, evaluate
+from ..model_folder import add_calibration, read_model_folder
 from ..pixel_pairs import save_pixel_pairs
+from ..reporter import Reporter
 from ..tracking import TAG, connect, get_run, log_json_artifact, tracked_run
 from ..training.data import load_samples, make_dataset, make_loader
 from . import common
-from ..reporter import Reporter
 
 
 def test_dataset(recipe: Recipe, dataset: str | None, data_root: str | None, layout: str | None) -> DatasetRef:
@@ -76,6 +85,20 @@ def same_dataset_declaration(recipe: Recipe, ref: DatasetRef, flag: bool) -> str
     return None
 
 
+# Recipe settings that change a test's numbers besides the eval.* ones (image size, backbone, fidelity).
+PROTOCOL_KEYS = ("data.domain", "fidelity", "model.name", "model.pretrained", "model.image_size")
+
+
+def test_protocol(recipe: Recipe) -> dict[str, str]:
+    """The settings a test ran with (its model's recipe after --set), logged as ``protocol.*`` params so
+    that `compare` judges each test by its own protocol: eval.*, prompt names (prompts.*), the keys
+    above and the activation actually used (QuickGELU, resolved from fidelity and weights)."""
+    flat = flatten(recipe)
+    out = {k: v for k, v in flat.items() if k.startswith(("eval.", "prompts.")) or k in PROTOCOL_KEYS}
+    out["model.quick_gelu"] = str(recipe.quick_gelu).lower()
+    return out
+
+
 def _csv(rows: list[dict]) -> str:
     buf = io.StringIO()
     if rows:
@@ -85,8 +108,100 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+@dataclass
+class _Subject:
+    """What is tested: the model's recipe (after --set), its checkpoint and where it came from."""
+
+    recipe: Recipe
+    checkpoint: Checkpoint
+    checkpoint_name: str
+    run_id: str | None = None
+    source_stage: str = "unknown"
+    folder: Path | None = None
+
+
+def _subject(run_id, model_dir, checkpoint, tracking_uri, overrides, workdir: Path) -> tuple[_Subject, object]:
+    if (run_id is None) == (model_dir is None):
+        raise ConfigError("test needs a model: pass either --run RUN_ID or --model DIR (not both).")
+    mlflow = None
+    if model_dir is not None:
+        if checkpoint is not None:
+            raise ConfigError("--checkpoint / --loop pick a checkpoint of a run; a model folder holds one model.")
+        folder = read_model_folder(model_dir)
+        name = folder.source["checkpoint"] or str(folder.manifest.get("stage"))
+        subject = _Subject(folder.recipe, folder.checkpoint, name, folder.source["run_id"], folder=folder.path)
+    else:
+        mlflow = connect(tracking_uri, write=True)
+        source = get_run(mlflow, run_id)
+        run_id = source.info.run_id  # the full id, when given a prefix
+        if source.data.tags.get(f"{TAG}stage") == "test":
+            trained = source.data.tags.get(f"{TAG}source_run", "unknown")
+            raise ConfigError(
+                f"Run {run_id} is a test run (it evaluated the training run {trained}); `test --run` takes a "
+                f"training run. Pass --run {trained} to evaluate that run again."
+            )
+        name = checkpoint or common.default_checkpoint(mlflow, run_id)
+        subject = _Subject(common.run_recipe(mlflow, run_id, workdir), common.run_checkpoint(mlflow, run_id, name, workdir),
+                           name, run_id, source.data.tags.get(f"{TAG}stage", "unknown"))
+    if overrides:
+        subject.recipe = recipe_from_dict(apply_overrides(subject.recipe.model_dump(mode="json"), overrides),
+                                          "with --set")
+    return subject, mlflow
+
+
+@dataclass
+class _SameDataset:
+    """Whether a test runs on its model's training data (judged on the data), why, and who declared it."""
+
+    reason: str | None
+    declared_by: str | None
+
+    @property
+    def same(self) -> bool:
+        return self.reason is not None
+
+
+def _check_dataset(subject: _Subject, ref: DatasetRef, same_dataset: bool) -> _SameDataset:
+    """A test on the training data must be declared (--same-dataset or the recipe's
+    data.allow_same_dataset for its own data.test); otherwise it is refused."""
+    recipe = subject.recipe
+    reason = same_dataset_reason(recipe, ref)
+    declared_by = same_dataset_declaration(recipe, ref, same_dataset) if reason is not None else None
+    if reason is not None and declared_by is None:
+        who = f"Run {subject.run_id}" if subject.folder is None else f"The model in {subject.folder}"
+        raise ConfigError(
+            f"{who} was trained on '{recipe.data.train.name}' at {recipe.data.train.root} and would be "
+            f"tested on the same data: {reason}. The zero-shot protocol does not allow that. Test on another "
+            "dataset (--dataset NAME --data-root DIR) or say so explicitly with --same-dataset (the test run "
+            "is tagged aaclip.same_dataset=true and `compare` marks it)."
+        )
+    return _SameDataset(reason, declared_by)
+
+
+def _log_test(mlflow, report: EvalReport, ref: DatasetRef, subject: _Subject, seconds: float, workdir: Path) -> None:
+    """Everything a test run keeps: metrics (mean and per class), protocol, per-class and per-image
+    results, the calibration report and the pixel pairs."""
+    metrics = {k: v for k, v in report.mean.items() if not math.isnan(v)}
+    for r in report.classes:
+        for m in METRIC_NAMES:
+            v = getattr(r, m)
+            if not math.isnan(v):
+                metrics[f"{r.class_name}/{m}"] = v
+    metrics["eval_seconds"] = seconds
+    mlflow.log_metrics(metrics)
+    mlflow.log_params({"test.dataset": ref.name, "test.root": ref.root, "test.checkpoint": subject.checkpoint_name})
+    mlflow.log_params({f"protocol.{k}": v for k, v in test_protocol(subject.recipe).items()})
+    mlflow.log_text(_csv([asdict(r) for r in report.classes]), "results/per_class.csv")
+    mlflow.log_text(_csv(report.image_scores), "results/image_scores.csv")
+    log_json_artifact(mlflow, report.as_dict(), "results/report.json")
+    if report.pixel_pairs:
+        pairs_file = workdir / "pixel_pairs.npz"
+        save_pixel_pairs(pairs_file, report.pixel_pairs)
+        mlflow.log_artifact(str(pairs_file), "results")
+
+
 def test_run(
-    run_id: str,
+    run_id: str | None,
     dataset: str | None = None,
     data_root: str | None = None,
     layout: str | None = None,
@@ -96,106 +211,93 @@ def test_run(
     reporter: Reporter | None = None,
     overrides: list[str] | None = None,
     visualize: int = 0,
+    model_dir: Path | None = None,
 ) -> dict:
-    mlflow = connect(tracking_uri, write=True)
-    source = get_run(mlflow, run_id)
-    run_id = source.info.run_id  # the full id, when given a prefix
-    if source.data.tags.get(f"{TAG}stage") == "test":
-        trained = source.data.tags.get(f"{TAG}source_run", "unknown")
-        raise ConfigError(
-            f"Run {run_id} is a test run (it evaluated the training run {trained}); `test --run` takes a training "
-            f"run. Pass --run {trained} to evaluate that run again."
-        )
+    if model_dir is not None and visualize:
+        raise ConfigError("--visualize logs pictures to the test run; a test of a model folder (--model) makes no "
+                          "run. Use `aaclip predict --model DIR` on the images you want to see.")
     with tempfile.TemporaryDirectory(prefix="aaclip-test-") as tmp:
         workdir = Path(tmp)
-        recipe = common.run_recipe(mlflow, run_id, workdir)
-        if overrides:
-            recipe = recipe_from_dict(apply_overrides(recipe.model_dump(mode="json"), overrides), "with --set")
+        subject, mlflow = _subject(run_id, model_dir, checkpoint, tracking_uri, overrides, workdir)
+        recipe = subject.recipe
         ref = test_dataset(recipe, dataset, data_root, layout)
-        reason = same_dataset_reason(recipe, ref)
-        same = reason is not None
-        declared_by = same_dataset_declaration(recipe, ref, same_dataset) if same else None
-        if same and declared_by is None:
-            raise ConfigError(
-                f"Run {run_id} was trained on '{recipe.data.train.name}' at {recipe.data.train.root} and would be "
-                f"tested on the same data: {reason}. The zero-shot protocol does not allow that. Test on another "
-                "dataset (--dataset NAME --data-root DIR) or say so explicitly with --same-dataset (the test run "
-                "is tagged aaclip.same_dataset=true and `compare` marks it)."
-            )
-        session = common.open_session(recipe, None, tracking_uri, reporter)
+        judged = _check_dataset(subject, ref, same_dataset)
+        session = common.open_session(recipe, None, tracking_uri if mlflow else None, reporter, store=mlflow is not None)
         try:
-            ckpt_name = checkpoint or common.default_checkpoint(mlflow, run_id)
-            ckpt = common.run_checkpoint(mlflow, run_id, ckpt_name, workdir)
-            model = common.model_from_checkpoint(recipe, ckpt, session.device)
-            samples = load_samples(ref, recipe.runtime.seed, field="data.test")
-            session.reporter.info(
-                f"testing run {run_id} checkpoint '{ckpt_name}' (stage {ckpt.manifest.get('stage')}, "
-                f"epoch {ckpt.manifest.get('epoch')}, loop {ckpt.manifest.get('loop')}) on {ref.name}: "
-                f"{len(samples)} images"
-            )
-            bank = common.anchor_bank(model, samples, checkpoint_namer(recipe, ref, ckpt.manifest))
-            loader = make_loader(make_dataset(samples, recipe, "none"), recipe.eval.batch_size, False, recipe, None)
-            tags = common.run_tags(recipe, "test", ref.name)
-            tags.update(
-                {
-                    f"{TAG}source_run": run_id,
-                    f"{TAG}source_stage": source.data.tags.get(f"{TAG}stage", "unknown"),
-                    f"{TAG}checkpoint": ckpt_name,
-                    f"{TAG}train_dataset": recipe.data.train.name,
-                    f"{TAG}same_dataset": str(same).lower(),
-                    **({f"{TAG}same_dataset_declared_by": declared_by} if same else {}),
-                    "mlflow.parentRunId": run_id,
-                }
-            )
-            started = time.perf_counter()
-            with tracked_run(mlflow, recipe.tracking.experiment, f"test-{ref.name}-{run_id[:8]}", tags) as run:
-                report = evaluate(model, bank, loader, recipe, session.device,
-                                  sample_paths=[str(s.image_path) for s in samples],
-                                  progress=session.reporter.eval_progress)
-                seconds = time.perf_counter() - started
-                if report is None:  # a rank other than 0 under torchrun: rank 0 logs the whole test
-                    return {"run_id": run.info.run_id, "source_run_id": run_id, "checkpoint": ckpt_name,
-                            "rank": distributed.rank()}
-                metrics = {k: v for k, v in report.mean.items() if not math.isnan(v)}
-                for r in report.classes:
-                    for m in METRIC_NAMES:
-                        v = getattr(r, m)
-                        if not math.isnan(v):
-                            metrics[f"{r.class_name}/{m}"] = v
-                metrics["eval_seconds"] = seconds
-                mlflow.log_metrics(metrics)
-                mlflow.log_params({"test.dataset": ref.name, "test.root": ref.root, "test.checkpoint": ckpt_name})
-                common.log_prompt_names(mlflow, bank)
-                # The protocol settings this test ran with (the run's recipe after --set), for `compare`.
-                mlflow.log_params({f"protocol.{k}": v for k, v in flatten(recipe).items()
-                                   if k.startswith("eval.") or k == "data.domain"})
-                mlflow.log_text(_csv([asdict(r) for r in report.classes]), "results/per_class.csv")
-                mlflow.log_text(_csv(report.image_scores), "results/image_scores.csv")
-                log_json_artifact(mlflow, report.as_dict(), "results/report.json")
-                if report.pixel_pairs:
-                    pairs_file = workdir / "pixel_pairs.npz"
-                    save_pixel_pairs(pairs_file, report.pixel_pairs)
-                    mlflow.log_artifact(str(pairs_file), "results")
-                visualizations = []
-                if visualize > 0:  # `--visualize N`: anomaly-map pictures under visualizations/<class>/
-                    from ..visualize import log_test_visualizations
-
-                    visualizations = log_test_visualizations(mlflow, model, bank, recipe, session.device, samples,
-                                                             report, visualize)
-                return {
-                    "run_id": run.info.run_id,
-                    "source_run_id": run_id,
-                    "checkpoint": ckpt_name,
-                    "checkpoint_stage": ckpt.manifest.get("stage"),
-                    "checkpoint_epoch": ckpt.manifest.get("epoch"),
-                    "checkpoint_loop": ckpt.manifest.get("loop"),
-                    "dataset": ref.name,
-                    "same_dataset": same,
-                    "same_dataset_reason": reason,
-                    "same_dataset_declared_by": declared_by,
-                    "eval_seconds": seconds,
-                    "visualizations": visualizations,
-                    **report.as_dict(),
-                }
+            return _evaluate(session, subject, ref, mlflow, workdir, visualize, judged)
         finally:
             session.close()
+
+
+def _evaluate(session: common.Session, subject: _Subject, ref: DatasetRef, mlflow, workdir: Path, visualize: int,
+              judged: _SameDataset) -> dict:
+    recipe = subject.recipe
+    model = common.model_from_checkpoint(recipe, subject.checkpoint, session.device)
+    samples = load_samples(ref, recipe.runtime.seed, field="data.test")
+    meta = subject.checkpoint.manifest
+    what = f"run {subject.run_id}" if subject.folder is None else f"model folder {subject.folder}"
+    session.reporter.info(
+        f"testing {what} checkpoint '{subject.checkpoint_name}' (stage {meta.get('stage')}, epoch "
+        f"{meta.get('epoch')}, loop {meta.get('loop')}) on {ref.name}: {len(samples)} images"
+    )
+    bank = common.anchor_bank(model, samples, checkpoint_namer(recipe, ref, meta))
+    loader = make_loader(make_dataset(samples, recipe, "none"), recipe.eval.batch_size, False, recipe, None)
+    # Judged on the data: a test on the training data is never a calibration chosen automatically.
+    same = training_data = judged.same
+    result = {
+        "run_id": None,
+        "source_run_id": subject.run_id,
+        "model_dir": str(subject.folder) if subject.folder else None,
+        "checkpoint": subject.checkpoint_name,
+        "checkpoint_stage": meta.get("stage"),
+        "checkpoint_epoch": meta.get("epoch"),
+        "checkpoint_loop": meta.get("loop"),
+        "dataset": ref.name,
+        "same_dataset": same,
+        "same_dataset_reason": judged.reason,
+        "same_dataset_declared_by": judged.declared_by,
+        "training_data": training_data,
+        "visualizations": [],
+    }
+    started = time.perf_counter()
+
+    def run_eval() -> EvalReport | None:
+        return evaluate(model, bank, loader, recipe, session.device, sample_paths=[str(s.image_path) for s in samples],
+                        progress=session.reporter.eval_progress)
+
+    if mlflow is None:  # a model folder: no store; the calibration goes into the folder
+        report = run_eval()
+        if report is None:  # a rank other than 0 under torchrun: rank 0 writes the calibration
+            return {**result, "rank": distributed.rank()}
+        add_calibration(subject.folder, _calibration(report, ref, None, subject.checkpoint_name, training_data))
+        return {**result, "eval_seconds": time.perf_counter() - started, **report.as_dict()}
+    tags = common.run_tags(recipe, "test", ref.name)
+    tags.update({
+        f"{TAG}source_run": subject.run_id,
+        f"{TAG}source_stage": subject.source_stage,
+        f"{TAG}checkpoint": subject.checkpoint_name,
+        f"{TAG}train_dataset": recipe.data.train.name,
+        f"{TAG}same_dataset": str(same).lower(),
+        f"{TAG}training_data": str(training_data).lower(),
+        **({f"{TAG}same_dataset_declared_by": judged.declared_by} if same else {}),
+        "mlflow.parentRunId": subject.run_id,
+    })
+    with tracked_run(mlflow, recipe.tracking.experiment, f"test-{ref.name}-{subject.run_id[:8]}", tags) as run:
+        report = run_eval()
+        seconds = time.perf_counter() - started
+        if report is None:  # a rank other than 0 under torchrun: rank 0 logs the whole test
+            return {**result, "run_id": run.info.run_id, "rank": distributed.rank()}
+        _log_test(mlflow, report, ref, subject, seconds, workdir)
+        common.log_prompt_names(mlflow, bank)
+        if visualize > 0:  # `--visualize N`: anomaly-map pictures under visualizations/<class>/
+            from ..visualize import log_test_visualizations
+
+            result["visualizations"] = log_test_visualizations(mlflow, model, bank, recipe, session.device, samples,
+                                                               report, visualize)
+        return {**result, "run_id": run.info.run_id, "eval_seconds": seconds, **report.as_dict()}
+
+
+def _calibration(report: EvalReport, ref: DatasetRef, test_run_id: str | None, checkpoint: str,
+                 training_data: bool) -> Calibration:
+    return Calibration(ref.name, test_run_id, checkpoint, training_data,
+                       {c: ClassCalibration.from_dict(v) for c, v in report.calibration.items()})

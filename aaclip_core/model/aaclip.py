@@ -9,6 +9,7 @@ DPAM features, which reproduce the reference's batch mixing (SPEC §9).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import open_clip
 import torch
@@ -46,6 +47,43 @@ class Dims:
             embed_dim=visual.proj.shape[1],
             grid=grid,
         )
+
+
+CONTEXT_SOURCES = ("dpam", "image_path")
+
+
+@dataclass(frozen=True)
+class ModelModes:
+    """The switches that change what a model computes without changing its tensors.
+
+    ``text_cross`` / ``image_cross``: whether each cross-attention module (when present) takes
+    part (feedback training keeps them off before ``cross_attn_start_loop``). ``context_source``:
+    where the text cross-attention's image context and stage 1's image features come from, the
+    frozen DPAM path (``dpam``) or, from feedback loop 2 on, the trained image path
+    (``image_path``). Training and test use the same modes; a checkpoint's manifest records them.
+    """
+
+    text_cross: bool = False
+    image_cross: bool = False
+    context_source: str = "dpam"
+
+    def __post_init__(self) -> None:
+        if self.context_source not in CONTEXT_SOURCES:
+            raise ConfigError(f"context source {self.context_source!r}: expected one of {', '.join(CONTEXT_SOURCES)}.")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"text_cross": self.text_cross, "image_cross": self.image_cross, "context_source": self.context_source}
+
+    @classmethod
+    def from_manifest(cls, meta: dict[str, Any]) -> ModelModes:
+        """The modes a checkpoint manifest records (``modes``; older manifests: ``cross_attention_on``
+        and ``context_source``, with the switches following ``cross_attention`` when absent)."""
+        if isinstance(meta.get("modes"), dict):
+            m = meta["modes"]
+            return cls(bool(m.get("text_cross")), bool(m.get("image_cross")), str(m.get("context_source", "dpam")))
+        present = bool(meta.get("cross_attention"))
+        switches = meta.get("cross_attention_on") or {"text": present, "image": present}
+        return cls(bool(switches["text"]), bool(switches["image"]), str(meta.get("context_source") or "dpam"))
 
 
 class AACLIP(nn.Module):
@@ -106,11 +144,9 @@ class AACLIP(nn.Module):
                 cross.image_weight,
                 cross.learnable_weight,
             )
-        # Switches used by training (e.g. cross-attention off before `cross_attn_start_loop`).
+        # The model's modes (see ModelModes), set only through `set_modes`.
         self.use_text_cross = cross is not None
         self.use_image_cross = cross is not None
-        # Where the text cross-attention's image context comes from: the frozen DPAM path, or (from
-        # feedback loop 2 on) the trained image path. Training and test use the same source.
         self.context_source = "dpam"
         self.tokenizer = open_clip.get_tokenizer(cfg.name)
         # The torch.compile'd adapted image forward, when `compile_image_path` was called.
@@ -129,6 +165,17 @@ class AACLIP(nn.Module):
         return self._compiled_image_forward is not None
 
     # ------------------------------------------------------------------ state
+
+    @property
+    def modes(self) -> ModelModes:
+        return ModelModes(self.use_text_cross, self.use_image_cross, self.context_source)
+
+    def set_modes(self, modes: ModelModes) -> None:
+        """Switch the model's modes; cross-attention switched on needs the modules."""
+        if (modes.text_cross or modes.image_cross) and self.text_cross_attn is None:
+            raise ConfigError("cross-attention switched on for a model built without cross-attention modules.")
+        self.use_text_cross, self.use_image_cross = modes.text_cross, modes.image_cross
+        self.context_source = modes.context_source
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith(FROZEN_PREFIX)}

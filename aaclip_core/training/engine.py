@@ -83,20 +83,21 @@ def _mean_dicts(ds: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(d[k] for d in ds if k in d) / sum(1 for d in ds if k in d) for k in sorted(keys)}
 
 
-def stage1_terms(
-    model: AACLIP, bank: AnchorBank, recipe: Recipe, images, masks, class_names, features: str
-) -> LossTerms:
+def stage1_terms(model: AACLIP, bank: AnchorBank, recipe: Recipe, images, masks, class_names) -> LossTerms:
     """Segmentation loss of frozen image features against trainable text anchors + orthogonality.
 
-    ``official`` counts only the last level's segmentation term (the reference overwrote the loss
-    in its level loop); ``corrected`` sums all levels. One orthogonality term either way.
+    The image features come from where the model's modes say (``context_source``): the DPAM path,
+    or, from feedback loop 2 on, the trained image path. ``official`` counts only the last level's
+    segmentation term (the reference overwrote the loss in its level loop); ``corrected`` sums all
+    levels. One orthogonality term either way.
     """
-    feats = model.stage1_features(images) if features == "dpam" else model.image_path_features(images)
+    dpam = model.context_source == "dpam"
+    feats = model.stage1_features(images) if dpam else model.image_path_features(images)
     context = None
     if model.conditions_text:
         # The official DPAM features mix batch-mates (the reproduced quirk, loss features only);
         # the cross-attention context is each image's own, exactly as in stage 2 and at test.
-        mixed = features == "dpam" and model.fidelity == "official"
+        mixed = dpam and model.fidelity == "official"
         context = model.anchor_context(images) if mixed else feats[0]
     anchors = bank.anchors(class_names, context)
     size = recipe.model.image_size
@@ -126,11 +127,9 @@ def _local_loss(terms: LossTerms) -> torch.Tensor:
     return terms.loss(values.mean(dim=0))
 
 
-def stage1_loss(
-    model: AACLIP, bank: AnchorBank, recipe: Recipe, images, masks, class_names, features: str
-) -> torch.Tensor:
+def stage1_loss(model: AACLIP, bank: AnchorBank, recipe: Recipe, images, masks, class_names) -> torch.Tensor:
     """The stage-1 loss of one batch in this process (see `stage1_terms`)."""
-    return _local_loss(stage1_terms(model, bank, recipe, images, masks, class_names, features))
+    return _local_loss(stage1_terms(model, bank, recipe, images, masks, class_names))
 
 
 def stage2_loss(model: AACLIP, bank: AnchorBank, recipe: Recipe, images, masks, labels, class_names) -> torch.Tensor:
@@ -138,8 +137,8 @@ def stage2_loss(model: AACLIP, bank: AnchorBank, recipe: Recipe, images, masks, 
     return _local_loss(stage2_terms(model, bank, recipe, images, masks, labels, class_names))
 
 
-def stage_loss(stage: int, model: AACLIP, bank: AnchorBank, recipe: Recipe, batch: dict, device: torch.device,
-               features: str) -> torch.Tensor:
+def stage_loss(stage: int, model: AACLIP, bank: AnchorBank, recipe: Recipe, batch: dict, device: torch.device
+               ) -> torch.Tensor:
     """The loss a stage optimises on one loader batch, under the recipe's precision.
 
     The batch may be this rank's share of a global batch (its ``weight`` marks padding samples
@@ -150,7 +149,7 @@ def stage_loss(stage: int, model: AACLIP, bank: AnchorBank, recipe: Recipe, batc
     weights = torch.ones(len(classes), device=device) if weights is None else weights.to(device)
     with autocast(device, recipe.runtime.precision):
         if stage == 1:
-            terms = stage1_terms(model, bank, recipe, images, masks, classes, features)
+            terms = stage1_terms(model, bank, recipe, images, masks, classes)
         else:
             terms = stage2_terms(model, bank, recipe, images, masks, labels, classes)
     return terms.loss(distributed.batch_means(terms.values(), weights))
@@ -160,14 +159,13 @@ class StageObjective(nn.Module):
     """One stage's loss as a module, so DistributedDataParallel can wrap it: DDP needs the forward
     pass to go through its wrapper to synchronise the gradients of the backward pass."""
 
-    def __init__(self, stage: int, model: AACLIP, bank: AnchorBank, recipe: Recipe, device: torch.device,
-                 features: str) -> None:
+    def __init__(self, stage: int, model: AACLIP, bank: AnchorBank, recipe: Recipe, device: torch.device) -> None:
         super().__init__()
         self.model = model
-        self.stage, self.bank, self.recipe, self.device, self.features = stage, bank, recipe, device, features
+        self.stage, self.bank, self.recipe, self.device = stage, bank, recipe, device
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return stage_loss(self.stage, self.model, self.bank, self.recipe, batch, self.device, self.features)
+        return stage_loss(self.stage, self.model, self.bank, self.recipe, batch, self.device)
 
 
 def _switched_off(model: AACLIP, stage: int) -> bool:
@@ -195,8 +193,8 @@ def synchronised(objective: StageObjective, device: torch.device) -> nn.Module:
 
 
 @torch.no_grad()
-def probe_loss(stage: int, model: AACLIP, bank: AnchorBank, recipe: Recipe, batch: dict, device: torch.device,
-               features: str) -> float:
+def probe_loss(stage: int, model: AACLIP, bank: AnchorBank, recipe: Recipe, batch: dict, device: torch.device
+               ) -> float:
     """The stage's loss on a fixed batch, in eval mode (no dropout, no random draws)."""
     was_training = model.training
     model.train(False)
@@ -204,7 +202,7 @@ def probe_loss(stage: int, model: AACLIP, bank: AnchorBank, recipe: Recipe, batc
     try:
         with autocast(device, recipe.runtime.precision):
             if stage == 1:
-                return float(stage1_loss(model, bank, recipe, images, masks, classes, features))
+                return float(stage1_loss(model, bank, recipe, images, masks, classes))
             return float(stage2_loss(model, bank, recipe, images, masks, labels, classes))
     finally:
         model.train(was_training)
@@ -220,7 +218,6 @@ def run_stage(
     recipe: Recipe,
     device: torch.device,
     *,
-    features: str = "dpam",
     augment_epoch_base: int = 0,
     log: LogFn | None = None,
     progress: ProgressFn | None = None,
@@ -236,14 +233,14 @@ def run_stage(
         bank.unfreeze()
     else:
         bank.freeze()
-    objective = synchronised(StageObjective(stage, model, bank, recipe, device, features), device)
+    objective = synchronised(StageObjective(stage, model, bank, recipe, device), device)
     name = f"stage{stage}"
     hist = StageHistory()
 
     def probe(epoch: int) -> None:
         if probe_batch is None or not distributed.is_main():
             return
-        value = probe_loss(stage, model, bank, recipe, probe_batch, device, features)
+        value = probe_loss(stage, model, bank, recipe, probe_batch, device)
         hist.probe_losses.append(value)
         if log is not None:
             log({f"{name}/probe_loss": value}, epoch)
