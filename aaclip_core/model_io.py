@@ -130,7 +130,7 @@ def _has_artifact(mlflow, run_id: str, folder: str, name: str) -> bool:
     return f"{folder}/{name}" in list_artifacts(mlflow, run_id, folder)
 
 
-def tested_calibrations(mlflow, run_id: str, checkpoint: str, workdir: Path) -> tuple[list[Calibration], str | None]:
+def run_calibrations(mlflow, run_id: str, checkpoint: str, workdir: Path) -> tuple[list[Calibration], str | None]:
     """The calibrations of the finished test runs of ``run_id`` at ``checkpoint``, newest first, and
     a note when there are none (or only test runs of another checkpoint). Test runs older than the
     calibration report are skipped; a store that cannot be read is an error, not "no test run"."""
@@ -173,7 +173,7 @@ def chosen_calibration(mlflow, run_id: str, checkpoint: str, workdir: Path, want
                        classes: set[str] | None = None) -> tuple[Calibration | None, str | None]:
     """The calibration of the run's tests at ``checkpoint`` that the one rule
     (:func:`~aaclip_core.calibration.choose_calibration`) picks, or None and why."""
-    calibrations, note = tested_calibrations(mlflow, run_id, checkpoint, workdir)
+    calibrations, note = run_calibrations(mlflow, run_id, checkpoint, workdir)
     choice = choose_calibration(calibrations, classes or set(), wanted)
     return choice.calibration, note or choice.note
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from aaclip_cli.main import app
 from aaclip_core import metrics
-from aaclip_core.predict import ROW_KEYS, tested_calibrations
+from aaclip_core.predict import ROW_KEYS, run_calibrations
 from aaclip_core.tracking import connect
 
 CLASS = "fabric"
@@ -218,10 +218,10 @@ def test_saved_maps_equal_collect_maps(env, demo_recipe, tested):
 
 def test_calibrations_of_a_checkpoint_are_its_finished_test_runs(env, tested):
     mlflow = connect(env["uri"])
-    cals, note = tested_calibrations(mlflow, env["run"], "final", env["work"] / "cal")
+    cals, note = run_calibrations(mlflow, env["run"], "final", env["work"] / "cal")
     assert note is None and cals[0].test_run_id == tested["report"]["run_id"] and CLASS in cals[0].classes
     assert cals[0].dataset == "synthetic" and cals[0].training_data is False  # demo: independent renders
-    none, note = tested_calibrations(mlflow, env["run"], "stage1", env["work"] / "cal2")
+    none, note = run_calibrations(mlflow, env["run"], "stage1", env["work"] / "cal2")
     assert none == [] and "stage1" in note
 
 

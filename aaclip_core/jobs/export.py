@@ -18,7 +18,7 @@ from ..checkpoints import ADAPTERS, MANIFEST, sha256_of
 from ..errors import ConfigError
 from ..model_folder import write_model_folder
 from ..names import EXPORT_FORMATS
-from ..model_io import default_checkpoint, run_checkpoint, run_recipe, tested_calibrations, training_classes
+from ..model_io import default_checkpoint, run_calibrations, run_checkpoint, run_recipe, training_classes
 from ..reporter import Reporter
 from ..tracking import connect, get_run
 from .deploy import export_detector
@@ -36,7 +36,7 @@ def export_model_folder(run_id: str, directory: Path, checkpoint: str | None = N
     name = checkpoint or default_checkpoint(mlflow, run_id)
     with tempfile.TemporaryDirectory(prefix="aaclip-export-") as tmp:
         ckpt = run_checkpoint(mlflow, run_id, name, Path(tmp))
-        calibrations, note = tested_calibrations(mlflow, run_id, name, Path(tmp))
+        calibrations, note = run_calibrations(mlflow, run_id, name, Path(tmp))
         recipe = run_recipe(mlflow, run_id, Path(tmp))
         classes = training_classes(mlflow, run_id, recipe, Path(tmp))
     reporter.info(f"exporting run {run_id} checkpoint '{name}' (stage {ckpt.manifest.get('stage')}) as a model folder "

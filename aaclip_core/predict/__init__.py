@@ -41,13 +41,13 @@ from ..reporter import Reporter
 from ..runtime import configure_threads, seed_everything, select_device
 from .inputs import CLASS_SEARCH_DEPTH, SKIP_DIRS, ImageJob, assign_classes, collect_images, resolve_class
 from .scoring import ROW_KEYS, BatchScorer, Thresholds, score_image
-from .source import ModelSource, from_folder, from_run, tested_calibrations
+from .source import ModelSource, from_folder, from_run, run_calibrations
 
 PREDICTIONS_FILE = "predictions.jsonl"
 
 __all__ = [
     "CLASS_SEARCH_DEPTH", "PREDICTIONS_FILE", "ROW_KEYS", "SKIP_DIRS", "ImageJob", "ModelSource", "collect_images",
-    "parse_threshold", "predict_images", "resolve_class", "score_image", "tested_calibrations",
+    "parse_threshold", "predict_images", "resolve_class", "score_image", "run_calibrations",
 ]
 
 

@@ -11,7 +11,7 @@ from ..calibration import Calibration
 from ..checkpoints import Checkpoint
 from ..config import Recipe
 from ..model_folder import read_model_folder
-from ..model_io import default_checkpoint, run_checkpoint, run_recipe, tested_calibrations, training_classes
+from ..model_io import default_checkpoint, run_calibrations, run_checkpoint, run_recipe, training_classes
 from ..tracking import get_run
 
 
@@ -58,7 +58,7 @@ def from_run(mlflow, run_id: str, checkpoint: str | None, workdir: Path) -> tupl
     run_id = get_run(mlflow, run_id).info.run_id  # the full id, when given a prefix
     recipe = run_recipe(mlflow, run_id, workdir)
     name = checkpoint or default_checkpoint(mlflow, run_id)
-    calibrations, note = tested_calibrations(mlflow, run_id, name, workdir)
+    calibrations, note = run_calibrations(mlflow, run_id, name, workdir)
     source = ModelSource(
         label=f"run {run_id} checkpoint '{name}'",
         recipe=recipe,
