@@ -24,6 +24,7 @@ from ..deploy.export import FORMATS, OPSET, SUFFIX, export_graph, quantize_int8,
 from ..deploy.graph import DetectorGraph
 from ..data.prompt_names import scoring_namer
 from ..errors import ConfigError
+from ..model import ModelModes
 from ..model_io import (
     chosen_calibration,
     default_checkpoint,
@@ -96,7 +97,7 @@ def _sidecar(recipe: Recipe, run_id: str, ckpt_name: str, ckpt, calibration, not
             "backbone": backbone_id(recipe),
             "fidelity": recipe.fidelity,
             "cross_attention": bool(meta.get("cross_attention")),
-            "context_source": meta.get("context_source", "dpam"),
+            "modes": ModelModes.from_manifest(meta).as_dict(),
             "aaclip_version": aaclip_version(),
             "git_commit": git_commit(),
             "torch_version": torch.__version__,
