@@ -4,6 +4,7 @@ verdict, overlay (and raw map) files, one row per image."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,10 +36,13 @@ ROW_KEYS = (
 )
 
 
-def score_image(raw_map: torch.Tensor, raw_det: float, cal: ClassCalibration | None, domain: str
+def score_image(raw_map: torch.Tensor, raw_det: float, cal: ClassCalibration | Mapping[str, float] | None, domain: str
                 ) -> tuple[float, np.ndarray]:
     """(image score, heat map in [0, 1] for display): on the calibration's scale when there is one
-    (exactly the test's score of the same image), else the same formula on the raw values."""
+    (exactly the test's score of the same image), else the same formula on the raw values. ``cal``
+    may be a class's calibration as plain numbers (a report's or a sidecar's table)."""
+    if isinstance(cal, Mapping):
+        cal = ClassCalibration.from_dict(cal)
     raw_map = raw_map.float()
     det = torch.tensor([raw_det], dtype=torch.float32)
     if cal is None:
