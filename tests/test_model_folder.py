@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from aaclip_cli.main import app
 from aaclip_core.calibration import Calibration, ClassCalibration, choose_calibration
+from aaclip_core.data.prompt_names import MANIFEST_KEY as PROMPT_NAMES_KEY
 from aaclip_core.model_folder import read_model_folder
 
 CLASS = "fabric"
@@ -85,7 +86,7 @@ def test_the_exported_folder_describes_the_model(env):
     assert m["format"] == "aaclip-model" and folder.source == {"run_id": env["run"], "checkpoint": "final"}
     assert m["modes"] == {"text_cross": False, "image_cross": False, "context_source": "dpam"}
     assert folder.recipe.model.image_size == 56 and m["fidelity"] == folder.recipe.fidelity
-    assert "prompts" in m  # the slot for the prompt names
+    assert m[PROMPT_NAMES_KEY]["names"]  # the prompt names the model was trained with
     cals = {c.test_run_id: c for c in folder.calibrations}
     assert set(cals) == {env["mvtec"]["run_id"], env["own"]["run_id"]}
     assert cals[env["own"]["run_id"]].training_data and not cals[env["mvtec"]["run_id"]].training_data

@@ -20,7 +20,7 @@ from ..errors import ConfigError, DataError
 from ..overlay import save_overlay, verdict_line
 from ..calibration import Calibration
 from ..predict import PREDICTIONS_FILE, ImageJob, collect_images, parse_threshold, resolve_class
-from ..predict.scoring import row as _row
+from ..predict.inputs import row as _row
 from ..scale import minmax
 from .runtime import Detector, load_detector
 

@@ -32,16 +32,16 @@ import math
 import tempfile
 from pathlib import Path
 
-from ..anchors import AnchorBank
-from ..calibration import Calibration, choose_calibration
-from ..data.prompt_names import scoring_namer
+from typing import TYPE_CHECKING
+
 from ..errors import ConfigError
-from ..model_folder import model_from_checkpoint
-from ..reporter import Reporter
-from ..runtime import configure_threads, seed_everything, select_device
-from .inputs import CLASS_SEARCH_DEPTH, SKIP_DIRS, ImageJob, assign_classes, collect_images, resolve_class
-from .scoring import ROW_KEYS, BatchScorer, Thresholds, score_image
-from .source import ModelSource, from_folder, from_run, run_calibrations
+from .inputs import CLASS_SEARCH_DEPTH, ROW_KEYS, SKIP_DIRS, ImageJob, assign_classes, collect_images, resolve_class
+
+if TYPE_CHECKING:  # the scorer of exported files (aaclip_core.deploy.predict) imports this package without
+    # open_clip or mlflow: the model-side modules load only where a model is scored.
+    from ..calibration import Calibration
+    from ..reporter import Reporter
+    from .source import ModelSource
 
 PREDICTIONS_FILE = "predictions.jsonl"
 
@@ -69,6 +69,8 @@ def parse_threshold(value: str | float | None) -> float | str | None:
 
 def _load_source(run_id: str | None, model_dir: Path | None, checkpoint: str | None, tracking_uri: str | None,
                  workdir: Path) -> tuple[ModelSource, str | None]:
+    from .source import from_folder, from_run
+
     if (run_id is None) == (model_dir is None):
         raise ConfigError("predict needs a model: pass either --run RUN_ID or --model DIR (not both).")
     if model_dir is not None:
@@ -84,6 +86,8 @@ def _load_source(run_id: str | None, model_dir: Path | None, checkpoint: str | N
 def _calibration(source: ModelSource, classes: set[str], wanted: str | None, mode, store_note: str | None,
                  class_name: str | None) -> tuple[Calibration | None, str | None]:
     """The calibration to score with and, when there is none, why; ``auto`` without one stops here."""
+    from ..calibration import choose_calibration
+
     choice = choose_calibration(source.calibrations, classes, wanted)
     note = store_note or choice.note
     if choice.calibration is None:
@@ -122,6 +126,12 @@ def predict_images(
     """Score images with a run's model or a model folder; write overlays (and raw maps) and
     ``predictions.jsonl`` under ``out_dir``. Returns a summary with every row; unreadable images are
     rows with an ``error``."""
+    from ..anchors import AnchorBank
+    from ..data.prompt_names import scoring_namer
+    from ..reporter import Reporter
+    from ..runtime import configure_threads, seed_everything, select_device
+    from .scoring import BatchScorer, Thresholds
+
     reporter = reporter or Reporter()
     mode = parse_threshold(threshold)
     if batch_size is not None and batch_size < 1:
@@ -156,6 +166,8 @@ def predict_images(
 
 
 def _model(source: ModelSource, device):
+    from ..model_folder import model_from_checkpoint
+
     model = model_from_checkpoint(source.recipe, source.checkpoint, device)
     model.eval()
     return model
@@ -181,3 +193,16 @@ def _summary(source: ModelSource, cal: Calibration | None, note: str | None, mod
         "n_anomalous": sum(r["verdict"] == "anomalous" for r in rows),
         "rows": rows,
     }
+
+
+def __getattr__(name: str):
+    """The model-side names, loaded on first use (see the imports above)."""
+    if name in ("BatchScorer", "Thresholds", "score_image"):
+        from . import scoring
+
+        return getattr(scoring, name)
+    if name in ("ModelSource", "from_folder", "from_run", "run_calibrations"):
+        from . import source
+
+        return getattr(source, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

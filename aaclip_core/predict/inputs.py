@@ -9,6 +9,21 @@ from ..data.layouts import IMAGE_EXTENSIONS, MASK_FOLDERS
 from ..errors import DataError
 
 SKIP_DIRS = MASK_FOLDERS
+# The columns of predictions.jsonl, in order (the same for a model and for an exported file).
+ROW_KEYS = (
+    "path",
+    "class_name",
+    "image_score",
+    "raw_map_max",
+    "raw_det",
+    "threshold",
+    "threshold_source",
+    "verdict",
+    "overlay",
+    "map",
+    "error",
+)
+
 CLASS_SEARCH_DEPTH = 3
 
 
@@ -98,3 +113,10 @@ def assign_classes(jobs: list[ImageJob], fallback: str | None, known: set[str]) 
         except DataError as exc:
             job.error = str(exc)
     return {j.class_name for j in jobs if j.error is None}
+
+
+def row(job: ImageJob, **values) -> dict:
+    out = dict.fromkeys(ROW_KEYS)
+    out.update(path=str(job.path.resolve() if job.path.exists() else job.path), class_name=job.class_name)
+    out.update(values)
+    return out

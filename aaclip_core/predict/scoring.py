@@ -19,22 +19,7 @@ from ..errors import DataError
 from ..evaluation import predict_batch
 from ..runtime import autocast
 from ..visualize import CLIP_MEAN, CLIP_STD, denormalise, save_overlay, verdict_line
-from .inputs import ImageJob
-
-ROW_KEYS = (
-    "path",
-    "class_name",
-    "image_score",
-    "raw_map_max",
-    "raw_det",
-    "threshold",
-    "threshold_source",
-    "verdict",
-    "overlay",
-    "map",
-    "error",
-)
-
+from .inputs import ROW_KEYS, ImageJob, row  # noqa: F401 - ROW_KEYS re-exported
 
 def score_image(raw_map: torch.Tensor, raw_det: float, cal: ClassCalibration | Mapping[str, float] | None, domain: str
                 ) -> tuple[float, np.ndarray]:
@@ -66,13 +51,6 @@ class Thresholds:
         if self.mode == "auto" and self.calibration is not None:
             return self.calibration.threshold(class_name or ""), self.calibration.source
         return None, "none"
-
-
-def row(job: ImageJob, **values) -> dict:
-    out = dict.fromkeys(ROW_KEYS)
-    out.update(path=str(job.path.resolve() if job.path.exists() else job.path), class_name=job.class_name)
-    out.update(values)
-    return out
 
 
 @dataclass
