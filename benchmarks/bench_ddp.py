@@ -66,7 +66,7 @@ def worker(args) -> None:
             bank.unfreeze()
         else:
             bank.freeze()
-        objective = synchronised(StageObjective(stage, model, bank, recipe, device, "dpam"), device)
+        objective = synchronised(StageObjective(stage, model, bank, recipe, device), device)
         opt = torch.optim.Adam(params, lr=1e-5)
         start, stop = share_bounds(global_batch, rank, world)
         n = max(stop - start, 1)

@@ -230,6 +230,23 @@ def test_an_unreachable_server_fails_fast_naming_the_uri(tmp_path):
     assert seconds < 60  # MLflow's own defaults took about 4.5 minutes
 
 
+@pytest.mark.parametrize("command", [
+    ["test", "--run", "0" * 32],
+    ["predict", "--run", "0" * 32, "image.png"],
+    ["compare", "0" * 32],
+    ["doctor", "0" * 32],
+])
+def test_every_command_that_reads_runs_says_the_store_is_unreachable(command, tmp_path):
+    """Not "no run" or "missing": the store could not be asked at all, and the message says so."""
+    (tmp_path / "image.png").write_bytes(b"")  # predict checks its inputs after the store
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    result = aaclip(*command, "--tracking-uri", uri, cwd=tmp_path,
+                    env=child_env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"))
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert one_paragraph(result.stderr) and uri in result.stderr and "connection refused" in result.stderr
+    assert "No run" not in result.stderr and "missing" not in result.stderr.lower()
+
+
 def test_a_server_that_never_answers_is_a_timeout_set_by_mlflows_variables(tmp_path):
     with socket.socket() as silent:  # accepts connections (backlog) and never answers
         silent.bind(("127.0.0.1", 0))
