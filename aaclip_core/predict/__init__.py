@@ -27,7 +27,6 @@ independently, so results do not depend on the batch size.
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from .inputs import CLASS_SEARCH_DEPTH, ROW_KEYS, SKIP_DIRS, ImageJob, assign_classes, collect_images, resolve_class
+from .outputs import PREDICTIONS_FILE, ImageOutputs, Thresholds, write_summary
 
 if TYPE_CHECKING:  # the scorer of exported files (aaclip_core.deploy.predict) imports this package without
     # open_clip or mlflow: the model-side modules load only where a model is scored.
@@ -43,11 +43,10 @@ if TYPE_CHECKING:  # the scorer of exported files (aaclip_core.deploy.predict) i
     from ..reporter import Reporter
     from .source import ModelSource
 
-PREDICTIONS_FILE = "predictions.jsonl"
-
 __all__ = [
-    "CLASS_SEARCH_DEPTH", "PREDICTIONS_FILE", "ROW_KEYS", "SKIP_DIRS", "ImageJob", "ModelSource", "collect_images",
-    "parse_threshold", "predict_images", "resolve_class", "score_image", "run_calibrations",
+    "CLASS_SEARCH_DEPTH", "PREDICTIONS_FILE", "ROW_KEYS", "SKIP_DIRS", "ImageJob", "ImageOutputs", "ModelSource",
+    "Thresholds", "collect_images", "parse_threshold", "predict_images", "resolve_class", "score_image",
+    "run_calibrations", "write_summary",
 ]
 
 
@@ -130,7 +129,7 @@ def predict_images(
     from ..data.prompt_names import scoring_namer
     from ..reporter import Reporter
     from ..runtime import configure_threads, seed_everything, select_device
-    from .scoring import BatchScorer, Thresholds
+    from .scoring import BatchScorer
 
     reporter = reporter or Reporter()
     mode = parse_threshold(threshold)
@@ -160,9 +159,11 @@ def predict_images(
         bank.freeze()
     reporter.info(f"predicting {len(jobs)} images with the {source.label}"
                   + (f", calibrated by {cal.label}" if cal else ""))
-    scorer = BatchScorer(model, bank, recipe, device, out_dir, Thresholds(mode, cal), save_maps, contour_level)
-    rows = scorer.run(jobs, batch_size or recipe.eval.batch_size, reporter.eval_progress)
-    return _summary(source, cal, note, mode, out_dir, rows)
+    outputs = ImageOutputs(out_dir, Thresholds(mode, cal), save_maps, contour_level)
+    rows = BatchScorer(model, bank, recipe, device, outputs).run(jobs, batch_size or recipe.eval.batch_size,
+                                                                 reporter.eval_progress)
+    head = {"run_id": source.run_id, "model": source.label, "checkpoint": source.checkpoint_name}
+    return write_summary(head, cal, note, mode, out_dir, rows)
 
 
 def _model(source: ModelSource, device):
@@ -173,31 +174,9 @@ def _model(source: ModelSource, device):
     return model
 
 
-def _summary(source: ModelSource, cal: Calibration | None, note: str | None, mode, out_dir: Path,
-             rows: list[dict]) -> dict:
-    pred_path = out_dir / PREDICTIONS_FILE
-    with open(pred_path, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, sort_keys=False) + "\n")
-    return {
-        "run_id": source.run_id,
-        "model": source.label,
-        "checkpoint": source.checkpoint_name,
-        "calibration": {"test_run_id": cal.test_run_id, "dataset": cal.dataset} if cal else None,
-        "calibration_note": note,
-        "threshold": mode,
-        "out_dir": str(out_dir.resolve()),
-        "predictions": str(pred_path.resolve()),
-        "n_images": len(rows),
-        "n_errors": sum(r["error"] is not None for r in rows),
-        "n_anomalous": sum(r["verdict"] == "anomalous" for r in rows),
-        "rows": rows,
-    }
-
-
 def __getattr__(name: str):
     """The model-side names, loaded on first use (see the imports above)."""
-    if name in ("BatchScorer", "Thresholds", "score_image"):
+    if name in ("BatchScorer", "score_image"):
         from . import scoring
 
         return getattr(scoring, name)
