@@ -79,39 +79,46 @@ def predict_cmd(
     """Score images: image score, verdict, anomaly-map overlay PNG and predictions.jsonl.
 
     Scores are on the scale of the calibration's test (the test on the images' own dataset). Exit 1 when some image could not be scored."""
-    if (run is None) == (model is None):
-        from aaclip_core.errors import ConfigError
-
-        raise ConfigError("predict needs a model: pass either --run RUN_ID or --model DIR|FILE (not both).")
-    if model is not None and not model.is_dir():
-        from aaclip_core.errors import ConfigError
-
-        if checkpoint is not None or calibration is not None:
-            raise ConfigError("--checkpoint and --calibration apply to a run or a model folder; an exported file holds "
-                              "one model and its calibration (drop them).")
-        from aaclip_core.deploy.predict import predict_with_file
-
-        with RichReporter(quiet or json_) as rep:
-            result = predict_with_file(model, inputs, out, threshold, class_name, save_maps, batch_size, rep)
-    else:
-        from aaclip_core.predict import predict_images
-
-        with RichReporter(quiet or json_) as rep:
-            result = predict_images(
-                run, inputs, out, threshold, class_name, checkpoint, save_maps, batch_size, tracking_uri, rep,
-                model_dir=model, calibration=calibration,
-            )
+    result = _predict(inputs, run, model, calibration, out, threshold, class_name, checkpoint, save_maps, batch_size,
+                      tracking_uri, quiet or json_)
     if json_:
         print_json(result)
     else:
         _print_predictions(f"run {run[:8]} checkpoint '{result['checkpoint']}'" if run else f"model {model}", result)
     if result["n_errors"]:
         if not json_:
-            err.print(f"[red]{result['n_errors']} image(s) could not be scored[/red]; the others were:")
-            for r in result["rows"]:
-                if r["error"]:
-                    err.print(f"  {r['path']}: {r['error']}", soft_wrap=True, markup=False)
+            _print_errors(result)
         raise typer.Exit(EXIT_IMAGE_ERRORS)
+
+
+def _predict(inputs, run, model, calibration, out, threshold, class_name, checkpoint, save_maps, batch_size,
+             tracking_uri, quiet: bool) -> dict:
+    """Score with an exported file (``--model FILE``) or with a run or model folder (``--run``, ``--model DIR``)."""
+    from aaclip_core.errors import ConfigError
+
+    if (run is None) == (model is None):
+        raise ConfigError("predict needs a model: pass either --run RUN_ID or --model DIR|FILE (not both).")
+    if model is not None and not model.is_dir():
+        if checkpoint is not None or calibration is not None:
+            raise ConfigError("--checkpoint and --calibration apply to a run or a model folder; an exported file holds "
+                              "one model and its calibration (drop them).")
+        from aaclip_core.deploy.predict import predict_with_file
+
+        with RichReporter(quiet) as rep:
+            return predict_with_file(model, inputs, out, threshold, class_name, save_maps, batch_size, rep)
+    from aaclip_core.predict import predict_images
+
+    with RichReporter(quiet) as rep:
+        return predict_images(run, inputs, out, threshold, class_name, checkpoint, save_maps, batch_size, tracking_uri,
+                              rep, model_dir=model, calibration=calibration)
+
+
+def _print_errors(result: dict) -> None:
+    """Each image that could not be scored, and why, on stderr."""
+    err.print(f"[red]{result['n_errors']} image(s) could not be scored[/red]; the others were:")
+    for r in result["rows"]:
+        if r["error"]:
+            err.print(f"  {r['path']}: {r['error']}", soft_wrap=True, markup=False)
 
 
 def _print_predictions(title: str, result: dict) -> None:
