@@ -21,7 +21,7 @@ from .. import distributed
 from ..checkpoints import Checkpoint, checkpoint_name, parse_checkpoint_name
 from ..config import Recipe
 from ..data import train_val_split
-from ..data.prompt_names import checkpoint_namer, training_namer
+from ..data.prompt_names import PromptNamer, checkpoint_namer, training_namer
 from ..data.splits import small_split_warning
 from ..errors import ConfigError
 from ..evaluation import evaluate
@@ -29,7 +29,7 @@ from ..model import AACLIP, ModelModes, build_model
 from ..model_io import loop_validation
 from ..reporter import Reporter
 from ..runs import describe_owner, run_liveness
-from ..selection import check_selection_metric, select_loop
+from ..selection import Selection, check_selection_metric, select_loop
 from ..tracking import TAG, connect, get_run, list_artifacts, loop_runs, tracked_run
 from ..training.data import make_dataset, make_loader
 from ..training.engine import StageSchedule, run_stage
@@ -149,9 +149,24 @@ def _resumable_recipe(tracking_uri: str | None, run_id: str) -> tuple[Recipe, st
         return common.run_recipe(mlflow, run_id, Path(tmp)), run_id
 
 
-def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: str | None, run_name: str | None) -> dict:
+@dataclass
+class FeedbackData:
+    """A feedback job's data: the training images, their train/held-out split, the loaders of both
+    stages and of the held-out split, and the fixed probe batch."""
+
+    samples: list
+    train: list
+    val: list
+    val_warning: str | None
+    text_loader: object
+    image_loader: object
+    val_loader: object
+    probe: dict
+
+
+def _data(session: common.Session, recipe: Recipe) -> FeedbackData:
+    """Split the training images (seeded) and build the loaders; warn when the held-out split is small."""
     fb = recipe.feedback
-    mlflow = session.mlflow
     samples = common.train_data(session, recipe)
     train_s, val_s = train_val_split(samples, fb.val_fraction, recipe.runtime.seed)
     check_selection_metric(recipe, [s.label for s in val_s])
@@ -164,12 +179,16 @@ def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: 
         session.reporter.warn(small)
     text_loader, image_loader = common.loaders(session, train_s)
     val_loader = make_loader(make_dataset(val_s, recipe, "none"), recipe.eval.batch_size, False, recipe, None)
-    probe = common.probe_batch(train_s, recipe)
+    return FeedbackData(samples, train_s, val_s, small, text_loader, image_loader, val_loader,
+                        common.probe_batch(train_s, recipe))
 
+
+def _new_state(session: common.Session, recipe: Recipe) -> FeedbackState:
+    """A fresh model with cross-attention and one AdamW per stage."""
+    fb = recipe.feedback
     model = build_model(recipe, session.device, with_cross=True)
-    names = training_namer(recipe, recipe.data.train)
     betas = (0.9, 0.999)
-    state = FeedbackState(
+    return FeedbackState(
         model=model,
         text_opt=torch.optim.AdamW(stage_parameters(model, 1), lr=fb.text_lr, betas=betas, weight_decay=fb.weight_decay),
         image_opt=torch.optim.AdamW(stage_parameters(model, 2), lr=fb.image_lr, betas=betas,
@@ -177,62 +196,70 @@ def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: 
         generator=session.generator,
     )
 
-    tags = common.run_tags(recipe, "feedback", recipe.data.train.name)
+
+def _start(session: common.Session, recipe: Recipe, state: FeedbackState, from_run: str | None, resume: str | None,
+           tags: dict) -> tuple[tuple[int, int] | None, PromptNamer]:
+    """Where the job starts and the prompt names it trains with: after the last finished stage of the
+    run it resumes (weights, optimisers and random states restored), else from a base run's adapters
+    (``--from``, recorded in ``tags``), else fresh. Returns the last finished (loop, stage), if any."""
+    fb = recipe.feedback
+    names = training_namer(recipe, recipe.data.train)
     done = None
     if resume:
-        done = latest_checkpoint([Path(p).name for p in list_artifacts(mlflow, resume, "checkpoints")])
+        done = latest_checkpoint([Path(p).name for p in list_artifacts(session.mlflow, resume, "checkpoints")])
         if done is None:
             session.reporter.info(f"run {resume} has no finished stage: starting from loop 1")
         elif done >= (fb.loops, 2):
             raise ConfigError(f"Feedback run {resume} already finished all {fb.loops} loops; nothing to resume.")
         else:
             name = checkpoint_name(*done)
-            ckpt = common.run_checkpoint(mlflow, resume, name, session.workdir, with_optimizer=True)
+            ckpt = common.run_checkpoint(session.mlflow, resume, name, session.workdir, with_optimizer=True)
             _restore(state, ckpt)
             # A run started before prompt names were recorded continues with the names it started with.
             names = checkpoint_namer(recipe, recipe.data.train, ckpt.manifest)
             session.reporter.info(f"resuming run {resume} after {name}")
     elif from_run:
-        tags.update(load_base_adapters(session, model, from_run, None, None))
+        tags.update(load_base_adapters(session, state.model, from_run, None, None))
         # A base run's Adam state is not carried into AdamW (SPEC §7): only its weights are.
+    return done, names
+
+
+def _log_job(session: common.Session, recipe: Recipe, data: FeedbackData, model: AACLIP, bank) -> None:
+    """What a new parent run records once: recipe, the split's images, sizes and the prompt names."""
+    mlflow = session.mlflow
+    common.log_recipe(session)
+    common.log_metadata(session, data.train, "train.jsonl", recipe.data.train.root)
+    common.log_metadata(session, data.val, "val.jsonl", recipe.data.train.root)
+    mlflow.log_params({"trainable_parameters": count_trainable(model), "val_images": len(data.val)})
+    if data.val_warning:
+        mlflow.set_tag(f"{TAG}val_warning", data.val_warning)
+    common.log_prompt_names(mlflow, bank)
+
+
+def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: str | None, run_name: str | None) -> dict:
+    fb = recipe.feedback
+    mlflow = session.mlflow
+    data = _data(session, recipe)
+    state = _new_state(session, recipe)
+    tags = common.run_tags(recipe, "feedback", recipe.data.train.name)
+    done, names = _start(session, recipe, state, from_run, resume, tags)
     start_loop, start_stage = next_stage(done)
-    bank = common.anchor_bank(model, samples, names)
+    bank = common.anchor_bank(state.model, data.samples, names)
 
     with tracked_run(mlflow, recipe.tracking.experiment, run_name or f"feedback-{recipe.name}", tags,
                      run_id=resume) as parent:
         parent_id = parent.info.run_id
         if not resume:
-            common.log_recipe(session)
-            common.log_metadata(session, train_s, "train.jsonl", recipe.data.train.root)
-            common.log_metadata(session, val_s, "val.jsonl", recipe.data.train.root)
-            mlflow.log_params({"trainable_parameters": count_trainable(model), "val_images": len(val_s)})
-            if small:
-                mlflow.set_tag(f"{TAG}val_warning", small)
-            common.log_prompt_names(mlflow, bank)
+            _log_job(session, recipe, data, state.model, bank)
         children = _child_runs(mlflow, parent_id) if resume else {}
         started = time.perf_counter()
         loop_losses: dict[int, dict[str, list[float]]] = {}
         for loop in range(start_loop, fb.loops + 1):
             session.reporter.loop(loop, fb.loops)
             loop_losses[loop] = _run_loop(session, recipe, state, bank, loop, start_stage if loop == start_loop else 1,
-                                          text_loader, image_loader, val_loader, probe, parent_id,
+                                          data.text_loader, data.image_loader, data.val_loader, data.probe, parent_id,
                                           children.get(loop))
-        # Rank 0 reads the loops' validation results; the other ranks take its answer.
-        picked = None
-        if distributed.is_main():
-            val = loop_validation(mlflow, parent_id, session.workdir / "selection")
-            picked = (select_loop(val, fb.selection_metric),
-                      {k: v.get(fb.selection_metric, math.nan) for k, v in sorted(val.items())})
-        selection, val_per_loop = distributed.broadcast_object(picked)
-        best, reason = selection.loop, selection.reason
-        mlflow.set_tags({
-            f"{TAG}selected_checkpoint": checkpoint_name(best, 2),
-            f"{TAG}selected_loop": str(best),
-            f"{TAG}selection": reason,
-            f"{TAG}selection_fallback": str(selection.fallback).lower(),
-        })
-        if selection.fallback:
-            session.reporter.warn(reason)
+        selection, val_per_loop = _select(session, recipe, parent_id)
         seconds = time.perf_counter() - started
         mlflow.log_metric("train_seconds", seconds)
         return {
@@ -240,18 +267,39 @@ def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: 
             "stage": "feedback",
             "loops": fb.loops,
             "resumed_from": checkpoint_name(*done) if done else None,
-            "selected_loop": best,
-            "selection": reason,
+            "selected_loop": selection.loop,
+            "selection": selection.reason,
             "selection_fallback": selection.fallback,
             "val_metric": fb.selection_metric,
-            "val_images": len(val_s),
-            "val_warning": small,
+            "val_images": len(data.val),
+            "val_warning": data.val_warning,
             "val_per_loop": {str(k): v for k, v in val_per_loop.items()},
             "loop_losses": {str(k): v for k, v in loop_losses.items()},
             "final_stage1_loss": _last(loop_losses, "stage1"),
             "final_stage2_loss": _last(loop_losses, "stage2"),
             "train_seconds": seconds,
         }
+
+
+def _select(session: common.Session, recipe: Recipe, parent_id: str) -> tuple[Selection, dict[int, float]]:
+    """The loop to keep, tagged on the parent run, and each loop's held-out selection metric. Rank 0
+    reads the loops' validation results; the other ranks take its answer."""
+    fb = recipe.feedback
+    picked = None
+    if distributed.is_main():
+        val = loop_validation(session.mlflow, parent_id, session.workdir / "selection")
+        picked = (select_loop(val, fb.selection_metric),
+                  {k: v.get(fb.selection_metric, math.nan) for k, v in sorted(val.items())})
+    selection, val_per_loop = distributed.broadcast_object(picked)
+    session.mlflow.set_tags({
+        f"{TAG}selected_checkpoint": checkpoint_name(selection.loop, 2),
+        f"{TAG}selected_loop": str(selection.loop),
+        f"{TAG}selection": selection.reason,
+        f"{TAG}selection_fallback": str(selection.fallback).lower(),
+    })
+    if selection.fallback:
+        session.reporter.warn(selection.reason)
+    return selection, val_per_loop
 
 
 def _last(loop_losses: dict[int, dict[str, list[float]]], key: str) -> float | None:
