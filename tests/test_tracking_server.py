@@ -171,3 +171,18 @@ def test_compare_json_and_report_through_the_server(trained, tested, tmp_path_fa
     human = _cli(["compare", trained["run"], "--bootstrap", "0", "--tracking-uri", trained["uri"]], work)
     assert "Runs compared" in human.stdout and trained["run"][:8] in human.stdout
     shutil.rmtree(work)
+
+
+def test_runs_lists_the_servers_runs_by_prefix_and_stage(trained, tested, tmp_path_factory):
+    work = _empty_dir(tmp_path_factory, "server-runs")
+    listed = _one_json_document(_cli(["runs", "--json", "--tracking-uri", trained["uri"]], work).stdout)
+    by_id = {r["run_id"]: r for r in listed}
+    assert by_id[trained["run"]]["stage"] == "base" and by_id[trained["run"]]["status"] == "FINISHED"
+    assert by_id[tested["report"]["run_id"]]["stage"] == "test"
+    only_base = _one_json_document(_cli(["runs", "--stage", "base", "--json", "--tracking-uri", trained["uri"]],
+                                        work).stdout)
+    assert [r["run_id"] for r in only_base] == [trained["run"]]
+    # A prefix resolves through the server like a full id.
+    res = _cli(["compare", trained["run"][:10], "--bootstrap", "0", "--json", "--tracking-uri", trained["uri"]], work)
+    assert [r["run_id"] for r in _one_json_document(res.stdout)["rows"]] == [trained["run"]]
+    _no_local_store(work)
