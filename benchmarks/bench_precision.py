@@ -12,13 +12,11 @@ measured; its size on a trained model can differ).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _demo import demo_test_setup
 
 
 def main() -> None:
@@ -30,20 +28,12 @@ def main() -> None:
     args = ap.parse_args()
 
     from aaclip_core.anchors import AnchorBank
-    from aaclip_core.config import load_recipe
-    from aaclip_core.data.synthetic import ensure_demo_data
     from aaclip_core.evaluation import METRIC_NAMES, evaluate
     from aaclip_core.model import build_model
-    from aaclip_core.runtime import bf16_supported, configure_threads, select_device
-    from aaclip_core.training.data import load_samples, make_dataset, make_loader
+    from aaclip_core.runtime import bf16_supported
+    from aaclip_core.training.data import make_dataset, make_loader
 
-    root = Path(args.demo_root)
-    ensure_demo_data(root)
-    recipe, _ = load_recipe(args.recipe, [*args.sets, f'data.test.root="{root / "test"}"',
-                                          'data.test.layout="synthetic"', 'data.test.name="synthetic"'])
-    configure_threads(recipe.runtime.threads)
-    device = select_device(recipe.runtime.device)
-    samples = load_samples(recipe.data.test, recipe.runtime.seed, field="data.test")
+    recipe, device, samples = demo_test_setup(args.recipe, args.sets, args.demo_root)
     model = build_model(recipe, device)
     if args.adapters:
         from safetensors.torch import load_file
