@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 from typing import Annotated, Optional
 
+import sys
+
 import typer
 from typer.core import TyperCommand, TyperGroup
 
@@ -40,13 +42,51 @@ class AaclipCommand(_FlagsWithoutType, TyperCommand):
     """Every aaclip command: pass as `cls=` to `@app.command`."""
 
 
+# Click's exception classes as this Typer raises them (recent Typer versions carry their own copy of
+# Click, older ones use the click package): found from the one Typer exports.
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_NoArgsIsHelp = getattr(sys.modules[_ClickException.__module__], "NoArgsIsHelpError", ())
+
+
+def _usage_error(exc) -> None:
+    """Click's own errors (an unknown option, a missing value, a path that does not exist) as one
+    paragraph like aaclip's: the message, the usage line and where the help is, no box drawn."""
+    ctx = getattr(exc, "ctx", None)
+    where = ""
+    if ctx is not None:
+        where = f" {' '.join(ctx.get_usage().split())} (see '{ctx.command_path} -h')."
+    message = exc.format_message().rstrip()
+    if not message.endswith((".", "!", "?")):
+        message += "."
+    err.print(f"[bold red]error:[/bold red] {escape(message)}{escape(where)}", soft_wrap=True)
+
+
 class AaclipGroup(_FlagsWithoutType, TyperGroup):
-    """A command group listing its commands in workflow order."""
+    """A command group listing its commands in workflow order; usage errors of it and of its
+    commands (parsed while it invokes them) are one paragraph, exit 2."""
 
     def list_commands(self, ctx) -> list[str]:
         names = super().list_commands(ctx)
         rank = {name: i for i, name in enumerate(WORKFLOW_ORDER)}
         return sorted(names, key=lambda n: rank.get(n, len(rank)))
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _NoArgsIsHelp:  # the help is shown, as asked
+            raise
+        except _ClickException as exc:
+            _usage_error(exc)
+            raise typer.Exit(exc.exit_code) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _NoArgsIsHelp:
+            raise
+        except _ClickException as exc:
+            _usage_error(exc)
+            raise typer.Exit(exc.exit_code) from None
 
 
 def _version(value: bool) -> None:

@@ -151,3 +151,24 @@ def test_help_and_usage_errors_do_not_import_torch_or_mlflow():
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("args, names", [
+    (["train", "base", "--bogus"], ["--bogus", "aaclip train base -h"]),
+    (["--bogus"], ["--bogus", "aaclip -h"]),
+    (["train", "nope"], ["'nope'", "aaclip train -h"]),
+    (["test", "--run"], ["--run", "requires an argument"]),
+    (["predict", "--run", "0" * 32, "gone [1].png"], ["gone [1].png", "does not exist", "aaclip predict -h"]),
+])
+def test_usage_errors_are_one_paragraph_naming_the_flag(args, names, tmp_path):
+    """Errors the argument parser finds read like aaclip's own: one paragraph on a piped stderr (no
+    box, no colour codes), naming the flag or value and where the help is, exit 2."""
+    from clirun import aaclip, one_paragraph
+
+    res = aaclip(*args, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert one_paragraph(res.stderr) and res.stderr.startswith("error: "), res.stderr
+    assert "╭" not in res.stderr and "│" not in res.stderr
+    text = " ".join(res.stderr.split())
+    assert all(n in text for n in names), text
+    assert res.stdout == ""
