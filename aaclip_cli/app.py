@@ -6,6 +6,7 @@ loading torch, OpenCLIP or MLflow, so every command imports its job inside its b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Annotated, Optional
 
@@ -61,6 +62,17 @@ def _usage_error(exc) -> None:
     err.print(f"[bold red]error:[/bold red] {escape(message)}{escape(where)}", soft_wrap=True)
 
 
+@contextlib.contextmanager
+def _usage_errors_as_paragraphs():
+    try:
+        yield
+    except _NoArgsIsHelp:  # the help is shown, as asked
+        raise
+    except _ClickException as exc:
+        _usage_error(exc)
+        raise typer.Exit(exc.exit_code) from None
+
+
 class AaclipGroup(_FlagsWithoutType, TyperGroup):
     """A command group listing its commands in workflow order; usage errors of it and of its
     commands (parsed while it invokes them) are one paragraph, exit 2."""
@@ -71,22 +83,12 @@ class AaclipGroup(_FlagsWithoutType, TyperGroup):
         return sorted(names, key=lambda n: rank.get(n, len(rank)))
 
     def make_context(self, info_name, args, parent=None, **extra):
-        try:
+        with _usage_errors_as_paragraphs():
             return super().make_context(info_name, args, parent=parent, **extra)
-        except _NoArgsIsHelp:  # the help is shown, as asked
-            raise
-        except _ClickException as exc:
-            _usage_error(exc)
-            raise typer.Exit(exc.exit_code) from None
 
     def invoke(self, ctx):
-        try:
+        with _usage_errors_as_paragraphs():
             return super().invoke(ctx)
-        except _NoArgsIsHelp:
-            raise
-        except _ClickException as exc:
-            _usage_error(exc)
-            raise typer.Exit(exc.exit_code) from None
 
 
 def _version(value: bool) -> None:

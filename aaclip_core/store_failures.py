@@ -34,22 +34,30 @@ def _http_status(chain: list[BaseException]) -> int | None:
 _HTTP_VARS = "MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_TIMEOUT"
 
 
+# What SQLite and MLflow's migrations say (lower case, anywhere in the exception chain) -> the cause,
+# tried in this order.
+_SQLITE_CAUSES = (
+    (("readonly database", "read-only file system"),
+     "is read-only for this process (SQLite: attempt to write a readonly database)"),
+    (("database is locked",), "is locked by another process (SQLite waited and gave up)"),
+    (("unable to open database file",),
+     "cannot be opened: the database file or its folder is missing or not accessible"),
+    (("file is not a database", "database disk image is malformed"),
+     "is not a readable SQLite database (the file is damaged or of another kind)"),
+    (("out-of-date database schema",),
+     "has an older schema version than this MLflow expects (back it up, then run `mlflow db upgrade URI`)"),
+    (("can't locate revision",),
+     "was written by a newer MLflow (unknown schema version); use that MLflow version or a new store"),
+)
+
+
 def classify_store_failure(exc: BaseException) -> str | None:
     """The cause of a store failure in words, or None when it is not recognisably the store's."""
     chain = _exception_chain(exc)
     text = " | ".join(f"{type(e).__name__}: {e}" for e in chain).lower()
-    if "readonly database" in text or "read-only file system" in text:
-        return "is read-only for this process (SQLite: attempt to write a readonly database)"
-    if "database is locked" in text:
-        return "is locked by another process (SQLite waited and gave up)"
-    if "unable to open database file" in text:
-        return "cannot be opened: the database file or its folder is missing or not accessible"
-    if "file is not a database" in text or "database disk image is malformed" in text:
-        return "is not a readable SQLite database (the file is damaged or of another kind)"
-    if "out-of-date database schema" in text:
-        return "has an older schema version than this MLflow expects (back it up, then run `mlflow db upgrade URI`)"
-    if "can't locate revision" in text:
-        return "was written by a newer MLflow (unknown schema version); use that MLflow version or a new store"
+    for needles, cause in _SQLITE_CAUSES:
+        if any(n in text for n in needles):
+            return cause
     status = _http_status(chain)
     if status in (401, 403) or " 401 " in text or " 403 " in text:
         return (f"refused our credentials (HTTP {status or 'auth error'}); set MLFLOW_TRACKING_USERNAME / "
