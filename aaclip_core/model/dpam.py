@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import residual_block_forward
+
 
 def value_value_attention(attn: nn.MultiheadAttention, x: torch.Tensor, mode: str) -> torch.Tensor:
     """``x`` is [B, N, D] (already layer-normed); returns the attention output [B, N, D].
@@ -37,5 +39,4 @@ def value_value_attention(attn: nn.MultiheadAttention, x: torch.Tensor, mode: st
 
 def dpam_block_forward(block: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
     """An OpenCLIP ``ResidualAttentionBlock`` with its attention replaced by DPAM."""
-    x = x + block.ls_1(value_value_attention(block.attn, block.ln_1(x), mode))
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
+    return residual_block_forward(block, x, lambda h: value_value_attention(block.attn, h, mode))
