@@ -170,7 +170,8 @@ class RuntimeConfig(_Strict):
     seed: int = 111
     threads: int = Field(0, ge=0)  # 0 = torch's default
     # torch.compile the adapted image forward (training, test, predict); same results within float
-    # tolerance, a one-off compile cost per input shape, then faster steps.
+    # tolerance, a one-off compile cost per input shape, then faster steps. Test and predict, whose
+    # weights no longer change, compile them in as constants (faster on CPU, not for training).
     compile: bool = False
 
 

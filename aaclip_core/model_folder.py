@@ -80,7 +80,7 @@ def model_from_checkpoint(recipe: Recipe, ckpt: Checkpoint, device: torch.device
     """Rebuild the model a checkpoint holds: backbone and modules from ``recipe``, trained tensors
     and modes (cross-attention switches, context source) from the checkpoint."""
     meta = ckpt.manifest
-    model = build_model(recipe, device, with_cross=bool(meta.get("cross_attention")))
+    model = build_model(recipe, device, with_cross=bool(meta.get("cross_attention")), final_weights=True)
     try:
         model.load_adapter_state_dict({k: v.to(device) for k, v in ckpt.adapters.items()})
     except (KeyError, ValueError) as exc:

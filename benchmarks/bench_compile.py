@@ -5,12 +5,13 @@ eager mode in the same process. Prints figures; asserts nothing.
         --set runtime.threads=2 --set stage2.batch_size=2 --set eval.batch_size=2
     python benchmarks/bench_compile.py --recipe demo
 
-Two copies of the model are built from the same seed; one runs the adapted image forward through
-`torch.compile` (the path `runtime.compile = true` switches on). For a stage-2 step (forward +
-backward) and an evaluation batch it prints the first call of each (the compiled one includes
-compiling), then the medians of ``--steps`` interleaved pairs, the speed-up (eager ÷ compiled, on
-CPU time and on wall time), and the largest difference between the two models' outputs and
-gradients on the same input.
+Copies of the model are built from the same seed: one eager; one running the adapted image forward
+through `torch.compile` as training does (the path `runtime.compile = true` switches on); one with
+its weights compiled in as constants, as `test` and `predict` run it
+(``compile_image_path(freeze_weights=True)``). For a stage-2 step (forward + backward) and an
+evaluation batch it prints the first call of each (the compiled one includes compiling), then the
+medians of ``--steps`` interleaved pairs, the speed-up (eager ÷ compiled, on CPU time and on wall
+time), and the largest difference between the models' outputs and gradients on the same input.
 """
 
 from __future__ import annotations
@@ -82,8 +83,9 @@ def main() -> None:
         model = build_model(recipe, device)
         return model, AnchorBank(model, classes, "MVTec")
 
-    (eager, bank_e), (compiled, bank_c) = make(), make()
+    (eager, bank_e), (compiled, bank_c), (frozen, bank_f) = make(), make(), make()
     compiled.compile_image_path(args.backend)
+    frozen.compile_image_path(args.backend, freeze_weights=True)  # as `test` and `predict` build it
     size, prec = recipe.model.image_size, recipe.runtime.precision
     print(f"recipe {recipe.name}: {recipe.model.name} @ {size}px on {device} ({prec}), backend {args.backend}, "
           f"torch threads {torch.get_num_threads()}, torch {torch.__version__}")
@@ -124,10 +126,18 @@ def main() -> None:
     gscale = max(float(grads["eager"][n].abs().max()) for n in grads["eager"])
 
     _ab(f"evaluation (batch {be})", evaluate(eager, bank_e), evaluate(compiled, bank_c), args.steps, device)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    bank_f.freeze()
+    _ab(f"evaluation, weights frozen in (test/predict; batch {be})", evaluate(eager, bank_e), evaluate(frozen, bank_f),
+        args.steps, device)
     (maps_e, det_e), (maps_c, det_c) = evaluate(eager, bank_e)(), evaluate(compiled, bank_c)()
+    maps_f, det_f = evaluate(frozen, bank_f)()
     print(f"same input, eager vs compiled: anomaly maps differ by at most {float((maps_e - maps_c).abs().max()):.2e} "
           f"(maps in [{float(maps_e.min()):.3f}, {float(maps_e.max()):.3f}]), detection scores by "
-          f"{float((det_e - det_c).abs().max()):.2e}, stage-2 gradients by {gdiff:.2e} (largest gradient {gscale:.2e})")
+          f"{float((det_e - det_c).abs().max()):.2e}, stage-2 gradients by {gdiff:.2e} (largest gradient {gscale:.2e}); "
+          f"eager vs weights frozen in: maps {float((maps_e - maps_f).abs().max()):.2e}, detection scores "
+          f"{float((det_e - det_f).abs().max()):.2e}")
 
 
 if __name__ == "__main__":

@@ -51,3 +51,34 @@ def test_runtime_compile_switches_the_built_model():
 
     assert build_model(load_recipe("demo", ["runtime.compile=true"])[0], "cpu").compiled
     assert not build_model(load_recipe("demo")[0], "cpu").compiled
+
+
+def test_frozen_weights_compile_equals_eager_and_refuses_changed_weights(make_model):
+    """Test and predict fold the weights into the inference graph (inductor freezing): the maps equal
+    eager ones; calls with autograd run eager; a weight changed afterwards raises instead of
+    returning results of the old weights."""
+    images = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(4))
+    eager, frozen = make_model(), make_model()
+    frozen.compile_image_path("inductor", freeze_weights=True)
+    with torch.no_grad():
+        seg_e, det_e = eager.encode_image(images)
+        seg_f, det_f = frozen.encode_image(images)
+    for a, b in zip(seg_e, seg_f, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(det_f, det_e, atol=1e-5, rtol=1e-5)
+    set_trainable(frozen, 2)
+    set_trainable(eager, 2)
+    assert torch.equal(frozen.encode_image(images)[1], eager.encode_image(images)[1])  # autograd on: eager
+    with torch.no_grad():
+        frozen.image_adapter["layer_adapters"][0].fc[0].weight.mul_(2)
+        with pytest.raises(RuntimeError, match="weights changed"):
+            frozen.encode_image(images)
+
+
+def test_restored_models_compile_with_frozen_weights_and_built_ones_do_not(demo_recipe):
+    """Only a model restored for test/predict (weights final) gets the frozen inference graph."""
+    from aaclip_core.model import build_model
+
+    recipe = load_recipe("demo", ["runtime.compile=true"])[0]
+    assert build_model(recipe, "cpu", final_weights=True)._frozen_weights
+    assert not build_model(recipe, "cpu")._frozen_weights

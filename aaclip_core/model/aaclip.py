@@ -151,18 +151,44 @@ class AACLIP(nn.Module):
         self.tokenizer = open_clip.get_tokenizer(cfg.name)
         # The torch.compile'd adapted image forward, when `compile_image_path` was called.
         self._compiled_image_forward = None
+        self._frozen_weights = False
+        self._weights_stamp: tuple | None = None
 
-    def compile_image_path(self, backend: str = "inductor") -> None:
+    def compile_image_path(self, backend: str = "inductor", freeze_weights: bool = False) -> None:
         """Run the adapted image forward (training, test, predict) through ``torch.compile``.
 
         Compilation happens on the first call for each input shape (and grad mode); results equal
         the eager forward within float tolerance. ``backend`` "aot_eager" traces without generating
-        code (what the quick tests use)."""
+        code (what the quick tests use).
+
+        ``freeze_weights`` is for a model whose weights will not change again (test, predict):
+        calls without autograd then run a graph with every weight folded in as a constant
+        (inductor's freezing: on CPU the linear layers get prepacked weights and fused bias and
+        activation, which the matrix products dominating a ViT-L forward gain from), and calls
+        with autograd run eager. A weight changed after the first such call is an error, never a
+        stale result."""
         self._compiled_image_forward = torch.compile(self._encode_image, backend=backend)
+        self._frozen_weights = freeze_weights and backend == "inductor"
+        self._weights_stamp = None
 
     @property
     def compiled(self) -> bool:
         return self._compiled_image_forward is not None
+
+    def _frozen_forward(self, *args):
+        """The compiled forward with weights as constants (see ``compile_image_path``)."""
+        from torch._inductor import config as inductor_config
+
+        stamp = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if self._weights_stamp is None:
+            self._weights_stamp = stamp
+        elif stamp != self._weights_stamp:
+            raise RuntimeError(
+                "the model's weights changed after they were compiled into its frozen inference graph "
+                "(compile_image_path(freeze_weights=True)); compile with frozen weights only once they are final."
+            )
+        with inductor_config.patch(freezing=True):
+            return self._compiled_image_forward(*args)
 
     # ------------------------------------------------------------------ state
 
@@ -312,6 +338,8 @@ class AACLIP(nn.Module):
         forward = self._compiled_image_forward
         if forward is None or torch.jit.is_tracing():  # exporters trace the eager forward
             forward = self._encode_image
+        elif self._frozen_weights:
+            forward = self._encode_image if torch.is_grad_enabled() else self._frozen_forward
         return forward(images, text_context, first_level_only)
 
     def _encode_image(
@@ -354,13 +382,18 @@ class AACLIP(nn.Module):
         return self.text_cross_attn is not None and self.use_text_cross
 
 
-def build_model(recipe, device: torch.device | str = "cpu", with_cross: bool = False) -> AACLIP:
-    """Backbone + adapters for a recipe (cross-attention modules when ``with_cross``)."""
+def build_model(
+    recipe, device: torch.device | str = "cpu", with_cross: bool = False, final_weights: bool = False
+) -> AACLIP:
+    """Backbone + adapters for a recipe (cross-attention modules when ``with_cross``).
+
+    ``final_weights``: the weights loaded next will not change again (a trained model for test or
+    predict), so with ``runtime.compile`` its inference graph may hold them as constants."""
     from ..backbone import build_clip
 
     clip = build_clip(recipe, device)
     model = AACLIP(clip, recipe.model, recipe.fidelity, recipe.cross if with_cross else None)
     model = model.to(device).eval()
     if recipe.runtime.compile:
-        model.compile_image_path()
+        model.compile_image_path(freeze_weights=final_weights)
     return model
