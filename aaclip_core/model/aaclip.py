@@ -153,6 +153,7 @@ class AACLIP(nn.Module):
         self._compiled_image_forward = None
         self._frozen_weights = False
         self._weights_stamp: tuple | None = None
+        self._trained_parameters: list[nn.Parameter] = []
 
     def compile_image_path(self, backend: str = "inductor", freeze_weights: bool = False) -> None:
         """Run the adapted image forward (training, test, predict) through ``torch.compile``.
@@ -170,6 +171,9 @@ class AACLIP(nn.Module):
         self._compiled_image_forward = torch.compile(self._encode_image, backend=backend)
         self._frozen_weights = freeze_weights and backend == "inductor"
         self._weights_stamp = None
+        # Only the trained tensors are checked: the backbone never changes, and listing its ~400
+        # tensors on every call would cost ~2 ms, as much as a small GPU forward.
+        self._trained_parameters = [p for n, p in self.named_parameters() if not n.startswith(FROZEN_PREFIX)]
 
     @property
     def compiled(self) -> bool:
@@ -179,7 +183,7 @@ class AACLIP(nn.Module):
         """The compiled forward with weights as constants (see ``compile_image_path``)."""
         from torch._inductor import config as inductor_config
 
-        stamp = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        stamp = tuple((p.data_ptr(), p._version) for p in self._trained_parameters)
         if self._weights_stamp is None:
             self._weights_stamp = stamp
         elif stamp != self._weights_stamp:
