@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Annotated, Optional
-
 import sys
+from typing import Annotated, Optional
 
 import typer
 from typer.core import TyperCommand, TyperGroup
@@ -49,6 +48,11 @@ _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "C
 _NoArgsIsHelp = getattr(sys.modules[_ClickException.__module__], "NoArgsIsHelpError", ())
 
 
+def print_error(message: str) -> None:
+    """``error: message`` on stderr as one paragraph; ``[...]`` in the message is text, not markup."""
+    err.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
+
+
 def _usage_error(exc) -> None:
     """Click's own errors (an unknown option, a missing value, a path that does not exist) as one
     paragraph like aaclip's: the message, the usage line and where the help is, no box drawn."""
@@ -59,7 +63,7 @@ def _usage_error(exc) -> None:
     message = exc.format_message().rstrip()
     if not message.endswith((".", "!", "?")):
         message += "."
-    err.print(f"[bold red]error:[/bold red] {escape(message)}{escape(where)}", soft_wrap=True)
+    print_error(message + where)
 
 
 @contextlib.contextmanager
@@ -153,23 +157,19 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from rich.markup import escape
-
         from aaclip_core.errors import AaclipError, JobFailed, RankStopped
 
         try:
             return fn(*args, **kwargs)
         except JobFailed as exc:  # not the user's input: a rank of a torchrun job died
-            # The peers' messages quote library errors, which may hold [brackets] rich would parse.
-            err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
+            print_error(str(exc))  # the peers' messages quote library errors, [brackets] and all
             raise typer.Exit(1) from None
         except RankStopped as exc:
             err.print(f"[yellow]stopped[/yellow]: {escape(str(exc))} (torchrun stops every rank when one fails; rank 0 "
                       "reports which).", soft_wrap=True)
             raise typer.Exit(1) from None
         except AaclipError as exc:
-            # The message names user paths and values: `[...]` in them is text, not console markup.
-            err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
+            print_error(str(exc))  # names user paths and values
             raise typer.Exit(EXIT_USAGE) from None
         except KeyboardInterrupt as exc:  # Ctrl-C, and SIGTERM/SIGHUP (aaclip_core.signals)
             from aaclip_core.signals import describe, exit_code
