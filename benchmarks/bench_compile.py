@@ -126,6 +126,8 @@ def main() -> None:
     gscale = max(float(grads["eager"][n].abs().max()) for n in grads["eager"])
 
     _ab(f"evaluation (batch {be})", evaluate(eager, bank_e), evaluate(compiled, bank_c), args.steps, device)
+    # Frozen weights as in `test`; it also keeps dynamo from reusing the compiled copy's inference graph
+    # for this copy (same code, guards that pass), which would give its results without the freezing.
     for p in frozen.parameters():
         p.requires_grad_(False)
     bank_f.freeze()
