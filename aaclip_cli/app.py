@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from .display import err, escape
+from aaclip_cli.display import err, escape
 
 # The command list in the order a user works: get data and a recipe, train, evaluate, use, inspect.
 # Names not registered (yet) are skipped; a command missing here is listed after these.
@@ -97,7 +97,7 @@ class AaclipGroup(_FlagsWithoutType, TyperGroup):
 
 def _version(value: bool) -> None:
     if value:
-        from aaclip_core.tracking import aaclip_version
+        from aaclip_core.registry.tracking import aaclip_version
 
         typer.echo(f"aaclip {aaclip_version()}")
         raise typer.Exit()
@@ -188,7 +188,7 @@ def translate_sets(values: list[str] | None) -> list[str] | None:
     said once on stderr (`image_cross_attn_weight → cross.image_weight`)."""
     if not values:
         return values
-    from aaclip_core.config import translate_override
+    from aaclip_core.recipe import translate_override
 
     out, said = [], set()
     for text in values:
@@ -225,7 +225,7 @@ RunNameOpt = Annotated[Optional[str], typer.Option("--run-name", help="MLflow ru
 
 
 def load_recipe_with_flags(recipe: str, sets: list[str] | None, seed: int | None, experiment: str | None):
-    from aaclip_core.config import load_recipe
+    from aaclip_core.recipe import load_recipe
 
     overrides = list(sets or [])
     if seed is not None:

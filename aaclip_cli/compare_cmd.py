@@ -7,14 +7,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
+from aaclip_cli.app import AaclipCommand, JsonOpt, UriOpt, app, examples, handle_errors
+from aaclip_cli.display import err, pct, print_json, result_console
 from aaclip_core.names import METRIC_LABELS
-
-from .app import AaclipCommand, JsonOpt, UriOpt, app, examples, handle_errors
-from .display import err, pct, print_json, result_console
 
 _SHORT = METRIC_LABELS
 

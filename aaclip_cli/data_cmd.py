@@ -7,9 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import AaclipCommand, JsonOpt, data_app, examples, handle_errors
-from .display import err, escape, out, print_json, print_result
-
+from aaclip_cli.app import AaclipCommand, JsonOpt, data_app, examples, handle_errors
+from aaclip_cli.display import err, escape, out, print_json, print_result
 from aaclip_core.names import LAYOUTS
 
 LAYOUT_HELP = "Dataset layout: " + ", ".join(LAYOUTS) + "."

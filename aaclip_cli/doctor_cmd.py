@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from .app import AaclipCommand, JsonOpt, SetOpt, UriOpt, app, examples, handle_errors
-from .display import out, print_json
+from aaclip_cli.app import AaclipCommand, JsonOpt, SetOpt, UriOpt, app, examples, handle_errors
+from aaclip_cli.display import out, print_json
 
 EXIT_FAILED = 1
 _STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}

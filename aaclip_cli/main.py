@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import os
 
-from .app import app
-
 # Each command module registers its commands on `app` when imported; the help lists them in
 # workflow order (app.WORKFLOW_ORDER) whatever the import order.
-from . import data_cmd  # noqa: E402,F401
-from . import recipes_cmd  # noqa: E402,F401
-from . import train_cmd  # noqa: E402,F401
-from . import test_cmd  # noqa: E402,F401
-from . import predict_cmd  # noqa: E402,F401
-from . import compare_cmd  # noqa: E402,F401
-from . import doctor_cmd  # noqa: E402,F401
-from . import prompts_cmd  # noqa: E402,F401
-from . import transfer_cmd  # noqa: E402,F401
-from . import runs_cmd  # noqa: E402,F401
+from aaclip_cli import (
+    compare_cmd,  # noqa: E402,F401
+    data_cmd,  # noqa: E402,F401
+    doctor_cmd,  # noqa: E402,F401
+    predict_cmd,  # noqa: E402,F401
+    prompts_cmd,  # noqa: E402,F401
+    recipes_cmd,  # noqa: E402,F401
+    runs_cmd,  # noqa: E402,F401
+    test_cmd,  # noqa: E402,F401
+    train_cmd,  # noqa: E402,F401
+    transfer_cmd,  # noqa: E402,F401
+)
+from aaclip_cli.app import app
 
 __all__ = ["app", "main"]
 

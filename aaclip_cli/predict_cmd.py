@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import AaclipCommand, JsonOpt, QuietOpt, UriOpt, app, examples, handle_errors
-from .display import RichReporter, err, escape, print_json, print_result
+from aaclip_cli.app import AaclipCommand, JsonOpt, QuietOpt, UriOpt, app, examples, handle_errors
+from aaclip_cli.display import RichReporter, err, escape, print_json, print_result
 
 EXIT_IMAGE_ERRORS = 1
 MAX_TABLE_ROWS = 50

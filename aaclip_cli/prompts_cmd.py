@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import AaclipCommand, JsonOpt, SetOpt, UriOpt, app, examples, handle_errors, load_recipe_with_flags
-from .display import print_json
+from aaclip_cli.app import AaclipCommand, JsonOpt, SetOpt, UriOpt, app, examples, handle_errors, load_recipe_with_flags
+from aaclip_cli.display import print_json
 
 _SOURCES = {
     "recipe": "the recipe's [prompts.names]",

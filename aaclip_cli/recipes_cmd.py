@@ -6,14 +6,14 @@ from typing import Annotated
 
 import typer
 
-from .app import AaclipCommand, SetOpt, examples, handle_errors, recipes_app
+from aaclip_cli.app import AaclipCommand, SetOpt, examples, handle_errors, recipes_app
 
 
 @recipes_app.command("list", cls=AaclipCommand, epilog=examples("aaclip recipes list"))
 @handle_errors
 def recipes_list_cmd():
     """List the shipped recipes."""
-    from aaclip_core.config import load_recipe, shipped_recipes
+    from aaclip_core.recipe import load_recipe, shipped_recipes
 
     for name in shipped_recipes():
         r, _ = load_recipe(name)
@@ -39,7 +39,7 @@ def recipes_show_cmd(
 ):
     """Print a recipe with every setting resolved (extends and --set applied) as TOML that --recipe
     FILE reads back to the same settings."""
-    from aaclip_core.config import flatten, load_recipe, recipe_to_toml
+    from aaclip_core.recipe import flatten, load_recipe, recipe_to_toml
 
     r, _ = load_recipe(recipe, set_)
     if aliases:
@@ -51,7 +51,7 @@ def recipes_show_cmd(
 def _show_with_aliases(settings: dict[str, str]) -> None:
     """Every setting as a dotted key, its value and (as a comment) the reference/fork names that set
     it; then the old names aaclip has no setting for, with what to use instead."""
-    from aaclip_core.setting_aliases import aliases, old_names_of
+    from aaclip_core.recipe_aliases import aliases, old_names_of
 
     width = min(44, max(len(f"{k} = {v}") for k, v in settings.items()))
     for k, v in settings.items():

@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import AaclipCommand, JsonOpt, UriOpt, app, examples, handle_errors
-from .display import err, print_json
+from aaclip_cli.app import AaclipCommand, JsonOpt, UriOpt, app, examples, handle_errors
+from aaclip_cli.display import err, print_json
 
 
 def _metric_cell(row) -> str:
@@ -50,7 +50,8 @@ def runs_cmd(
     json_: JsonOpt = False,
 ):
     """List runs: id, stage, name, status (stale when its process died), dataset, main metric, parent."""
-    from aaclip_core.runs import list_runs, mark_dead as end_run
+    from aaclip_core.registry.runs import list_runs
+    from aaclip_core.registry.runs import mark_dead as end_run
 
     if mark_dead:
         ended = end_run(tracking_uri, mark_dead)

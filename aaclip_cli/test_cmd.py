@@ -7,9 +7,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import AaclipCommand, JsonOpt, QuietOpt, SetOpt, UriOpt, app, examples, handle_errors, speaks_for_job
-from .display import RichReporter, err, escape, print_json, print_result, results_table
-
+from aaclip_cli.app import (
+    AaclipCommand,
+    JsonOpt,
+    QuietOpt,
+    SetOpt,
+    UriOpt,
+    app,
+    examples,
+    handle_errors,
+    speaks_for_job,
+)
+from aaclip_cli.display import RichReporter, err, escape, print_json, print_result, results_table
 from aaclip_core.names import LAYOUTS
 
 LAYOUT_HELP = "Dataset layout: " + ", ".join(LAYOUTS) + "."
@@ -67,7 +76,7 @@ def test_cmd(
 
     if loop is not None and checkpoint is not None:
         raise ConfigError("Pass either --loop or --checkpoint, not both.")
-    from aaclip_core.checkpoints import checkpoint_name
+    from aaclip_core.checkpoints.checkpoint import checkpoint_name
     from aaclip_core.jobs.test import test_run
 
     if loop is not None:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import (
+from aaclip_cli.app import (
     AaclipCommand,
     ExpOpt,
     JsonOpt,
@@ -24,7 +24,7 @@ from .app import (
     speaks_for_job,
     train_app,
 )
-from .display import RichReporter, err, escape, print_json
+from aaclip_cli.display import RichReporter, err, escape, print_json
 
 
 @train_app.command(

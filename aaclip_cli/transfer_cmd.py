@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import (
+from aaclip_cli.app import (
     AaclipCommand,
     ExpOpt,
     JsonOpt,
@@ -20,7 +20,7 @@ from .app import (
     handle_errors,
     load_recipe_with_flags,
 )
-from .display import RichReporter, err, escape, print_json
+from aaclip_cli.display import RichReporter, err, escape, print_json
 
 IMPORT_HELP = "\n\n".join(
     [

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError, RankStopped
+from aaclip_core.errors import ConfigError, RankStopped
 
 # A rank that waits longer than this in a collective gives up (its peer is gone or stuck): the
 # job fails instead of hanging. Long enough for rank 0 to write a checkpoint or score a test set
@@ -235,7 +235,7 @@ def failure_summary(own: BaseException) -> str:
     says so in the store; one killed outright (SIGKILL, out of memory) cannot, so it is named as
     the rank that went silent while the others reported being stopped.
     """
-    from .errors import AaclipError
+    from aaclip_core.errors import AaclipError
 
     if isinstance(own, AaclipError) or _store is None:
         return f"rank 0 failed: {type(own).__name__}: {own}"

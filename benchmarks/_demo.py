@@ -13,9 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def demo_test_setup(recipe_name: str, sets: list[str], demo_root: str):
     """(recipe, device, samples) of the recipe's test on the demo's held-out images."""
-    from aaclip_core.config import load_recipe
+    from aaclip_core.compute import configure_threads, select_device
     from aaclip_core.data.synthetic import ensure_demo_data
-    from aaclip_core.runtime import configure_threads, select_device
+    from aaclip_core.recipe import load_recipe
     from aaclip_core.training.data import load_samples
 
     root = Path(demo_root)

@@ -65,11 +65,11 @@ def main() -> None:
     ap.add_argument("--backend", default="inductor")
     args = ap.parse_args()
 
-    from aaclip_core.anchors import AnchorBank
-    from aaclip_core.config import load_recipe
-    from aaclip_core.evaluation import predict_batch
+    from aaclip_core.compute import autocast, configure_threads, select_device
+    from aaclip_core.evaluation.protocol import predict_batch
     from aaclip_core.model import build_model
-    from aaclip_core.runtime import autocast, configure_threads, select_device
+    from aaclip_core.prompts.anchors import AnchorBank
+    from aaclip_core.recipe import load_recipe
     from aaclip_core.training.engine import stage2_loss
     from aaclip_core.training.groups import set_trainable
 

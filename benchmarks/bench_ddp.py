@@ -45,10 +45,10 @@ def _batch(recipe, n: int, seed: int, weights: list[float], device) -> dict:
 
 def worker(args) -> None:
     from aaclip_core import distributed
-    from aaclip_core.anchors import AnchorBank
-    from aaclip_core.config import load_recipe
+    from aaclip_core.compute import select_device
     from aaclip_core.model import build_model
-    from aaclip_core.runtime import select_device
+    from aaclip_core.prompts.anchors import AnchorBank
+    from aaclip_core.recipe import load_recipe
     from aaclip_core.training.engine import StageObjective, synchronised
     from aaclip_core.training.groups import set_trainable
     from aaclip_core.training.sharding import share_bounds

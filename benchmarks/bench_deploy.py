@@ -46,9 +46,9 @@ def _peak_rss_mib() -> float:
 def _build_graph(recipe, cross: bool):
     import torch
 
-    from aaclip_core.anchors import AnchorBank
     from aaclip_core.deploy.graph import DetectorGraph
     from aaclip_core.model import build_model
+    from aaclip_core.prompts.anchors import AnchorBank
 
     torch.manual_seed(0)
     model = build_model(recipe, "cpu", with_cross=cross)
@@ -67,7 +67,7 @@ def _worker(args) -> None:
 
         torch.set_num_threads(args.threads)
         if args.worker == "eager":
-            from aaclip_core.config import load_recipe
+            from aaclip_core.recipe import load_recipe
 
             recipe, _ = load_recipe(args.recipe, args.sets)
             run = _build_graph(recipe, args.cross).eval()
@@ -135,8 +135,8 @@ def main() -> None:
 
     import torch
 
-    from aaclip_core.config import load_recipe
     from aaclip_core.deploy.export import export_onnx, export_torchscript, quantize_int8
+    from aaclip_core.recipe import load_recipe
 
     warnings.filterwarnings("ignore")
     recipe, _ = load_recipe(args.recipe, args.sets)

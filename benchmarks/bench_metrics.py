@@ -1,4 +1,4 @@
-"""Time aaclip_core.metrics against sklearn on evaluation-sized inputs.
+"""Time aaclip_core.evaluation.metrics against sklearn on evaluation-sized inputs.
 
 Usage: python benchmarks/bench_metrics.py [--pixels N] [--positive-rate R] [--maps N]
                                          [--size S] [--skip-sklearn]
@@ -27,7 +27,7 @@ import torch
 # repository root) on sys.path; make the package importable without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aaclip_core.metrics import (  # noqa: E402
+from aaclip_core.evaluation.metrics import (  # noqa: E402
     aupro,
     auroc,
     average_precision,

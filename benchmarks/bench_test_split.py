@@ -18,7 +18,6 @@ import argparse
 import time
 
 import torch
-
 from _demo import demo_test_setup
 
 
@@ -70,9 +69,9 @@ def main() -> None:
     ap.add_argument("--demo-root", default="aaclip-demo-data", help="where the demo data is (generated if absent)")
     args = ap.parse_args()
 
-    from aaclip_core.anchors import AnchorBank
-    from aaclip_core.evaluation import evaluate
+    from aaclip_core.evaluation.protocol import evaluate
     from aaclip_core.model import build_model
+    from aaclip_core.prompts.anchors import AnchorBank
     from aaclip_core.training.data import make_dataset, make_loader
 
     recipe, device, samples = demo_test_setup(args.recipe, args.sets, args.demo_root)

@@ -111,12 +111,12 @@ def main() -> None:
     args = ap.parse_args()
     parts = set(args.only or ["stage1", "stage2", "eval", "metrics"])
 
-    from aaclip_core.anchors import AnchorBank
-    from aaclip_core.config import load_recipe
-    from aaclip_core.evaluation import ClassMaps, predict_batch, score_class
+    from aaclip_core.compute import autocast, configure_threads, select_device
+    from aaclip_core.evaluation.protocol import ClassMaps, predict_batch, score_class
     from aaclip_core.model import build_model
     from aaclip_core.model.dpam import dpam_block_forward
-    from aaclip_core.runtime import autocast, configure_threads, select_device
+    from aaclip_core.prompts.anchors import AnchorBank
+    from aaclip_core.recipe import load_recipe
     from aaclip_core.training.engine import stage1_loss, stage2_loss
     from aaclip_core.training.groups import set_trainable
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from aaclip_core.config import Recipe, load_recipe
 from aaclip_core.data import ensure_demo_data
+from aaclip_core.recipe import Recipe, load_recipe
 
 
 @pytest.fixture(scope="session")

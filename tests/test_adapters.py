@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from aaclip_core.anchors import AnchorBank
 from aaclip_core.model import Adapter, Projection, norm_matched_mix, rescale_to
 from aaclip_core.model.adapters import xavier_init_
+from aaclip_core.prompts.anchors import AnchorBank
 from aaclip_core.training.engine import stage2_loss
 from aaclip_core.training.groups import set_trainable
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from aaclip_core import checkpoints
-from aaclip_core.checkpoints import ADAPTERS, MANIFEST, OPTIMIZER, load_checkpoint, save_checkpoint
+from aaclip_core.checkpoints.checkpoint import ADAPTERS, MANIFEST, OPTIMIZER, load_checkpoint, save_checkpoint
+from aaclip_core.checkpoints import checkpoint as checkpoints
 from aaclip_core.errors import CheckpointError
 
 

@@ -41,8 +41,8 @@ def _fingerprint(model) -> tuple[float, ...]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, demo_overrides):
     """`aaclip train base --recipe demo` then `aaclip test` on the trained run."""
+    import aaclip_core.checkpoints.model_folder as loading
     import aaclip_core.jobs.base as base_job
-    import aaclip_core.model_folder as loading
 
     workdir = tmp_path_factory.mktemp("cli-base")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
@@ -126,7 +126,7 @@ def test_stage2_grad_norms_exclude_stale_stage1_gradients(trained):
 
 
 def test_train_artifacts_are_usable(trained, tmp_path, make_model):
-    from aaclip_core.checkpoints import load_checkpoint
+    from aaclip_core.checkpoints.checkpoint import load_checkpoint
 
     client = mlflow.MlflowClient(trained["uri"])
     rid = trained["train"]["run_id"]
@@ -186,10 +186,10 @@ def test_trained_beats_untrained_adapters(trained, demo_recipe):
     """The same backbone (seed 111, as the run) with freshly initialised adapters, evaluated by the
     library on the same test split. Measured on 2 CPU cores: trained 0.912, untrained 0.671
     (fresh adapters on other seeds' backbones: 0.39-0.50), so a 0.1 margin is robust."""
-    from aaclip_core.anchors import AnchorBank
-    from aaclip_core.data.prompt_names import training_namer
-    from aaclip_core.evaluation import evaluate
+    from aaclip_core.evaluation.protocol import evaluate
     from aaclip_core.model import build_model
+    from aaclip_core.prompts.anchors import AnchorBank
+    from aaclip_core.prompts.names import training_namer
     from aaclip_core.training.data import load_samples, make_dataset, make_loader
 
     torch.manual_seed(demo_recipe.runtime.seed)

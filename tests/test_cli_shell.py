@@ -14,7 +14,7 @@ import typer
 from typer.testing import CliRunner
 
 from aaclip_cli.main import app
-from aaclip_core.config import load_recipe, recipe_to_toml, shipped_recipes
+from aaclip_core.recipe import load_recipe, recipe_to_toml, shipped_recipes
 
 
 def _cli(*args, expect: int | None = 0):
@@ -37,7 +37,7 @@ def _commands(group=None, path=()):
 
 
 def test_version():
-    from aaclip_core.tracking import aaclip_version
+    from aaclip_core.registry.tracking import aaclip_version
 
     for flag in ("--version", "-V"):
         assert _cli(flag).stdout == f"aaclip {aaclip_version()}\n"

@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from aaclip_cli.main import app
-from aaclip_core import bootstrap as bs
-from aaclip_core import metrics
-from aaclip_core.config import load_recipe
+from aaclip_core.compare import bootstrap as bs
+from aaclip_core.evaluation import metrics
+from aaclip_core.recipe import load_recipe
 from aaclip_core.training.schedule import loop_epochs
 
 runner = CliRunner()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aaclip_core.config import load_recipe
+from aaclip_core.recipe import load_recipe
 from aaclip_core.training.groups import set_trainable
 
 

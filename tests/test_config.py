@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from aaclip_core.config import (
+from aaclip_core.errors import ConfigError
+from aaclip_core.recipe import (
     Recipe,
     apply_overrides,
     flatten,
@@ -13,7 +14,6 @@ from aaclip_core.config import (
     recipe_from_dict,
     shipped_recipes,
 )
-from aaclip_core.errors import ConfigError
 
 
 def test_demo_recipe_loads_with_overrides(demo_recipe, demo_root):

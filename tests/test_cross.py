@@ -12,10 +12,10 @@ import torch
 from typer.testing import CliRunner
 
 from aaclip_cli.main import app
-from aaclip_core.anchors import AnchorBank
-from aaclip_core.config import load_recipe
-from aaclip_core.diagnostics import gradient_dilution_probe
-from aaclip_core.evaluation import predict_batch
+from aaclip_core.doctor.diagnostics import gradient_dilution_probe
+from aaclip_core.evaluation.protocol import predict_batch
+from aaclip_core.prompts.anchors import AnchorBank
+from aaclip_core.recipe import load_recipe
 from aaclip_core.training import engine
 
 runner = CliRunner()

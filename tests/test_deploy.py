@@ -16,17 +16,17 @@ import pytest
 import torch
 from torchvision.transforms.functional import gaussian_blur as tv_blur
 
-from aaclip_core.anchors import AnchorBank
 from aaclip_core.data.dataset import load_image_tensor
 from aaclip_core.deploy.contract import sidecar_of
 from aaclip_core.deploy.export import export_onnx, export_torchscript, quantize_int8, write_sidecar
 from aaclip_core.deploy.graph import DetectorGraph
-from aaclip_core.deploy.runtime import load_detector, preprocess
+from aaclip_core.deploy.scorer import load_detector, preprocess
 from aaclip_core.errors import AaclipError
-from aaclip_core.evaluation import predict_batch
+from aaclip_core.evaluation.protocol import predict_batch
+from aaclip_core.model.similarity import gaussian_blur
+from aaclip_core.pictures.visualize import CLIP_MEAN, CLIP_STD, denormalise
 from aaclip_core.predict import score_image
-from aaclip_core.similarity import gaussian_blur
-from aaclip_core.visualize import CLIP_MEAN, CLIP_STD, denormalise
+from aaclip_core.prompts.anchors import AnchorBank
 
 CLASSES = ["fabric", "tile", "wood"]
 # fabric calibrated (a range that the random model's maps straddle), tile and wood raw.
@@ -163,7 +163,7 @@ class Block:
         if name.split('.')[0] in ('torch', 'open_clip', 'mlflow', 'torchvision'):
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
-from aaclip_core.deploy.runtime import load_detector
+from aaclip_core.deploy.scorer import load_detector
 d = load_detector({str(path)!r})
 x, _ = d.preprocess({str(image)!r})
 print(float(d.score(x[None], ['fabric'])['score'][0]))

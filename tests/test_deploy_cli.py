@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from aaclip_cli.main import app
-from aaclip_core.config import load_recipe, recipe_hash
 from aaclip_core.predict import ROW_KEYS
+from aaclip_core.recipe import load_recipe, recipe_hash
 
 CLASS = "fabric"
 TOL = 1e-4

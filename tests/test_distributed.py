@@ -21,7 +21,7 @@ import mlflow
 import pytest
 import torch
 
-from aaclip_core.checkpoints import load_checkpoint
+from aaclip_core.checkpoints.checkpoint import load_checkpoint
 from aaclip_core.training.sharding import RankShareBatches, StridedBatches, share_bounds
 
 BIN = Path(sys.executable).parent

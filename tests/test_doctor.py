@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from aaclip_cli.main import app
-from aaclip_core.config import load_recipe
+from aaclip_core.recipe import load_recipe
 
 runner = CliRunner()
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aaclip_core.config import load_recipe
 from aaclip_core.model.dpam import value_value_attention
+from aaclip_core.recipe import load_recipe
 
 
 def _reference_vv(attn: nn.MultiheadAttention, x: torch.Tensor, over: str) -> torch.Tensor:

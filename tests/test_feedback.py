@@ -9,13 +9,13 @@ import torch
 from typer.testing import CliRunner
 
 from aaclip_cli.main import app
-from aaclip_core.config import load_recipe
 from aaclip_core.jobs.feedback import (
     checkpoint_name,
     latest_checkpoint,
     next_stage,
     train_feedback,
 )
+from aaclip_core.recipe import load_recipe
 from aaclip_core.reporter import Reporter
 from aaclip_core.training.schedule import WarmupCosine, loop_epochs, loop_lr, warmup_cosine_factor
 
@@ -99,7 +99,7 @@ class _InterruptAtLoop(Reporter):
 
 def _final_adapters(mlflow_uri: str, run_id: str, tmp_path) -> dict[str, torch.Tensor]:
     from aaclip_core.jobs import common
-    from aaclip_core.tracking import connect
+    from aaclip_core.registry.tracking import connect
 
     mlflow = connect(mlflow_uri)
     return common.run_checkpoint(mlflow, run_id, checkpoint_name(2, 2), tmp_path / run_id).adapters
@@ -118,7 +118,7 @@ def test_interrupted_job_resumes_to_the_same_weights(fast_recipe, tmp_path, monk
 
     with pytest.raises(KeyboardInterrupt):
         train_feedback(recipe, path, tracking_uri=uri, reporter=_InterruptAtLoop(2))
-    from aaclip_core.tracking import connect
+    from aaclip_core.registry.tracking import connect
 
     mlflow = connect(uri)
     killed = mlflow.search_runs(

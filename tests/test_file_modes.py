@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aaclip_core.checkpoints import atomic_write_text, export_reference, save_checkpoint
+from aaclip_core.checkpoints.checkpoint import atomic_write_text, export_reference, save_checkpoint
 from aaclip_core.data import ensure_demo_data, index_dataset, write_metadata_jsonl
 
 

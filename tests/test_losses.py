@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from aaclip_core.losses import detection_loss, dice_loss, focal_loss, orthogonality_loss, segmentation_loss
+from aaclip_core.training.losses import detection_loss, dice_loss, focal_loss, orthogonality_loss, segmentation_loss
 
 
 def _two_pixels():
@@ -117,7 +117,7 @@ def test_detection_loss_uses_each_images_anchors():
 
 
 def _stage_setup(make_model, recipe, demo_batch):
-    from aaclip_core.anchors import AnchorBank
+    from aaclip_core.prompts.anchors import AnchorBank
 
     model = make_model(recipe)
     bank = AnchorBank(model, demo_batch["class_name"], recipe.data.train.name)
@@ -125,7 +125,7 @@ def _stage_setup(make_model, recipe, demo_batch):
 
 
 def test_stage1_loss_official_counts_last_level_only(make_model, demo_recipe, demo_batch):
-    from aaclip_core.similarity import training_probs
+    from aaclip_core.model.similarity import training_probs
     from aaclip_core.training.engine import stage1_loss
 
     assert demo_recipe.fidelity == "official"
@@ -144,8 +144,8 @@ def test_stage1_loss_official_counts_last_level_only(make_model, demo_recipe, de
 
 
 def test_stage1_loss_corrected_sums_all_levels(make_model, demo_overrides, demo_batch):
-    from aaclip_core.config import load_recipe
-    from aaclip_core.similarity import training_probs
+    from aaclip_core.model.similarity import training_probs
+    from aaclip_core.recipe import load_recipe
     from aaclip_core.training.engine import stage1_loss
 
     recipe = load_recipe("demo", [*demo_overrides, 'fidelity="corrected"'])[0]
@@ -162,7 +162,7 @@ def test_stage1_loss_corrected_sums_all_levels(make_model, demo_overrides, demo_
 
 
 def test_stage2_loss_is_detection_plus_every_level(make_model, demo_recipe, demo_batch):
-    from aaclip_core.similarity import training_probs
+    from aaclip_core.model.similarity import training_probs
     from aaclip_core.training.engine import stage2_loss
 
     model, bank = _stage_setup(make_model, demo_recipe, demo_batch)

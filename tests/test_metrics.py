@@ -1,4 +1,4 @@
-"""Tests for aaclip_core.metrics against sklearn, hand-worked cases and slow references."""
+"""Tests for aaclip_core.evaluation.metrics against sklearn, hand-worked cases and slow references."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import scipy.ndimage
 import torch
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from aaclip_core.metrics import (
+from aaclip_core.evaluation.metrics import (
     UndefinedMetricError,
     aupro,
     auroc,

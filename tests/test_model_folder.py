@@ -13,9 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from aaclip_cli.main import app
-from aaclip_core.calibration import Calibration, ClassCalibration, choose_calibration
-from aaclip_core.data.prompt_names import MANIFEST_KEY as PROMPT_NAMES_KEY
-from aaclip_core.model_folder import read_model_folder
+from aaclip_core.checkpoints.model_folder import read_model_folder
+from aaclip_core.evaluation.calibration import Calibration, ClassCalibration, choose_calibration
+from aaclip_core.prompts.names import MANIFEST_KEY as PROMPT_NAMES_KEY
 
 CLASS = "fabric"
 TINY = [f'data.train.classes=["{CLASS}"]', f'data.test.classes=["{CLASS}"]', "stage1.epochs=1", "stage2.epochs=1",
@@ -139,7 +139,7 @@ def test_folder_without_a_store_gives_the_runs_maps_and_scores(env, no_store):
 def _image_scores(env, test_run_id: str) -> list[dict]:
     import csv
 
-    from aaclip_core.tracking import connect
+    from aaclip_core.registry.tracking import connect
 
     mlflow = connect(env["uri"])
     local = mlflow.artifacts.download_artifacts(run_id=test_run_id, artifact_path="results/image_scores.csv",

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from aaclip_core.data.synthetic import render_sample, sample_entropy
-from aaclip_core.overlay import (
+from aaclip_core.pictures.overlay import (
     GT_COLOUR,
     PRED_COLOUR,
     mask_boundary,

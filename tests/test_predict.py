@@ -17,9 +17,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from aaclip_cli.main import app
-from aaclip_core import metrics
+from aaclip_core.evaluation import metrics
 from aaclip_core.predict import ROW_KEYS, run_calibrations
-from aaclip_core.tracking import connect
+from aaclip_core.registry.tracking import connect
 
 CLASS = "fabric"
 CLASS_SETS = [f'data.train.classes=["{CLASS}"]', f'data.test.classes=["{CLASS}"]']
@@ -180,7 +180,7 @@ def test_anomalous_images_score_higher(tested):
 
 
 def test_overlays_have_the_titled_panel_layout(env, demo_recipe, tested):
-    from aaclip_core.overlay import overlay_layout
+    from aaclip_core.pictures.overlay import overlay_layout
 
     layout = overlay_layout(demo_recipe.model.image_size, with_ground_truth=False)  # predict has no masks
     assert list(layout.panels) == ["image", "anomaly map", "prediction"]
@@ -190,11 +190,11 @@ def test_overlays_have_the_titled_panel_layout(env, demo_recipe, tested):
 
 
 def test_saved_maps_equal_collect_maps(env, demo_recipe, tested):
-    from aaclip_core.anchors import AnchorBank
-    from aaclip_core.data.prompt_names import checkpoint_namer
-    from aaclip_core.evaluation import collect_maps
+    from aaclip_core.compute import seed_everything
+    from aaclip_core.evaluation.protocol import collect_maps
     from aaclip_core.jobs import common
-    from aaclip_core.runtime import seed_everything
+    from aaclip_core.prompts.anchors import AnchorBank
+    from aaclip_core.prompts.names import checkpoint_namer
     from aaclip_core.training.data import load_samples, make_dataset, make_loader
 
     mlflow = connect(env["uri"])

@@ -13,17 +13,17 @@ import torch
 from typer.testing import CliRunner
 
 from aaclip_cli.main import app
-from aaclip_core.anchors import AnchorBank
 from aaclip_core.compare.rows import TestResult
-from aaclip_core.config import DatasetRef, load_recipe
-from aaclip_core.data.prompt_names import (
+from aaclip_core.prompts.anchors import AnchorBank
+from aaclip_core.prompts.names import (
     PromptNamer,
     checkpoint_namer,
     reference_dataset,
     reference_table,
     training_namer,
 )
-from aaclip_core.prompts import class_prompts
+from aaclip_core.prompts.templates import class_prompts
+from aaclip_core.recipe import DatasetRef, load_recipe
 
 # The reference's templates, typed from its prompt code (not imported from aaclip): each state in
 # each template, normal states first.
@@ -223,7 +223,7 @@ DEMO_NAMES = {"plank": "wooden plank", "fabric": "woven fabric", "disc": "metal 
 
 
 def test_runs_and_checkpoints_record_the_names(short_run):
-    from aaclip_core.checkpoints import load_checkpoint
+    from aaclip_core.checkpoints.checkpoint import load_checkpoint
 
     client = mlflow.MlflowClient(short_run["uri"])
     for rid in (short_run["run"], short_run["tests"][short_run["run"]]):

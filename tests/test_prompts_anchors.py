@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aaclip_core.anchors import AnchorBank
-from aaclip_core.data.prompt_names import PromptNamer
-from aaclip_core.prompts import N_NORMAL, N_PROMPTS, anchors_from_embeddings, class_prompts
+from aaclip_core.prompts.anchors import AnchorBank
+from aaclip_core.prompts.names import PromptNamer
+from aaclip_core.prompts.templates import N_NORMAL, N_PROMPTS, anchors_from_embeddings, class_prompts
 
 BOTTLE = [
     "bottle.",

@@ -10,13 +10,13 @@ import torch
 from typer.testing import CliRunner
 
 from aaclip_cli.main import app
-from aaclip_core.anchors import AnchorBank
-from aaclip_core.checkpoints import Checkpoint
-from aaclip_core.config import load_recipe
-from aaclip_core.evaluation import predict_batch
+from aaclip_core.checkpoints.checkpoint import Checkpoint
+from aaclip_core.compute import autocast
+from aaclip_core.evaluation.protocol import predict_batch
 from aaclip_core.jobs import common
 from aaclip_core.model import ModelModes
-from aaclip_core.runtime import autocast
+from aaclip_core.prompts.anchors import AnchorBank
+from aaclip_core.recipe import load_recipe
 from aaclip_core.training import engine
 from aaclip_core.training.data import load_samples, make_dataset, make_loader
 
@@ -93,7 +93,7 @@ def test_cross_attention_switches_survive_the_checkpoint(make_model, demo_overri
 
 
 def test_random_backbone_depends_only_on_the_seed(demo_recipe):
-    from aaclip_core.backbone import build_clip
+    from aaclip_core.model.backbone import build_clip
 
     torch.manual_seed(1)
     a = build_clip(demo_recipe)

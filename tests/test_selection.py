@@ -1,4 +1,4 @@
-"""Feedback loop selection: one rule (aaclip_core.selection), known metric names only, and a metric
+"""Feedback loop selection: one rule (aaclip_core.evaluation.selection), known metric names only, and a metric
 that no loop can define refused before training or, when only known afterwards, a loud fallback."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from aaclip_cli.main import app
-from aaclip_core.config import load_recipe
 from aaclip_core.errors import ConfigError
-from aaclip_core.selection import check_selection_metric, select_loop
+from aaclip_core.evaluation.selection import check_selection_metric, select_loop
+from aaclip_core.recipe import load_recipe
 
 runner = CliRunner()
 

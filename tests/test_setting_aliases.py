@@ -7,9 +7,9 @@ import pytest
 from typer.testing import CliRunner
 
 from aaclip_cli.main import app
-from aaclip_core.config import Recipe, flatten, load_recipe
 from aaclip_core.errors import ConfigError
-from aaclip_core.setting_aliases import aliases, both_names
+from aaclip_core.recipe import Recipe, flatten, load_recipe
+from aaclip_core.recipe_aliases import aliases, both_names
 
 # The names users bring from the reference scripts and the fork, as the issue lists them.
 KNOWN_OLD_NAMES = """image_cross_attn_weight text_cross_attn_weight cross_attn_heads cross_attn_dropout

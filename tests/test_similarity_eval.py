@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 from torchvision.transforms.functional import gaussian_blur
 
-from aaclip_core.anchors import AnchorBank
-from aaclip_core.evaluation import (
+from aaclip_core.evaluation.protocol import (
     ClassMaps,
     ClassResult,
     evaluate,
@@ -21,7 +20,9 @@ from aaclip_core.evaluation import (
     predict_batch,
     score_class,
 )
-from aaclip_core.similarity import patch_logits, test_map as similarity_test_map, training_probs
+from aaclip_core.model.similarity import patch_logits, training_probs
+from aaclip_core.model.similarity import test_map as similarity_test_map
+from aaclip_core.prompts.anchors import AnchorBank
 from aaclip_core.training.data import load_samples, make_dataset, make_loader
 
 
@@ -268,7 +269,7 @@ def test_evaluate_end_to_end_matches_per_image_protocol(make_model, demo_recipe)
 
 def test_pixel_pair_counts_give_exact_pixel_auroc_for_any_resample():
     """The stored pair counts reproduce sklearn's pixel AUROC on the images and on a resample."""
-    from aaclip_core.pixel_pairs import pixel_pairs
+    from aaclip_core.evaluation.pixel_pairs import pixel_pairs
 
     g = torch.Generator().manual_seed(3)
     maps = (torch.rand(7, 12, 12, generator=g) * 10).round() / 10  # many ties
@@ -283,7 +284,7 @@ def test_pixel_pair_counts_give_exact_pixel_auroc_for_any_resample():
 
 
 def test_pixel_pairs_round_trip_without_pickle(tmp_path):
-    from aaclip_core.pixel_pairs import load_pixel_pairs, pixel_pairs, save_pixel_pairs
+    from aaclip_core.evaluation.pixel_pairs import load_pixel_pairs, pixel_pairs, save_pixel_pairs
 
     maps = torch.rand(3, 5, 5)
     masks = torch.zeros(3, 5, 5, dtype=torch.bool)

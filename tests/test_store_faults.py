@@ -22,13 +22,20 @@ from clirun import aaclip, child_env, one_paragraph, start_aaclip
 from mlflow import MlflowClient
 
 from aaclip_core.errors import StoreError, TrackingError
-from aaclip_core.runs import run_liveness
-from aaclip_core.tracking import HEARTBEAT_TAG, HOST_TAG, STALE_AFTER_SECONDS, connect, resolve_run_id, tracked_run
+from aaclip_core.registry.runs import run_liveness
+from aaclip_core.registry.tracking import (
+    HEARTBEAT_TAG,
+    HOST_TAG,
+    STALE_AFTER_SECONDS,
+    connect,
+    resolve_run_id,
+    tracked_run,
+)
 
 # A process that records one run with the store module every job uses, then optionally waits.
 RECORD_RUN = """
 import sys, time
-from aaclip_core.tracking import connect, tracked_run
+from aaclip_core.registry.tracking import connect, tracked_run
 mlflow = connect(sys.argv[1], write=True)
 with tracked_run(mlflow, "faults", "holder", {"aaclip.stage": "base"}) as run:
     print(run.info.run_id, flush=True)

@@ -12,11 +12,11 @@ import torch
 from typer.testing import CliRunner
 
 from aaclip_cli.main import app
-from aaclip_core.checkpoints import load_checkpoint, save_checkpoint
-from aaclip_core.config import load_recipe
+from aaclip_core.checkpoints.checkpoint import load_checkpoint, save_checkpoint
+from aaclip_core.compute import seed_everything
 from aaclip_core.model import build_model
-from aaclip_core.runtime import seed_everything
-from aaclip_core.tracking import connect, download
+from aaclip_core.recipe import load_recipe
+from aaclip_core.registry.tracking import connect, download
 
 # Small test split for `test`: one class, a few images (enough for every metric to be defined).
 TEST_SUBSET = ['data.test.classes=["disc"]', "data.test.shot=6", "eval.aupro=false"]
@@ -150,7 +150,7 @@ def test_import_both_relu_variants_exactly(relu, own_shapes, tmp_path, monkeypat
 
 def test_import_refuses_recipe_variant_only_by_library_call(own_shapes, tmp_path):
     """`import_reference` (the library's strict path) keeps refusing a variant mismatch with the --set."""
-    from aaclip_core.checkpoints import import_reference
+    from aaclip_core.checkpoints.checkpoint import import_reference
     from aaclip_core.errors import CheckpointError
 
     _, image_file, _, image = write_reference(tmp_path, own_shapes, relu=True)

@@ -25,11 +25,11 @@ Modules: ``store`` (reading runs), ``rows`` (one row per run or loop), ``fairnes
 (seed means), ``paired`` (the bootstrap on a pair of rows), ``comparison`` (`compare_runs`), ``plot``.
 """
 
-from .comparison import Comparison, compare_runs
-from .fairness import differences, fairness
-from .groups import seed_groups
-from .plot import plot_loops
-from .rows import STAGE_ORDER, TRAINING_STAGES, Row, TestResult, run_epochs
+from aaclip_core.compare.comparison import Comparison, compare_runs
+from aaclip_core.compare.fairness import differences, fairness
+from aaclip_core.compare.groups import seed_groups
+from aaclip_core.compare.plot import plot_loops
+from aaclip_core.compare.rows import STAGE_ORDER, TRAINING_STAGES, Row, TestResult, run_epochs
 
 __all__ = [
     "STAGE_ORDER", "TRAINING_STAGES", "Comparison", "Row", "TestResult", "compare_runs", "differences",

@@ -6,15 +6,22 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import bootstrap as bs
-from ..errors import ConfigError
-from ..evaluation import METRIC_NAMES
-from ..tracking import TAG, connect, store_call
-from .fairness import differences
-from .groups import seed_groups
-from .paired import compare_pair
-from .rows import Row, rows_of
-from .store import TRAINING_STAGES, TestArtifacts, experiment_ids, latest_tests, resolve_runs, search_runs
+from aaclip_core.compare import bootstrap as bs
+from aaclip_core.compare.fairness import differences
+from aaclip_core.compare.groups import seed_groups
+from aaclip_core.compare.paired import compare_pair
+from aaclip_core.compare.rows import Row, rows_of
+from aaclip_core.compare.store import (
+    TRAINING_STAGES,
+    TestArtifacts,
+    experiment_ids,
+    latest_tests,
+    resolve_runs,
+    search_runs,
+)
+from aaclip_core.errors import ConfigError
+from aaclip_core.evaluation.protocol import METRIC_NAMES
+from aaclip_core.registry.tracking import TAG, connect, store_call
 
 
 @dataclass

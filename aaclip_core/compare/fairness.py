@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..data.prompt_names import PromptNamer
-from .rows import Row, TestResult
+from aaclip_core.compare.rows import Row, TestResult
+from aaclip_core.prompts.names import PromptNamer
 
 # Protocol settings whose difference does not change a reported number (batch independence is a
 # design rule, SPEC §6; aupro only switches AUPRO on or off).

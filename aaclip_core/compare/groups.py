@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..evaluation import METRIC_NAMES
-from .rows import Row
+from aaclip_core.compare.rows import Row
+from aaclip_core.evaluation.protocol import METRIC_NAMES
+
 
 def seed_groups(rows: list[Row]) -> list[dict]:
     """Mean ± std (sample std) over rows of one configuration that differ only in the seed."""

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .. import bootstrap as bs
-from ..evaluation import METRIC_NAMES
-from .fairness import fairness
-from .rows import Row
+from aaclip_core.compare import bootstrap as bs
+from aaclip_core.compare.fairness import fairness
+from aaclip_core.compare.rows import Row
+from aaclip_core.evaluation.protocol import METRIC_NAMES
 
 
 def _statement(res, row: Row, ref: Row, dataset: str, entry: dict) -> str:

@@ -19,10 +19,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checkpoints import checkpoint_name
-from ..errors import ConfigError
-from ..files import temp_file_beside
-from .comparison import Comparison
+from aaclip_core.checkpoints.checkpoint import checkpoint_name
+from aaclip_core.compare.comparison import Comparison
+from aaclip_core.errors import ConfigError
+from aaclip_core.files import temp_file_beside
 
 
 @dataclass

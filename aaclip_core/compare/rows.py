@@ -8,12 +8,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints import FINAL, checkpoint_name, parse_checkpoint_name
-from ..data.prompt_names import PROMPT_PARAM
-from ..evaluation import METRIC_NAMES
-from ..tracking import TAG
-from ..training.schedule import loop_epochs
-from .store import TRAINING_STAGES, find_run
+from aaclip_core.checkpoints.checkpoint import FINAL, checkpoint_name, parse_checkpoint_name
+from aaclip_core.compare.store import TRAINING_STAGES, find_run
+from aaclip_core.evaluation.protocol import METRIC_NAMES
+from aaclip_core.prompts.names import PROMPT_PARAM
+from aaclip_core.registry.tracking import TAG
+from aaclip_core.training.schedule import loop_epochs
 
 STAGE_ORDER = {s: i for i, s in enumerate(TRAINING_STAGES)}
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .. import bootstrap as bs
-from ..checkpoints import FINAL
-from ..errors import ConfigError
-from ..pixel_pairs import load_pixel_pairs
-from ..tracking import TAG, get_run
+from aaclip_core.checkpoints.checkpoint import FINAL
+from aaclip_core.compare import bootstrap as bs
+from aaclip_core.errors import ConfigError
+from aaclip_core.evaluation.pixel_pairs import load_pixel_pairs
+from aaclip_core.registry.tracking import TAG, get_run
 
 TRAINING_STAGES = ("base", "cross", "feedback", "imported")
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
-from ..files import temp_file_beside
-from .contract import INPUT_NAMES, OUTPUT_NAMES, SIDECAR_SCHEMA, sha256_file, sidecar_of
-from .graph import DetectorGraph
+from aaclip_core.deploy.contract import INPUT_NAMES, OUTPUT_NAMES, SIDECAR_SCHEMA, sha256_file, sidecar_of
+from aaclip_core.deploy.graph import DetectorGraph
+from aaclip_core.errors import ConfigError
+from aaclip_core.files import temp_file_beside
 
 OPSET = 17
 FORMATS = ("onnx", "torchscript")

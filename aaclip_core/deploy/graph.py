@@ -25,10 +25,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..anchors import AnchorBank
-from ..evaluation import raw_scores
-from ..model import AACLIP
-from ..prompts import anchors_from_embeddings
+from aaclip_core.evaluation.protocol import raw_scores
+from aaclip_core.model import AACLIP
+from aaclip_core.prompts.anchors import AnchorBank
+from aaclip_core.prompts.templates import anchors_from_embeddings
 
 CALIBRATION_KEYS = ("map_min", "map_max", "det_min", "det_max")
 IDENTITY = {"map_min": 0.0, "map_max": 1.0, "det_min": 0.0, "det_max": 1.0}

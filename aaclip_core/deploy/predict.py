@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..calibration import Calibration
-from ..errors import ConfigError
-from ..predict import ImageJob, ImageOutputs, Thresholds, collect_images, parse_threshold, write_summary
-from ..predict.batches import score_in_batches
-from ..predict.inputs import assign_classes
-from ..scale import minmax
-from .runtime import Detector, load_detector
+from aaclip_core.deploy.scorer import Detector, load_detector
+from aaclip_core.errors import ConfigError
+from aaclip_core.evaluation.calibration import Calibration
+from aaclip_core.evaluation.scale import minmax
+from aaclip_core.predict import ImageJob, ImageOutputs, Thresholds, collect_images, parse_threshold, write_summary
+from aaclip_core.predict.batches import score_in_batches
+from aaclip_core.predict.inputs import assign_classes
 
 DEFAULT_BATCH = 8
 

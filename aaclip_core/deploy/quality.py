@@ -10,11 +10,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..data import Sample
-from ..evaluation import METRIC_NAMES, ClassMaps, mean_over_classes, score_class
-from ..config import Recipe
-from ..training.data import make_dataset
-from .runtime import Detector
+from aaclip_core.data import Sample
+from aaclip_core.deploy.scorer import Detector
+from aaclip_core.evaluation.protocol import METRIC_NAMES, ClassMaps, mean_over_classes, score_class
+from aaclip_core.recipe import Recipe
+from aaclip_core.training.data import make_dataset
 
 
 def _outputs(detector: Detector, samples: list[Sample], recipe: Recipe, batch_size: int,

@@ -37,7 +37,7 @@ Modules: ``checks`` (the verdict type and thresholds), ``static`` (recipe checks
 run's logged history), ``probe`` (the gradient-dilution probe), ``diagnosis`` (`diagnose`).
 """
 
-from .checks import (
+from aaclip_core.doctor.checks import (
     CROSS_WEIGHT_BAND,
     CROSS_WEIGHT_FAIL,
     GRAD_BAND,
@@ -51,10 +51,10 @@ from .checks import (
     Check,
     DoctorReport,
 )
-from .diagnosis import diagnose
-from .history import gradient_checks, loop_metric_check, loss_checks, run_checks
-from .probe import probe_checks
-from .static import (
+from aaclip_core.doctor.diagnosis import diagnose
+from aaclip_core.doctor.history import gradient_checks, loop_metric_check, loss_checks, run_checks
+from aaclip_core.doctor.probe import probe_checks
+from aaclip_core.doctor.static import (
     check_activation,
     check_cross_weight,
     check_data,

@@ -6,14 +6,15 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..config import apply_overrides, recipe_from_dict
-from ..errors import ConfigError, TrackingError
-from ..tracking import TAG
-from .checks import Check, DoctorReport
-from .distributed import check_distributed, recipe_backend
-from .history import run_checks
-from .probe import probe_checks
-from .static import check_tracking, static_checks
+from aaclip_core.doctor.checks import Check, DoctorReport
+from aaclip_core.doctor.distributed import check_distributed, recipe_backend
+from aaclip_core.doctor.history import run_checks
+from aaclip_core.doctor.probe import probe_checks
+from aaclip_core.doctor.static import check_tracking, static_checks
+from aaclip_core.errors import ConfigError, TrackingError
+from aaclip_core.recipe import apply_overrides, recipe_from_dict
+from aaclip_core.registry.tracking import TAG
+
 
 def diagnose(
     run_id: str | None = None,
@@ -25,7 +26,7 @@ def diagnose(
 ) -> DoctorReport:
     """``world_size``: check a recipe for that many torchrun processes (default: the launcher's
     WORLD_SIZE, else 1); a run reports the setting it ran under."""
-    from ..config import load_recipe
+    from aaclip_core.recipe import load_recipe
 
     if run_id is None:
         if probe:
@@ -38,8 +39,8 @@ def diagnose(
     if recipe is not None:
         raise ConfigError("--recipe checks a recipe without a run; with RUN_ID the run's own recipe is checked "
                           "(adjust it with --set).")
-    from ..model_io import run_recipe as load_run_recipe
-    from ..tracking import connect, get_run
+    from aaclip_core.checkpoints.from_run import run_recipe as load_run_recipe
+    from aaclip_core.registry.tracking import connect, get_run
 
     mlflow = connect(tracking_uri)
     tracking = check_tracking(tracking_uri)

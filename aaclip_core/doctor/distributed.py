@@ -3,8 +3,8 @@ processes, which backend, and whether the recipe's global batches still give eve
 
 from __future__ import annotations
 
-from ..config import Recipe
-from .checks import Check
+from aaclip_core.doctor.checks import Check
+from aaclip_core.recipe import Recipe
 
 
 def recipe_backend(recipe: Recipe) -> str:

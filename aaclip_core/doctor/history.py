@@ -8,15 +8,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..config import Recipe
-from ..data.prompt_names import PROMPT_PARAM, PromptNamer, reference_dataset, reference_table
-from ..setting_aliases import both_names
-from ..model_io import loop_validation
-from ..runs import describe_owner, run_liveness
-from ..selection import select_loop
-from ..tracking import TAG, loop_runs
-from .checks import GRAD_BAND, GRAD_BAND_BACKBONE, GRAD_DEAD, GRAD_FAR_ABOVE, GRAD_VANISHING, LOSS_NEARLY_FLAT, Check
-from .static import (
+from aaclip_core.checkpoints.from_run import loop_validation
+from aaclip_core.doctor.checks import (
+    GRAD_BAND,
+    GRAD_BAND_BACKBONE,
+    GRAD_DEAD,
+    GRAD_FAR_ABOVE,
+    GRAD_VANISHING,
+    LOSS_NEARLY_FLAT,
+    Check,
+)
+from aaclip_core.doctor.static import (
     check_activation,
     check_cross_weight,
     check_data,
@@ -24,6 +26,13 @@ from .static import (
     check_prompt_names,
     check_weights,
 )
+from aaclip_core.evaluation.selection import select_loop
+from aaclip_core.prompts.names import PROMPT_PARAM, PromptNamer, reference_dataset, reference_table
+from aaclip_core.recipe import Recipe
+from aaclip_core.recipe_aliases import both_names
+from aaclip_core.registry.runs import describe_owner, run_liveness
+from aaclip_core.registry.tracking import TAG, loop_runs
+
 
 def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((int(m.step), float(m.value)) for m in client.get_metric_history(run_id, key))

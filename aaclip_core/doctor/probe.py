@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoints import checkpoint_name
-from ..config import Recipe
-from ..errors import AaclipError
-from ..tracking import TAG
-from .checks import PROBE_IMAGES, PROBE_RATIO_FAIL, PROBE_SHARE_FAIL, Check
+from aaclip_core.checkpoints.checkpoint import checkpoint_name
+from aaclip_core.doctor.checks import PROBE_IMAGES, PROBE_RATIO_FAIL, PROBE_SHARE_FAIL, Check
+from aaclip_core.errors import AaclipError
+from aaclip_core.recipe import Recipe
+from aaclip_core.registry.tracking import TAG
+
 
 def _probe_batch(samples, recipe: Recipe):
-    from ..training.data import fixed_batch
+    from aaclip_core.training.data import fixed_batch
 
     half = PROBE_IMAGES // 2
     anomalous = [s for s in samples if s.label == 1]
@@ -23,12 +24,12 @@ def _probe_batch(samples, recipe: Recipe):
 
 
 def probe_checks(mlflow, run, recipe: Recipe | None, workdir: Path) -> list[Check]:
-    from ..anchors import AnchorBank
-    from ..data.prompt_names import checkpoint_namer
-    from ..diagnostics import gradient_dilution_probe
-    from ..model_io import default_checkpoint, model_from_checkpoint, run_checkpoint
-    from ..runtime import select_device
-    from ..training.data import load_samples
+    from aaclip_core.checkpoints.from_run import default_checkpoint, model_from_checkpoint, run_checkpoint
+    from aaclip_core.compute import select_device
+    from aaclip_core.doctor.diagnostics import gradient_dilution_probe
+    from aaclip_core.prompts.anchors import AnchorBank
+    from aaclip_core.prompts.names import checkpoint_namer
+    from aaclip_core.training.data import load_samples
 
     run_id = run.info.run_id
     names = ("probe: gradient-dilution ratio", "probe: cross-attention gradient share")
@@ -89,9 +90,9 @@ def _introduction_model(mlflow, run, recipe: Recipe, device, workdir: Path):
     """The model as it was when its cross-attention was introduced: the adapters it started from
     (a parent run's, or the last loop before `cross_attn_start_loop`, or fresh ones) and the
     cross-attention modules freshly initialised from the recipe's seed, exactly as the job did."""
-    from ..model import build_model
-    from ..model_io import default_checkpoint, load_adapters, run_checkpoint
-    from ..runtime import seed_everything
+    from aaclip_core.checkpoints.from_run import default_checkpoint, load_adapters, run_checkpoint
+    from aaclip_core.compute import seed_everything
+    from aaclip_core.model import build_model
 
     seed_everything(recipe.runtime.seed)
     model = build_model(recipe, device, with_cross=True)

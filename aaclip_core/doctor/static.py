@@ -7,13 +7,14 @@ import math
 import os
 from pathlib import Path
 
-from ..backbone import weights_kind
-from ..config import Recipe
-from ..data.prompt_names import differences_from_reference, reference_dataset, reference_table, training_namer
-from ..errors import AaclipError, ConfigError
-from ..setting_aliases import both_names
-from ..tracking import resolve_tracking_uri
-from .checks import CROSS_WEIGHT_BAND, CROSS_WEIGHT_FAIL, Check
+from aaclip_core.doctor.checks import CROSS_WEIGHT_BAND, CROSS_WEIGHT_FAIL, Check
+from aaclip_core.errors import AaclipError, ConfigError
+from aaclip_core.model.backbone import weights_kind
+from aaclip_core.prompts.names import differences_from_reference, reference_dataset, reference_table, training_namer
+from aaclip_core.recipe import Recipe
+from aaclip_core.recipe_aliases import both_names
+from aaclip_core.registry.tracking import resolve_tracking_uri
+
 
 def check_cross_weight(kind: str, weight: float | None, name: str | None = None) -> Check:
     """``kind`` is 'image' or 'text'. The check keeps the aaclip key as its name; its detail names the
@@ -154,7 +155,7 @@ def check_weights(recipe: Recipe, name: str = "backbone weights") -> Check:
                      f"put the OpenCLIP weights of {m.name} there, or --set model.pretrained=PATH to the "
                      "open_clip_model.safetensors you have")
     if m.custom_config is not None:
-        from ..backbone import register_custom_config
+        from aaclip_core.model.backbone import register_custom_config
 
         register_custom_config(m.name, m.custom_config)
     cached, where = _tag_cache(m.name, p)
@@ -170,8 +171,8 @@ def check_weights(recipe: Recipe, name: str = "backbone weights") -> Check:
 
 
 def check_data(recipe: Recipe, split: str) -> Check:
-    from ..data import index_dataset, select_classes
-    from ..training.data import load_samples, synthetic_root_problem
+    from aaclip_core.data import index_dataset, select_classes
+    from aaclip_core.training.data import load_samples, synthetic_root_problem
 
     ref = getattr(recipe.data, split)
     name = f"data.{split}"
@@ -212,8 +213,8 @@ def check_tracking(tracking_uri: str | None) -> Check:
                 return Check(name, "pass", uri, f"{db} does not exist yet; the first run creates it")
             return Check(name, "fail", uri, f"{db.parent} is not a writable folder",
                          "--tracking-uri sqlite:///PATH/mlflow.db in a writable folder")
-    from ..errors import StoreError
-    from ..tracking import connect, store_call
+    from aaclip_core.errors import StoreError
+    from aaclip_core.registry.tracking import connect, store_call
 
     try:
         mlflow = connect(tracking_uri)
@@ -228,7 +229,7 @@ def check_tracking(tracking_uri: str | None) -> Check:
 def check_device(recipe: Recipe) -> Check:
     import torch
 
-    from ..runtime import bf16_supported, select_device
+    from aaclip_core.compute import bf16_supported, select_device
 
     name = "device / precision"
     prec = recipe.runtime.precision

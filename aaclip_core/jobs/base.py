@@ -7,15 +7,15 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import FINAL, STAGE1
-from ..config import Recipe
-from ..data.prompt_names import training_namer
-from ..model import AACLIP, build_model
-from ..tracking import TAG, tracked_run
-from ..training.engine import StageSchedule, run_stage
-from ..training.groups import count_trainable, stage_parameters
-from ..reporter import Reporter
-from . import common
+from aaclip_core.checkpoints.checkpoint import FINAL, STAGE1
+from aaclip_core.jobs import common
+from aaclip_core.model import AACLIP, build_model
+from aaclip_core.prompts.names import training_namer
+from aaclip_core.recipe import Recipe
+from aaclip_core.registry.tracking import TAG, tracked_run
+from aaclip_core.reporter import Reporter
+from aaclip_core.training.engine import StageSchedule, run_stage
+from aaclip_core.training.groups import count_trainable, stage_parameters
 
 
 def train_base(

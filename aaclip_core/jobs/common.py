@@ -1,5 +1,5 @@
 """What every job shares: session set-up, run tags and checkpoint logging. Loading runs back is
-:mod:`aaclip_core.model_io`, re-exported here for the jobs."""
+:mod:`aaclip_core.checkpoints.from_run`, re-exported here for the jobs."""
 
 from __future__ import annotations
 
@@ -12,16 +12,9 @@ from typing import Any
 
 import torch
 
-from .. import distributed
-from ..anchors import AnchorBank
-from ..backbone import backbone_id
-from ..checkpoints import save_checkpoint
-from ..config import Recipe, flatten, is_stated, recipe_from_dict
-from ..data import Sample, write_metadata_jsonl
-from ..data.prompt_names import PROMPT_NAMES_ARTIFACT, PROMPT_PARAM, PromptNamer
-from ..errors import ConfigError
-from ..model import AACLIP
-from ..model_io import (  # noqa: F401 - re-exported: the jobs call them as common.X
+from aaclip_core import distributed
+from aaclip_core.checkpoints.checkpoint import save_checkpoint
+from aaclip_core.checkpoints.from_run import (  # noqa: F401 - re-exported: the jobs call them as common.X
     default_checkpoint,
     load_adapters,
     manifest,
@@ -29,11 +22,18 @@ from ..model_io import (  # noqa: F401 - re-exported: the jobs call them as comm
     run_checkpoint,
     run_recipe,
 )
-from ..prompts import split_prompts
-from ..reporter import Reporter
-from ..runtime import configure_threads, seed_everything, select_device
-from ..tracking import TAG, aaclip_version, connect, git_commit, log_json_artifact, log_params
-from ..training.data import fixed_batch, load_samples, make_dataset, make_loader
+from aaclip_core.compute import configure_threads, seed_everything, select_device
+from aaclip_core.data import Sample, write_metadata_jsonl
+from aaclip_core.errors import ConfigError
+from aaclip_core.model import AACLIP
+from aaclip_core.model.backbone import backbone_id
+from aaclip_core.prompts.anchors import AnchorBank
+from aaclip_core.prompts.names import PROMPT_NAMES_ARTIFACT, PROMPT_PARAM, PromptNamer
+from aaclip_core.prompts.templates import split_prompts
+from aaclip_core.recipe import Recipe, flatten, is_stated, recipe_from_dict
+from aaclip_core.registry.tracking import TAG, aaclip_version, connect, git_commit, log_json_artifact, log_params
+from aaclip_core.reporter import Reporter
+from aaclip_core.training.data import fixed_batch, load_samples, make_dataset, make_loader
 
 
 @dataclass

@@ -5,15 +5,15 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from ..backbone import backbone_id
-from ..checkpoints import import_reference
-from ..config import Recipe
-from ..errors import ConfigError
-from ..model import AACLIP, ModelModes, build_model
-from ..tracking import TAG, connect, get_run, tracked_run
-from ..reporter import Reporter
-from . import common
-from .base import train_reference_stages
+from aaclip_core.checkpoints.checkpoint import import_reference
+from aaclip_core.errors import ConfigError
+from aaclip_core.jobs import common
+from aaclip_core.jobs.base import train_reference_stages
+from aaclip_core.model import AACLIP, ModelModes, build_model
+from aaclip_core.model.backbone import backbone_id
+from aaclip_core.recipe import Recipe
+from aaclip_core.registry.tracking import TAG, connect, get_run, tracked_run
+from aaclip_core.reporter import Reporter
 
 
 def load_base_adapters(

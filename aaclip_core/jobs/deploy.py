@@ -5,7 +5,7 @@ its dynamic int8 quantisation with the metric change measured on the run's own t
 Classes and anchors are those `predict --run` would use: the calibration test run's classes and the
 run's training classes (or ``classes`` when given), with the calibration's dataset name for the
 prompt names. The calibration is the one `predict --run` would choose among the run's tests at that checkpoint
-(:func:`aaclip_core.calibration.choose_calibration`: unambiguous, never a test on the training data);
+(:func:`aaclip_core.evaluation.calibration.choose_calibration`: unambiguous, never a test on the training data);
 without one the file scores on the raw scale and the sidecar says why.
 """
 
@@ -16,16 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..anchors import AnchorBank
-from ..backbone import backbone_id
-from ..config import Recipe, recipe_hash
-from ..deploy.contract import INPUT_NAMES, OUTPUT_NAMES
-from ..deploy.export import FORMATS, OPSET, SUFFIX, export_graph, quantize_int8, write_sidecar
-from ..deploy.graph import DetectorGraph
-from ..data.prompt_names import scoring_namer
-from ..errors import ConfigError
-from ..model import ModelModes
-from ..model_io import (
+from aaclip_core.checkpoints.from_run import (
     chosen_calibration,
     default_checkpoint,
     model_from_checkpoint,
@@ -33,9 +24,18 @@ from ..model_io import (
     run_recipe,
     training_classes,
 )
-from ..reporter import Reporter
-from ..tracking import aaclip_version, connect, get_run, git_commit
-from ..visualize import CLIP_MEAN, CLIP_STD
+from aaclip_core.deploy.contract import INPUT_NAMES, OUTPUT_NAMES
+from aaclip_core.deploy.export import FORMATS, OPSET, SUFFIX, export_graph, quantize_int8, write_sidecar
+from aaclip_core.deploy.graph import DetectorGraph
+from aaclip_core.errors import ConfigError
+from aaclip_core.model import ModelModes
+from aaclip_core.model.backbone import backbone_id
+from aaclip_core.pictures.visualize import CLIP_MEAN, CLIP_STD
+from aaclip_core.prompts.anchors import AnchorBank
+from aaclip_core.prompts.names import scoring_namer
+from aaclip_core.recipe import Recipe, recipe_hash
+from aaclip_core.registry.tracking import aaclip_version, connect, get_run, git_commit
+from aaclip_core.reporter import Reporter
 
 STEM = "detector"
 
@@ -162,9 +162,9 @@ def export_detector(
 
 
 def _quantize(path: Path, info: dict, recipe: Recipe, reporter: Reporter) -> dict:
-    from ..deploy.quality import compare_precisions
-    from ..deploy.runtime import load_detector
-    from ..training.data import load_samples
+    from aaclip_core.deploy.quality import compare_precisions
+    from aaclip_core.deploy.scorer import load_detector
+    from aaclip_core.training.data import load_samples
 
     q_path = path.with_name(f"{STEM}.int8{path.suffix}")
     reporter.info(f"quantising to int8: {q_path}")

@@ -3,7 +3,7 @@
 ``reference`` (the default): the reference ``text_adapter.pth`` / ``image_adapter_N.pth`` files
 (:func:`aaclip_core.jobs.transfer.export_run`). ``aaclip``: a model folder that loads with no
 tracking store, carrying the calibrations of the run's tests of that checkpoint
-(:mod:`aaclip_core.model_folder`). ``onnx`` / ``torchscript``: one scoring graph and its sidecar
+(:mod:`aaclip_core.checkpoints.model_folder`). ``onnx`` / ``torchscript``: one scoring graph and its sidecar
 (:mod:`aaclip_core.jobs.deploy`). A new format is one more name in
 :data:`aaclip_core.names.EXPORT_FORMATS` and one more entry in :data:`EXPORTERS`.
 """
@@ -14,15 +14,21 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from ..checkpoints import ADAPTERS, MANIFEST, sha256_of
-from ..errors import ConfigError
-from ..model_folder import write_model_folder
-from ..names import EXPORT_FORMATS
-from ..model_io import default_checkpoint, run_calibrations, run_checkpoint, run_recipe, training_classes
-from ..reporter import Reporter
-from ..tracking import connect, get_run
-from .deploy import export_detector
-from .transfer import export_run
+from aaclip_core.checkpoints.checkpoint import ADAPTERS, MANIFEST, sha256_of
+from aaclip_core.checkpoints.from_run import (
+    default_checkpoint,
+    run_calibrations,
+    run_checkpoint,
+    run_recipe,
+    training_classes,
+)
+from aaclip_core.checkpoints.model_folder import write_model_folder
+from aaclip_core.errors import ConfigError
+from aaclip_core.jobs.deploy import export_detector
+from aaclip_core.jobs.transfer import export_run
+from aaclip_core.names import EXPORT_FORMATS
+from aaclip_core.registry.tracking import connect, get_run
+from aaclip_core.reporter import Reporter
 
 DEFAULT_FORMAT = "reference"
 

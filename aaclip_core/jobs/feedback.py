@@ -17,26 +17,26 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed
-from ..checkpoints import Checkpoint, checkpoint_name, parse_checkpoint_name
-from ..config import Recipe
-from ..data import train_val_split
-from ..data.prompt_names import PromptNamer, checkpoint_namer, training_namer
-from ..data.splits import small_split_warning
-from ..errors import ConfigError
-from ..evaluation import evaluate
-from ..model import AACLIP, ModelModes, build_model
-from ..model_io import loop_validation
-from ..reporter import Reporter
-from ..runs import describe_owner, run_liveness
-from ..selection import Selection, check_selection_metric, select_loop
-from ..tracking import TAG, connect, get_run, list_artifacts, loop_runs, tracked_run
-from ..training.data import make_dataset, make_loader
-from ..training.engine import StageSchedule, run_stage
-from ..training.groups import count_trainable, stage_parameters
-from ..training.schedule import WarmupCosine, loop_epochs, loop_lr
-from . import common
-from .cross import load_base_adapters
+from aaclip_core import distributed
+from aaclip_core.checkpoints.checkpoint import Checkpoint, checkpoint_name, parse_checkpoint_name
+from aaclip_core.checkpoints.from_run import loop_validation
+from aaclip_core.data import train_val_split
+from aaclip_core.data.splits import small_split_warning
+from aaclip_core.errors import ConfigError
+from aaclip_core.evaluation.protocol import evaluate
+from aaclip_core.evaluation.selection import Selection, check_selection_metric, select_loop
+from aaclip_core.jobs import common
+from aaclip_core.jobs.cross import load_base_adapters
+from aaclip_core.model import AACLIP, ModelModes, build_model
+from aaclip_core.prompts.names import PromptNamer, checkpoint_namer, training_namer
+from aaclip_core.recipe import Recipe
+from aaclip_core.registry.runs import describe_owner, run_liveness
+from aaclip_core.registry.tracking import TAG, connect, get_run, list_artifacts, loop_runs, tracked_run
+from aaclip_core.reporter import Reporter
+from aaclip_core.training.data import make_dataset, make_loader
+from aaclip_core.training.engine import StageSchedule, run_stage
+from aaclip_core.training.groups import count_trainable, stage_parameters
+from aaclip_core.training.schedule import WarmupCosine, loop_epochs, loop_lr
 
 
 def latest_checkpoint(names: list[str]) -> tuple[int, int] | None:

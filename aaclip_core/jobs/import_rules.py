@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ConfigError
+from aaclip_core.errors import ConfigError
 
 
 def check_import_sources(text_adapter: Path | None, image_adapter: Path | None, allow_image_only: bool) -> None:

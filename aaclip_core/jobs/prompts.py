@@ -7,12 +7,12 @@ import json
 import tempfile
 from pathlib import Path
 
-from ..config import DatasetRef, Recipe
-from ..data.prompt_names import PromptName, PromptNamer, training_namer
-from ..errors import ConfigError, TrackingError
-from ..prompts import split_prompts
-from ..tracking import connect, download, get_run
-from .common import PROMPT_NAMES_ARTIFACT, run_recipe
+from aaclip_core.errors import ConfigError, TrackingError
+from aaclip_core.jobs.common import PROMPT_NAMES_ARTIFACT, run_recipe
+from aaclip_core.prompts.names import PromptName, PromptNamer, training_namer
+from aaclip_core.prompts.templates import split_prompts
+from aaclip_core.recipe import DatasetRef, Recipe
+from aaclip_core.registry.tracking import connect, download, get_run
 
 
 def prompt_card(dataset: str, p: PromptName) -> dict:

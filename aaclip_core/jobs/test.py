@@ -3,7 +3,7 @@ with no tracking store (SPEC §5).
 
 A run's test is an MLflow run (tags ``aaclip.source_run`` / ``aaclip.checkpoint``) holding the
 metrics, per-image scores, pixel pairs and the calibration (``results/report.json``). A model
-folder's test records its calibration in the folder itself (see :mod:`aaclip_core.model_folder`).
+folder's test records its calibration in the folder itself (see :mod:`aaclip_core.checkpoints.model_folder`).
 """
 
 from __future__ import annotations
@@ -16,19 +16,19 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .. import distributed
-from ..calibration import Calibration, ClassCalibration
-from ..checkpoints import Checkpoint
-from ..config import DatasetRef, Recipe, apply_overrides, flatten, recipe_from_dict
-from ..data.prompt_names import checkpoint_namer
-from ..errors import ConfigError
-from ..evaluation import METRIC_NAMES, EvalReport, evaluate
-from ..model_folder import add_calibration, read_model_folder
-from ..pixel_pairs import save_pixel_pairs
-from ..reporter import Reporter
-from ..tracking import TAG, connect, get_run, log_json_artifact, tracked_run
-from ..training.data import load_samples, make_dataset, make_loader
-from . import common
+from aaclip_core import distributed
+from aaclip_core.checkpoints.checkpoint import Checkpoint
+from aaclip_core.checkpoints.model_folder import add_calibration, read_model_folder
+from aaclip_core.errors import ConfigError
+from aaclip_core.evaluation.calibration import Calibration, ClassCalibration
+from aaclip_core.evaluation.pixel_pairs import save_pixel_pairs
+from aaclip_core.evaluation.protocol import METRIC_NAMES, EvalReport, evaluate
+from aaclip_core.jobs import common
+from aaclip_core.prompts.names import checkpoint_namer
+from aaclip_core.recipe import DatasetRef, Recipe, apply_overrides, flatten, recipe_from_dict
+from aaclip_core.registry.tracking import TAG, connect, get_run, log_json_artifact, tracked_run
+from aaclip_core.reporter import Reporter
+from aaclip_core.training.data import load_samples, make_dataset, make_loader
 
 
 def test_dataset(recipe: Recipe, dataset: str | None, data_root: str | None, layout: str | None) -> DatasetRef:
@@ -290,7 +290,7 @@ def _evaluate(session: common.Session, subject: _Subject, ref: DatasetRef, mlflo
         _log_test(mlflow, report, ref, subject, seconds, workdir)
         common.log_prompt_names(mlflow, bank)
         if visualize > 0:  # `--visualize N`: anomaly-map pictures under visualizations/<class>/
-            from ..visualize import log_test_visualizations
+            from aaclip_core.pictures.visualize import log_test_visualizations
 
             result["visualizations"] = log_test_visualizations(mlflow, model, bank, recipe, session.device, samples,
                                                                report, visualize)

@@ -19,16 +19,24 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from ..backbone import backbone_id
-from ..checkpoints import FINAL, STAGE1, ReferenceFile, export_reference, map_reference, read_reference, sha256_of
-from ..config import Recipe, apply_overrides, recipe_from_dict
-from ..data.prompt_names import training_namer
-from ..errors import CheckpointError, ConfigError
-from ..model import build_model
-from ..tracking import TAG, connect, get_run, log_json_artifact, tracked_run
-from ..reporter import Reporter
-from . import common
-from .import_rules import check_import_sources
+from aaclip_core.checkpoints.checkpoint import (
+    FINAL,
+    STAGE1,
+    ReferenceFile,
+    export_reference,
+    map_reference,
+    read_reference,
+    sha256_of,
+)
+from aaclip_core.errors import CheckpointError, ConfigError
+from aaclip_core.jobs import common
+from aaclip_core.jobs.import_rules import check_import_sources
+from aaclip_core.model import build_model
+from aaclip_core.model.backbone import backbone_id
+from aaclip_core.prompts.names import training_namer
+from aaclip_core.recipe import Recipe, apply_overrides, recipe_from_dict
+from aaclip_core.registry.tracking import TAG, connect, get_run, log_json_artifact, tracked_run
+from aaclip_core.reporter import Reporter
 
 ADAPTER_PREFIXES = ("text_adapter.", "image_adapter.")
 

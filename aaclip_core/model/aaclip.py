@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import CrossAttentionConfig, ModelConfig
-from ..errors import ConfigError
-from .adapters import Adapter, Projection, norm_matched_mix, xavier_init_
-from .blocks import block_forward
-from .cross_attention import CrossAttention, ScaledCrossAttention
-from .dpam import dpam_block_forward
+from aaclip_core.errors import ConfigError
+from aaclip_core.model.adapters import Adapter, Projection, norm_matched_mix, xavier_init_
+from aaclip_core.model.blocks import block_forward
+from aaclip_core.model.cross_attention import CrossAttention, ScaledCrossAttention
+from aaclip_core.model.dpam import dpam_block_forward
+from aaclip_core.recipe import CrossAttentionConfig, ModelConfig
 
 FROZEN_PREFIX = "clip."
 
@@ -393,7 +393,7 @@ def build_model(
 
     ``final_weights``: the weights loaded next will not change again (a trained model for test or
     predict), so with ``runtime.compile`` its inference graph may hold them as constants."""
-    from ..backbone import build_clip
+    from aaclip_core.model.backbone import build_clip
 
     clip = build_clip(recipe, device)
     model = AACLIP(clip, recipe.model, recipe.fidelity, recipe.cross if with_cross else None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import linear_leaky_relu, records_autograd
+from aaclip_core.model.blocks import linear_leaky_relu, records_autograd
 
 
 class Adapter(nn.Module):

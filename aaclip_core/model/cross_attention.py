@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import rescale_to
+from aaclip_core.model.adapters import rescale_to
 
 
 class CrossAttention(nn.Module):

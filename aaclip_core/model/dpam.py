@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import residual_block_forward
+from aaclip_core.model.blocks import residual_block_forward
 
 
 def value_value_attention(attn: nn.MultiheadAttention, x: torch.Tensor, mode: str) -> torch.Tensor:

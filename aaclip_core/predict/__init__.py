@@ -1,13 +1,13 @@
 """`aaclip predict`: score new images with a trained model, on the scale `aaclip test` reports.
 
 Model. A run of the tracking store (``run_id``, at its selected or a named checkpoint) or a model
-folder (``model_dir``, no store needed; see :mod:`aaclip_core.model_folder`).
+folder (``model_dir``, no store needed; see :mod:`aaclip_core.checkpoints.model_folder`).
 
 Scale. `test` min-max normalises raw pixel maps and detection scores over each class's test set
-and keeps the ranges and the F1-optimal image threshold as a calibration (:mod:`aaclip_core.calibration`).
+and keeps the ranges and the F1-optimal image threshold as a calibration (:mod:`aaclip_core.evaluation.calibration`).
 A new image is scored with the calibration of a test on the images' own dataset, which reproduces
 that test's image score exactly. Which test that is must be unambiguous
-(:func:`~aaclip_core.calibration.choose_calibration`): the one test dataset whose calibration covers
+(:func:`~aaclip_core.evaluation.calibration.choose_calibration`): the one test dataset whose calibration covers
 the images' classes, never a test on the model's training data; ``--calibration`` names a test run
 or dataset when it is not. Without a calibration the score is the same formula on the raw values
 (not on the test scale); the overlay's heat map is then normalised by the image's own map.
@@ -30,18 +30,25 @@ from __future__ import annotations
 import math
 import tempfile
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError
-from .inputs import CLASS_SEARCH_DEPTH, ROW_KEYS, SKIP_DIRS, ImageJob, assign_classes, collect_images, resolve_class
-from .outputs import PREDICTIONS_FILE, ImageOutputs, Thresholds, write_summary
+from aaclip_core.errors import ConfigError
+from aaclip_core.predict.inputs import (
+    CLASS_SEARCH_DEPTH,
+    ROW_KEYS,
+    SKIP_DIRS,
+    ImageJob,
+    assign_classes,
+    collect_images,
+    resolve_class,
+)
+from aaclip_core.predict.outputs import PREDICTIONS_FILE, ImageOutputs, Thresholds, write_summary
 
 if TYPE_CHECKING:  # the scorer of exported files (aaclip_core.deploy.predict) imports this package without
     # open_clip or mlflow: the model-side modules load only where a model is scored.
-    from ..calibration import Calibration
-    from ..reporter import Reporter
-    from .source import ModelSource
+    from aaclip_core.evaluation.calibration import Calibration
+    from aaclip_core.predict.source import ModelSource
+    from aaclip_core.reporter import Reporter
 
 __all__ = [
     "CLASS_SEARCH_DEPTH", "PREDICTIONS_FILE", "ROW_KEYS", "SKIP_DIRS", "ImageJob", "ImageOutputs", "ModelSource",
@@ -68,7 +75,7 @@ def parse_threshold(value: str | float | None) -> float | str | None:
 
 def _load_source(run_id: str | None, model_dir: Path | None, checkpoint: str | None, tracking_uri: str | None,
                  workdir: Path) -> tuple[ModelSource, str | None]:
-    from .source import from_folder, from_run
+    from aaclip_core.predict.source import from_folder, from_run
 
     if (run_id is None) == (model_dir is None):
         raise ConfigError("predict needs a model: pass either --run RUN_ID or --model DIR (not both).")
@@ -77,7 +84,7 @@ def _load_source(run_id: str | None, model_dir: Path | None, checkpoint: str | N
             raise ConfigError("--checkpoint picks a checkpoint of a run; a model folder holds one model (drop it).")
         source = from_folder(model_dir)
         return source, None if source.calibrations else f"the {source.label} holds no calibration"
-    from ..tracking import connect
+    from aaclip_core.registry.tracking import connect
 
     return from_run(connect(tracking_uri), run_id, checkpoint, workdir)
 
@@ -85,7 +92,7 @@ def _load_source(run_id: str | None, model_dir: Path | None, checkpoint: str | N
 def _calibration(source: ModelSource, classes: set[str], wanted: str | None, mode, store_note: str | None,
                  class_name: str | None) -> tuple[Calibration | None, str | None]:
     """The calibration to score with and, when there is none, why; ``auto`` without one stops here."""
-    from ..calibration import choose_calibration
+    from aaclip_core.evaluation.calibration import choose_calibration
 
     choice = choose_calibration(source.calibrations, classes, wanted)
     note = store_note or choice.note
@@ -125,11 +132,11 @@ def predict_images(
     """Score images with a run's model or a model folder; write overlays (and raw maps) and
     ``predictions.jsonl`` under ``out_dir``. Returns a summary with every row; unreadable images are
     rows with an ``error``."""
-    from ..anchors import AnchorBank
-    from ..data.prompt_names import scoring_namer
-    from ..reporter import Reporter
-    from ..runtime import configure_threads, seed_everything, select_device
-    from .scoring import BatchScorer
+    from aaclip_core.compute import configure_threads, seed_everything, select_device
+    from aaclip_core.predict.scoring import BatchScorer
+    from aaclip_core.prompts.anchors import AnchorBank
+    from aaclip_core.prompts.names import scoring_namer
+    from aaclip_core.reporter import Reporter
 
     reporter = reporter or Reporter()
     mode = parse_threshold(threshold)
@@ -167,7 +174,7 @@ def predict_images(
 
 
 def _model(source: ModelSource, device):
-    from ..model_folder import model_from_checkpoint
+    from aaclip_core.checkpoints.model_folder import model_from_checkpoint
 
     model = model_from_checkpoint(source.recipe, source.checkpoint, device)
     model.eval()
@@ -177,11 +184,11 @@ def _model(source: ModelSource, device):
 def __getattr__(name: str):
     """The model-side names, loaded on first use (see the imports above)."""
     if name in ("BatchScorer", "score_image"):
-        from . import scoring
+        from aaclip_core.predict import scoring
 
         return getattr(scoring, name)
     if name in ("ModelSource", "from_folder", "from_run", "run_calibrations"):
-        from . import source
+        from aaclip_core.predict import source
 
         return getattr(source, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

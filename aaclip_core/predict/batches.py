@@ -9,9 +9,9 @@ import math
 from collections.abc import Callable
 from typing import TypeVar
 
-from ..errors import DataError
-from .inputs import ImageJob
-from .outputs import ImageOutputs
+from aaclip_core.errors import DataError
+from aaclip_core.predict.inputs import ImageJob
+from aaclip_core.predict.outputs import ImageOutputs
 
 Item = TypeVar("Item")
 

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..overlay import save_overlay, verdict_line
-from .inputs import ImageJob, row
+from aaclip_core.pictures.overlay import save_overlay, verdict_line
+from aaclip_core.predict.inputs import ImageJob, row
 
 if TYPE_CHECKING:  # only its fields are read here; importing it would pull torch into this module
-    from ..calibration import Calibration
+    from aaclip_core.evaluation.calibration import Calibration
 
 PREDICTIONS_FILE = "predictions.jsonl"
 RAW_SCALE_NOTE = "raw (uncalibrated) scale"

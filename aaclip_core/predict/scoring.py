@@ -9,15 +9,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..calibration import ClassCalibration, uncalibrated_score
-from ..config import Recipe
-from ..data.dataset import load_image_tensor
-from ..evaluation import predict_batch
-from ..runtime import autocast
-from ..visualize import CLIP_MEAN, CLIP_STD, denormalise
-from .batches import score_in_batches
-from .inputs import ImageJob
-from .outputs import ImageOutputs
+from aaclip_core.compute import autocast
+from aaclip_core.data.dataset import load_image_tensor
+from aaclip_core.evaluation.calibration import ClassCalibration, uncalibrated_score
+from aaclip_core.evaluation.protocol import predict_batch
+from aaclip_core.pictures.visualize import CLIP_MEAN, CLIP_STD, denormalise
+from aaclip_core.predict.batches import score_in_batches
+from aaclip_core.predict.inputs import ImageJob
+from aaclip_core.predict.outputs import ImageOutputs
+from aaclip_core.recipe import Recipe
+
 
 def score_image(raw_map: torch.Tensor, raw_det: float, cal: ClassCalibration | Mapping[str, float] | None, domain: str
                 ) -> tuple[float, np.ndarray]:

@@ -7,12 +7,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..calibration import Calibration
-from ..checkpoints import Checkpoint
-from ..config import Recipe
-from ..model_folder import read_model_folder
-from ..model_io import default_checkpoint, run_calibrations, run_checkpoint, run_recipe, training_classes
-from ..tracking import get_run
+from aaclip_core.checkpoints.checkpoint import Checkpoint
+from aaclip_core.checkpoints.from_run import (
+    default_checkpoint,
+    run_calibrations,
+    run_checkpoint,
+    run_recipe,
+    training_classes,
+)
+from aaclip_core.checkpoints.model_folder import read_model_folder
+from aaclip_core.evaluation.calibration import Calibration
+from aaclip_core.recipe import Recipe
+from aaclip_core.registry.tracking import get_run
 
 
 @dataclass

@@ -8,16 +8,15 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-from .. import distributed
-
-from ..config import DatasetRef, Recipe
-from ..data import AnomalyDataset, Sample, index_dataset, k_shot, select_classes, validate_samples
-from ..data.layouts import LAYOUT_DESCRIPTIONS, looks_like
-from ..data.locate import dataset_hint
-from ..data.synthetic import DEMO_HALVES, ensure_demo_half, is_demo_data
-from ..errors import DataError
-from ..runtime import select_device
-from .sharding import RankShareBatches, StridedBatches, WeightedItems
+from aaclip_core import distributed
+from aaclip_core.compute import select_device
+from aaclip_core.data import AnomalyDataset, Sample, index_dataset, k_shot, select_classes, validate_samples
+from aaclip_core.data.layouts import LAYOUT_DESCRIPTIONS, looks_like
+from aaclip_core.data.locate import dataset_hint
+from aaclip_core.data.synthetic import DEMO_HALVES, ensure_demo_half, is_demo_data
+from aaclip_core.errors import DataError
+from aaclip_core.recipe import DatasetRef, Recipe
+from aaclip_core.training.sharding import RankShareBatches, StridedBatches, WeightedItems
 
 
 def load_samples(ref: DatasetRef, seed: int, validate: bool = True, field: str = "data.train") -> list[Sample]:

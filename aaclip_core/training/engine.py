@@ -13,15 +13,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .. import distributed
-from ..anchors import AnchorBank
-from ..config import Recipe
-from ..errors import TrainingDiverged
-from ..losses import LossTerms, anchor_dots, detection_per_sample
-from ..model import AACLIP
-from ..runtime import autocast
-from ..similarity import training_probs
-from .groups import grad_norms, set_trainable
+from aaclip_core import distributed
+from aaclip_core.compute import autocast
+from aaclip_core.errors import TrainingDiverged
+from aaclip_core.model import AACLIP
+from aaclip_core.model.similarity import training_probs
+from aaclip_core.prompts.anchors import AnchorBank
+from aaclip_core.recipe import Recipe
+from aaclip_core.training.groups import grad_norms, set_trainable
+from aaclip_core.training.losses import LossTerms, anchor_dots, detection_per_sample
 
 # progress(stage, epoch, epochs, batch, batches, loss)
 ProgressFn = Callable[[str, int, int, int, int, float], None]

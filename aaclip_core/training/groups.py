@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model import AACLIP
+from aaclip_core.model import AACLIP
 
 GROUPS = ("text_adapters", "text_cross_attn", "image_adapters", "projections", "image_cross_attn")
 

@@ -18,7 +18,7 @@ with the image score, the threshold and the verdict written underneath.
 
 numpy, PIL, matplotlib's colormaps and its bundled DejaVu font only (no pyplot, so no GUI backend
 is ever loaded; no torch), so the scorer of exported models (`aaclip_core.deploy`) draws the same
-pictures without the training stack. `aaclip_core.visualize` adds what needs the model
+pictures without the training stack. `aaclip_core.pictures.visualize` adds what needs the model
 (`test --visualize`).
 """
 
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .scale import minmax
+from aaclip_core.evaluation.scale import minmax
 
 CONTOUR_LEVEL = 0.5
 HEAT_ALPHA = 0.5
@@ -58,7 +58,7 @@ Box = tuple[int, int, int, int]  # (left, top, right, bottom), right/bottom excl
 
 
 def normalise_for_display(raw_map: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
-    """The calibration's min-max (:func:`aaclip_core.scale.minmax`) clipped to [0, 1] for display; lo/hi
+    """The calibration's min-max (:func:`aaclip_core.evaluation.scale.minmax`) clipped to [0, 1] for display; lo/hi
     default to the map's own min and max."""
     return np.clip(minmax(np.asarray(raw_map, dtype=np.float32), lo, hi), 0.0, 1.0)
 

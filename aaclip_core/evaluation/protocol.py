@@ -16,16 +16,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import distributed, metrics
-from .anchors import AnchorBank
-from .calibration import ClassCalibration
-from .config import Recipe
-from .model import AACLIP
-from .names import METRIC_NAMES
-from .pixel_pairs import PixelPairs, pixel_pairs
-from .runtime import autocast
-from .similarity import test_map
-
+from aaclip_core import distributed
+from aaclip_core.compute import autocast
+from aaclip_core.evaluation.calibration import ClassCalibration
+from aaclip_core.evaluation.pixel_pairs import PixelPairs, pixel_pairs
+from aaclip_core.evaluation import metrics
+from aaclip_core.model import AACLIP
+from aaclip_core.model.similarity import test_map
+from aaclip_core.names import METRIC_NAMES
+from aaclip_core.prompts.anchors import AnchorBank
+from aaclip_core.recipe import Recipe
 
 
 @dataclass
@@ -172,7 +172,7 @@ def _detection(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 def image_scores(cm: ClassMaps, domain: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(normalised pixel maps, image scores) of a class under the reference protocol: min-max over
-    the class's test set (:mod:`aaclip_core.calibration`)."""
+    the class's test set (:mod:`aaclip_core.evaluation.calibration`)."""
     return ClassCalibration.ranges_of(cm.maps, cm.det).apply(cm.maps, cm.det, domain)
 
 

@@ -12,9 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
-from .names import METRIC_NAMES, RECIPE_LAYOUTS
-from .setting_aliases import Alias, aliases
+from aaclip_core.errors import ConfigError
+from aaclip_core.names import METRIC_NAMES, RECIPE_LAYOUTS
+from aaclip_core.recipe_aliases import Alias, aliases
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -150,7 +150,7 @@ class FeedbackConfig(_Strict):
     # Below this many validation images the held-out metrics are too coarse to select a loop on:
     # the job and `doctor` warn.
     min_val_images: int = Field(30, ge=0)
-    # The held-out metric that selects the loop (aaclip_core.selection): one of the reported metrics.
+    # The held-out metric that selects the loop (aaclip_core.evaluation.selection): one of the reported metrics.
     selection_metric: Literal[METRIC_NAMES] = "pixel_auroc"
 
 

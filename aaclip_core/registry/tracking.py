@@ -26,9 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import distributed
-from .errors import AaclipError, JobFailed, RankStopped, StoreError, TrackingError
-from .store_failures import classify_store_failure, is_transient, store_call, store_failure
+from aaclip_core import distributed
+from aaclip_core.errors import AaclipError, JobFailed, RankStopped, StoreError, TrackingError
+from aaclip_core.registry.failures import classify_store_failure, is_transient, store_call, store_failure
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "aaclip."  # prefix of every tag aaclip writes

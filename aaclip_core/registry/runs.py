@@ -7,15 +7,14 @@ metric, and its parent (a test run's training run, a feedback loop's job).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
-
 import os
 import socket
 import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 
-from .errors import ConfigError, TrackingError
-from .tracking import (
+from aaclip_core.errors import ConfigError, TrackingError
+from aaclip_core.registry.tracking import (
     HEARTBEAT_TAG,
     HOST_TAG,
     PID_TAG,

@@ -11,17 +11,24 @@ from pathlib import Path
 
 import torch
 
-from .backbone import backbone_id
-from .calibration import Calibration, choose_calibration
-from .checkpoints import (CHECKPOINT_CORE_FILES, FINAL, MANIFEST, Checkpoint, checkpoint_name, load_checkpoint,
-                          parse_checkpoint_name)
-from .config import Recipe, recipe_from_dict
-from .data.prompt_names import MANIFEST_KEY, PROMPT_NAMES_ARTIFACT
-from .errors import CheckpointError
-from .model import AACLIP
-from .model_folder import model_from_checkpoint  # noqa: F401 - model_from_checkpoint re-exported
-from .selection import select_loop
-from .tracking import TAG, download, get_run, list_artifacts
+from aaclip_core.checkpoints.checkpoint import (
+    CHECKPOINT_CORE_FILES,
+    FINAL,
+    MANIFEST,
+    Checkpoint,
+    checkpoint_name,
+    load_checkpoint,
+    parse_checkpoint_name,
+)
+from aaclip_core.checkpoints.model_folder import model_from_checkpoint  # noqa: F401 - model_from_checkpoint re-exported
+from aaclip_core.errors import CheckpointError
+from aaclip_core.evaluation.calibration import Calibration, choose_calibration
+from aaclip_core.evaluation.selection import select_loop
+from aaclip_core.model import AACLIP
+from aaclip_core.model.backbone import backbone_id
+from aaclip_core.prompts.names import MANIFEST_KEY, PROMPT_NAMES_ARTIFACT
+from aaclip_core.recipe import Recipe, recipe_from_dict
+from aaclip_core.registry.tracking import TAG, download, get_run, list_artifacts
 
 MAX_TEST_RUNS = 50
 
@@ -172,7 +179,7 @@ def _test_prompt_names(mlflow, test_run_id: str, workdir: Path) -> dict[str, str
 def chosen_calibration(mlflow, run_id: str, checkpoint: str, workdir: Path, wanted: str | None = None,
                        classes: set[str] | None = None) -> tuple[Calibration | None, str | None]:
     """The calibration of the run's tests at ``checkpoint`` that the one rule
-    (:func:`~aaclip_core.calibration.choose_calibration`) picks, or None and why."""
+    (:func:`~aaclip_core.evaluation.calibration.choose_calibration`) picks, or None and why."""
     calibrations, note = run_calibrations(mlflow, run_id, checkpoint, workdir)
     choice = choose_calibration(calibrations, classes or set(), wanted)
     return choice.calibration, note or choice.note

@@ -6,7 +6,7 @@ and scores an image as ``0.5 * max(normalised map) + 0.5 * normalised det`` (ind
 ``max(normalised map)`` (medical). A :class:`Calibration` keeps those per-class ranges and the
 F1-optimal image threshold, with the test (dataset, run, checkpoint, same-dataset flag) they came
 from; applying it to one new image reproduces that image's test score exactly, because both go
-through :func:`~aaclip_core.scale.minmax` and :func:`image_score`. Normalised values are not clipped, so a new
+through :func:`~aaclip_core.evaluation.scale.minmax` and :func:`image_score`. Normalised values are not clipped, so a new
 image can score below 0 or above 1; only pictures clip them to [0, 1].
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from . import metrics
-from .scale import minmax
+from aaclip_core.evaluation import metrics
+from aaclip_core.evaluation.scale import minmax
 
 
 def image_score(norm_maps: torch.Tensor, norm_det: torch.Tensor, domain: str) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Anomaly-map pictures of a model: `test --visualize`, and the image tensors `predict` draws.
 
-The drawing itself (panels, colours, contours) is `aaclip_core.overlay`, which needs no torch.
+The drawing itself (panels, colours, contours) is `aaclip_core.pictures.overlay`, which needs no torch.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from .overlay import normalise_for_display, save_overlay, verdict_line
+from aaclip_core.pictures.overlay import normalise_for_display, save_overlay, verdict_line
 
 # The CLIP normalisation `load_image_tensor` and the dataset apply (OpenAI statistics).
 CLIP_MEAN = tuple(OPENAI_DATASET_MEAN)
@@ -58,9 +58,9 @@ def test_visualizations(model, bank, recipe, device, samples, report, n: int, ou
     """Write `test --visualize N` pictures under ``out_dir/<class>/``; the maps are recomputed for the
     selected images only and normalised with the class's test-set range (the report's calibration),
     which makes them the exact maps the metrics saw. Ground-truth masks are outlined in green."""
-    from .evaluation import predict_batch
-    from .runtime import autocast
-    from .training.data import make_dataset
+    from aaclip_core.compute import autocast
+    from aaclip_core.evaluation.protocol import predict_batch
+    from aaclip_core.training.data import make_dataset
 
     if n <= 0:
         return []

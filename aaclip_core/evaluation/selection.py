@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import Recipe
-from .errors import ConfigError
+from aaclip_core.errors import ConfigError
+from aaclip_core.recipe import Recipe
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """A model is a folder: a checkpoint directory whose manifest says everything needed to rebuild and
 score the model, so that loading needs no tracking store.
 
-Layout (aaclip's checkpoint format, see :mod:`aaclip_core.checkpoints`)::
+Layout (aaclip's checkpoint format, see :mod:`aaclip_core.checkpoints.checkpoint`)::
 
     DIR/adapters.safetensors   the trained tensors (adapters, cross-attention modules)
     DIR/manifest.json          format, recipe, fidelity, backbone id, the model's modes
@@ -23,13 +23,20 @@ from typing import Any
 
 import torch
 
-from .calibration import Calibration
-from .checkpoints import ADAPTERS, MANIFEST, Checkpoint, atomic_write_text, load_checkpoint, save_checkpoint
-from .config import Recipe, recipe_from_dict
-from .errors import CheckpointError, ConfigError
-from .model import AACLIP, build_model
-from .model.aaclip import ModelModes
-from .data.prompt_names import MANIFEST_KEY as PROMPTS_KEY
+from aaclip_core.checkpoints.checkpoint import (
+    ADAPTERS,
+    MANIFEST,
+    Checkpoint,
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+)
+from aaclip_core.errors import CheckpointError, ConfigError
+from aaclip_core.evaluation.calibration import Calibration
+from aaclip_core.model import AACLIP, build_model
+from aaclip_core.model.aaclip import ModelModes
+from aaclip_core.prompts.names import MANIFEST_KEY as PROMPTS_KEY
+from aaclip_core.recipe import Recipe, recipe_from_dict
 
 MODEL_FORMAT = "aaclip-model"
 CALIBRATIONS_KEY = "calibrations"

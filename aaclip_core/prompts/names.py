@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from aaclip_core.config import DatasetRef, Recipe
-from aaclip_core.data.legacy_prompt_names import legacy_name
+from aaclip_core.prompts.legacy_names import legacy_name
+from aaclip_core.recipe import DatasetRef, Recipe
 
 REFERENCE_TABLE_FILE = "reference_prompt_names.json"
 # The checkpoint manifest's entry: {"table", "dataset", "names": {class: name}}.
@@ -58,7 +58,7 @@ def _normalise(name: str) -> str:
 @functools.cache
 def reference_table() -> dict[str, dict[str, str]]:
     """The reference's table: dataset -> class folder name -> prompt name."""
-    text = resources.files("aaclip_core.data").joinpath(REFERENCE_TABLE_FILE).read_text(encoding="utf-8")
+    text = resources.files("aaclip_core.prompts").joinpath(REFERENCE_TABLE_FILE).read_text(encoding="utf-8")
     return json.loads(text)
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import CheckpointError, ConfigError, DataError
-from .contract import OUTPUT_NAMES as OUTPUTS
-from .contract import REQUIRED_KEYS, SIDECAR_SCHEMA, sha256_file, sidecar_of
+from aaclip_core.deploy.contract import OUTPUT_NAMES as OUTPUTS
+from aaclip_core.deploy.contract import REQUIRED_KEYS, SIDECAR_SCHEMA, sha256_file, sidecar_of
+from aaclip_core.errors import CheckpointError, ConfigError, DataError
 
 DEPLOY_HINT = "pip install 'aaclip[deploy]'"
 

@@ -1,6 +1,6 @@
 """The reference's and the fork's setting names, and the aaclip settings they are.
 
-One table (``setting_aliases.toml``, shipped with the package) says it: `--set`, recipe errors,
+One table (``recipe_aliases.toml``, shipped with the package) says it: `--set`, recipe errors,
 ``recipes show --aliases``, ``doctor`` and the README all read it from here.
 """
 
@@ -16,7 +16,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
-TABLE_FILE = "setting_aliases.toml"
+TABLE_FILE = "recipe_aliases.toml"
 
 
 @dataclass(frozen=True)

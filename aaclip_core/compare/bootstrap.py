@@ -14,10 +14,10 @@ Each replicate's AUROC is computed exactly, without re-sorting: for a class with
 and N normal images, ``M[i, j] = 1`` when anomalous image ``i`` outscores normal image ``j``
 (½ on a tie), and a resample drawing anomalous image ``i`` ``a_i`` times and normal image
 ``j`` ``b_j`` times has AUROC ``a @ M @ b / (P * N)`` — the Mann-Whitney statistic of the
-resampled scores, i.e. what :func:`aaclip_core.metrics.auroc` returns on them (tested).
+resampled scores, i.e. what :func:`aaclip_core.evaluation.metrics.auroc` returns on them (tested).
 
 Pixel AUROC is bootstrapped the same way from the exact per-class pixel pair counts that
-`aaclip test` stores (``results/pixel_pairs.npz``, see :mod:`aaclip_core.pixel_pairs`): a resample
+`aaclip test` stores (``results/pixel_pairs.npz``, see :mod:`aaclip_core.evaluation.pixel_pairs`): a resample
 weights each image by how often it was drawn. Test runs made before that artifact existed have
 no pixel interval; `compare` says so.
 """
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics
-from .names import METRIC_LABELS
-from .pixel_pairs import PixelPairs
+from aaclip_core.evaluation.pixel_pairs import PixelPairs
+from aaclip_core.evaluation import metrics
+from aaclip_core.names import METRIC_LABELS
 
 DEFAULT_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0

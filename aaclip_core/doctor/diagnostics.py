@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .anchors import AnchorBank
-from .config import Recipe
-from .model import AACLIP
-from .training.engine import stage2_loss
-from .training.groups import grad_norms, set_trainable
+from aaclip_core.model import AACLIP
+from aaclip_core.prompts.anchors import AnchorBank
+from aaclip_core.recipe import Recipe
+from aaclip_core.training.engine import stage2_loss
+from aaclip_core.training.groups import grad_norms, set_trainable
 
 
 @dataclass

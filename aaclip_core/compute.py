@@ -9,7 +9,7 @@ import random
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from aaclip_core.errors import ConfigError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

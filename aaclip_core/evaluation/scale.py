@@ -1,6 +1,6 @@
 """The one min-max normalisation, for torch tensors and numpy arrays alike. It imports no torch, so
 the pictures and the torch-free scorer of exported models (`aaclip_core.deploy`) use it too; the
-score formula around it is in :mod:`aaclip_core.calibration`."""
+score formula around it is in :mod:`aaclip_core.evaluation.calibration`."""
 
 from __future__ import annotations
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from . import distributed
-from .data.prompt_names import PromptName, PromptNamer
-from .model import AACLIP
-from .prompts import N_PROMPTS, anchors_from_embeddings, class_prompts
+from aaclip_core import distributed
+from aaclip_core.model import AACLIP
+from aaclip_core.prompts.names import PromptName, PromptNamer
+from aaclip_core.prompts.templates import N_PROMPTS, anchors_from_embeddings, class_prompts
 
 
 class AnchorBank:

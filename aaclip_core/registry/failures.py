@@ -8,7 +8,8 @@ import contextlib
 import re
 from collections.abc import Iterator
 
-from .errors import AaclipError, StoreError
+from aaclip_core.errors import AaclipError, StoreError
+
 
 def _exception_chain(exc: BaseException) -> list[BaseException]:
     seen: list[BaseException] = []

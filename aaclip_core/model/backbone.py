@@ -11,8 +11,8 @@ import open_clip
 import torch
 from torch import nn
 
-from .config import Recipe
-from .errors import WeightsError
+from aaclip_core.errors import WeightsError
+from aaclip_core.recipe import Recipe
 
 # Where users without network access can fetch the OpenAI weights in OpenCLIP's own format.
 _WEIGHTS_HINT = {

@@ -24,8 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
-from .files import temp_dir_in, temp_file_beside, with_umask_mode
+from aaclip_core.errors import CheckpointError
+from aaclip_core.files import temp_dir_in, temp_file_beside, with_umask_mode
 
 FORMAT_VERSION = 1
 ADAPTERS = "adapters.safetensors"
