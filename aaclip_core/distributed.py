@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from aaclip_core import signals
 from aaclip_core.errors import ConfigError, RankStopped
 
 # A rank that waits longer than this in a collective gives up (its peer is gone or stuck): the
@@ -138,7 +139,7 @@ def _install_sigterm() -> None:
     def handler(signum, frame):
         # Once only: a second signal must not interrupt the clean-up the first one started.
         signal.signal(signum, signal.SIG_IGN)
-        raise RankStopped(f"rank {_setting.rank} received {signal.Signals(signum).name}")
+        signals.interrupt(RankStopped(f"rank {_setting.rank} received {signal.Signals(signum).name}"))
 
     signal.signal(signal.SIGTERM, handler)
 

@@ -9,12 +9,19 @@ with 128 + the signal number, as a shell reports a process killed by that signal
 
 Reusable by any entry point (the CLI, each torchrun rank): call ``install()`` once, early, in the
 main thread, and exit with ``exit_code(exc)`` when a ``KeyboardInterrupt`` reaches the top.
+
+Safe points: an interrupt raised inside a store write (SQLAlchemy's ``executemany``, an artifact
+copy) leaves the transaction open and SQLite's write lock held, so ending the run KILLED then fails
+with "database is locked". Code that must not be cut in the middle runs under ``shielded()``: a
+signal that arrives there is held and raised when the block ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 
 HANDLED = (signal.SIGTERM, signal.SIGHUP)
 
@@ -28,6 +35,36 @@ class Terminated(KeyboardInterrupt):
 
 
 _received: list[int] = []
+# How deep the main thread is in shielded blocks, and the interrupt held back until it leaves them.
+_shield_depth = 0
+_held: list[BaseException] = []
+
+
+def interrupt(exc: BaseException) -> None:
+    """Raise ``exc`` (from a signal handler) now, or when the main thread leaves its shielded block."""
+    if _shield_depth:
+        if not _held:
+            _held.append(exc)
+        return
+    raise exc
+
+
+@contextlib.contextmanager
+def shielded() -> Iterator[None]:
+    """Hold SIGTERM, SIGHUP and Ctrl-C until the block ends, then raise the first one that came (it
+    replaces an error the block raised: the user asked to stop). Other threads are never interrupted
+    by signals, so there it does nothing."""
+    global _shield_depth
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _shield_depth += 1
+    try:
+        yield
+    finally:
+        _shield_depth -= 1
+        if not _shield_depth and _held:
+            raise _held.pop()
 
 
 def _raise_terminated(signum: int, frame) -> None:
@@ -36,17 +73,32 @@ def _raise_terminated(signum: int, frame) -> None:
     if _received:
         return
     _received.append(signum)
-    raise Terminated(signum)
+    interrupt(Terminated(signum))
+
+
+def _raise_keyboard_interrupt(signum: int, frame) -> None:
+    interrupt(KeyboardInterrupt())  # Python's own Ctrl-C, but held inside shielded blocks
 
 
 def install() -> bool:
-    """Turn SIGTERM and SIGHUP into ``Terminated``. Returns False (and changes nothing) outside the
-    main thread, where Python cannot install signal handlers."""
+    """Turn SIGTERM and SIGHUP into ``Terminated`` and Ctrl-C into ``KeyboardInterrupt``, both held
+    inside ``shielded()`` blocks. Returns False (and changes nothing) outside the main thread, where
+    Python cannot install signal handlers."""
     if threading.current_thread() is not threading.main_thread():
         return False
     for sig in HANDLED:
         signal.signal(sig, _raise_terminated)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # a caller's own handler is kept
+        signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
     return True
+
+
+def leave_to_parent(worker_id: int = 0) -> None:
+    """A DataLoader worker's ``worker_init_fn``: a cluster signals the whole process group, and a
+    worker that dies of it makes the main process fail with "DataLoader worker exited unexpectedly"
+    instead of stopping cleanly. Workers ignore the signals; the main process ends them."""
+    for sig in (*HANDLED, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def exit_code(exc: KeyboardInterrupt) -> int:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from aaclip_core import distributed
+from aaclip_core import distributed, signals
 from aaclip_core.errors import AaclipError, JobFailed, RankStopped, StoreError, TrackingError
 from aaclip_core.registry.failures import classify_store_failure, is_transient, store_call, store_failure
 
@@ -147,13 +147,41 @@ def connect(cli_uri: str | None, write: bool = False):
                 raise store_failure(uri, exc, "opening it") from None
     # Exactly one run per job: under torchrun only rank 0 writes; the others may read (recipes,
     # checkpoints) but their writes go nowhere.
-    return mlflow if distributed.is_main() else ReadOnlyTracking(mlflow)
+    return ShieldedTracking(mlflow) if distributed.is_main() else ReadOnlyTracking(mlflow)
 
 
+# What writes to the store, as functions of the mlflow module and methods of MlflowClient.
 _WRITES = frozenset({
     "set_experiment", "start_run", "end_run", "log_metric", "log_metrics", "log_param", "log_params", "set_tag",
     "set_tags", "log_artifact", "log_artifacts", "log_text", "log_dict", "log_figure", "log_image",
+    "log_batch", "set_terminated", "delete_tag", "create_run", "create_experiment", "set_experiment_tag",
+    "update_run",
 })
+
+
+class ShieldedTracking:
+    """MLflow as rank 0 sees it: every write runs shielded from SIGTERM, SIGHUP and Ctrl-C
+    (``signals.shielded``). An interrupt raised inside a write leaves SQLite's write lock held by an
+    open transaction, and ending the run KILLED then fails with "database is locked"."""
+
+    def __init__(self, target) -> None:
+        self._target = target
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._target, name)
+        if name in _WRITES:
+            return _shielded_call(attr)
+        if name == "MlflowClient":
+            return lambda *a, **k: ShieldedTracking(attr(*a, **k))
+        return attr
+
+
+def _shielded_call(fn):
+    def call(*args, **kwargs):
+        with signals.shielded():
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def _ignore(*args, **kwargs) -> None:
@@ -231,6 +259,10 @@ def tracked_run(
             opened = run.info.run_id
         except AaclipError as exc:
             error = str(exc)
+        except KeyboardInterrupt:  # held while the run was being opened (signals.shielded): not left RUNNING
+            if mlflow.active_run() is not None:
+                _end_run(mlflow, "KILLED")
+            raise
     opened, error = distributed.broadcast_object((opened, error))
     if error:
         raise StoreError(error)

@@ -8,7 +8,7 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-from aaclip_core import distributed
+from aaclip_core import distributed, signals
 from aaclip_core.compute import select_device
 from aaclip_core.data import AnomalyDataset, Sample, index_dataset, k_shot, select_classes, validate_samples
 from aaclip_core.data.layouts import LAYOUT_DESCRIPTIONS, looks_like
@@ -109,6 +109,7 @@ def make_loader(
         # Workers are re-created every epoch so that they see the dataset's epoch (set_epoch), which
         # keys the augmentation draws; persistent workers would repeat epoch 1's draws forever.
         persistent_workers=False,
+        worker_init_fn=signals.leave_to_parent if workers > 0 else None,
         generator=generator,
     )
 
