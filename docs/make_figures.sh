@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the README's pictures with the tool itself, on the built-in demo (tiny backbone,
+# Regenerates the pictures of docs/evaluation.md with the tool itself, on the built-in demo (tiny backbone,
 # synthetic data; a few minutes on a CPU):
 #   docs/overlay.png  - one `aaclip predict` overlay
 #   docs/compare.png  - `aaclip compare --plot` of a base, a cross and a feedback run
