@@ -97,6 +97,21 @@ def test_a_store_failure_inside_store_call_is_still_a_store_error(logged_run, tm
     assert classify_store_failure(TypeError("x")) is None
 
 
+def test_only_the_stores_failures_are_classified():
+    """MLflow's own error objects: a server's 5xx answer and a driver's error are the store's; an
+    MLflow error of aaclip's making (a local download failing, a bad argument) and a bug are not."""
+    import sqlite3
+
+    from mlflow.exceptions import MlflowException, RestException
+
+    assert "server error (HTTP 500" in classify_store_failure(
+        RestException({"error_code": "INTERNAL_ERROR", "message": "boom"}))
+    assert "IntegrityError" in classify_store_failure(sqlite3.IntegrityError("UNIQUE constraint failed"))
+    for exc in (MlflowException("Failed to download: [Errno 28] No space left on device"), TypeError("x"),
+                RestException({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no run"})):
+        assert classify_store_failure(exc) is None, exc
+
+
 # The real CLI in its own process, with `aaclip runs` failing inside aaclip's code as a bug would.
 _BUGGY_CLI = """
 import aaclip_core.registry.runs as runs

@@ -74,8 +74,8 @@ def classify_store_failure(exc: BaseException) -> str | None:
         return f"cannot be reached (connection failed); retries: {_HTTP_VARS}"
     if status is not None and status >= 500 and any(type(e).__name__ == "RestException" for e in chain):
         return f"answered with a server error (HTTP {status}: {_first_line(exc)}); see the server's log"
-    if any(type(e).__module__.split(".")[0] in _DRIVER_MODULES for e in chain):
-        return _failed(exc)  # the database driver's own error, of a kind not named above
+    if any(type(e).__module__.split(".")[0] in _DRIVER_MODULES for e in chain) or "api request to" in text:
+        return _failed(exc)  # the database driver's own error, or the server's unexpected answer (MLflow's words)
     return None
 
 
