@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -46,11 +47,29 @@ class AaclipCommand(_FlagsWithoutType, TyperCommand):
 # Click, older ones use the click package): found from the one Typer exports.
 _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 _NoArgsIsHelp = getattr(sys.modules[_ClickException.__module__], "NoArgsIsHelpError", ())
+# How Click ends a command on purpose (an exit code, an abort, a usage error): not failures of aaclip.
+_CLICK_FLOW = (_ClickException, typer.Exit, getattr(sys.modules[_ClickException.__module__], "Abort", typer.Exit))
+
+EXIT_BUG = 1
+DEBUG_VAR = "AACLIP_DEBUG"  # set (to anything but 0 or empty): an unexpected error shows its traceback
 
 
 def print_error(message: str) -> None:
     """``error: message`` on stderr as one paragraph; ``[...]`` in the message is text, not markup."""
     err.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
+
+
+def _unexpected_error(exc: Exception) -> None:
+    """An error aaclip did not expect (not an AaclipError): a bug. One paragraph with its type and
+    message, where to report it and how to see the traceback."""
+    message = " ".join(str(exc).split())
+    if len(message) > 1000:
+        message = message[:1000] + " [...]"
+    print_error(
+        f"{type(exc).__name__}: {message or '(no message)'}. This is a bug in aaclip, not a problem with your input: "
+        "please report it to aaclip's maintainers with the command you ran and this message; run the command "
+        f"again with {DEBUG_VAR}=1 to see the traceback."
+    )
 
 
 def _usage_error(exc) -> None:
@@ -153,7 +172,8 @@ def speaks_for_job() -> bool:
 
 
 def handle_errors(fn):
-    """User errors -> one paragraph on stderr and exit 2, never a traceback."""
+    """User errors -> one paragraph on stderr and exit 2, never a traceback; any other error is a
+    bug -> one paragraph saying so, exit 1 (the traceback with AACLIP_DEBUG=1)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -177,6 +197,13 @@ def handle_errors(fn):
             err.print(f"[yellow]interrupted[/yellow] ({describe(exc)}): a run in progress is marked KILLED; "
                       "finished checkpoints are kept.", soft_wrap=True)
             raise typer.Exit(exit_code(exc)) from None
+        except _CLICK_FLOW:
+            raise
+        except Exception as exc:
+            if os.environ.get(DEBUG_VAR, "") not in ("", "0"):
+                raise
+            _unexpected_error(exc)
+            raise typer.Exit(EXIT_BUG) from None
 
     return wrapper
 

@@ -31,12 +31,19 @@ def print_report(report) -> None:
     say = functools.partial(console.print, soft_wrap=True)
     head = f"aaclip doctor: run {report.run_id}" if report.run_id else "aaclip doctor: recipe checks"
     say(f"[bold]{escape(head)}[/bold]")
-    for c in report.checks:
+    # A note shared by several checks is said once, under the last of them.
+    notes_after = {}
+    for note in report.notes:
+        last = max((i for i, c in enumerate(report.checks) if c.name in note.covers), default=len(report.checks) - 1)
+        notes_after.setdefault(last, []).append(note)
+    for i, c in enumerate(report.checks):
         style = _STYLE[c.status]
         say(f"[{style}]{c.status.upper():4s}[/{style}] {escape(c.name)} = {escape(_value(c.value))}")
         say(f"     {escape(c.detail)}")
         if c.fix and c.status in ("warn", "fail"):
             say(f"     [bold]fix:[/bold] {escape(c.fix)}")
+        for note in notes_after.get(i, []):
+            say(f"[dim]NOTE[/dim] {escape(note.text)}")
     s = report.summary
     say(f"{s['pass']} pass, {s['warn']} warn, {s['fail']} fail, {s['skip']} skipped")
 

@@ -13,6 +13,9 @@ from aaclip_cli.display import err, print_json
 def _metric_cell(row) -> str:
     if row.value is None:
         return "-"
+    if row.metric and row.metric.startswith("val/"):  # a feedback job's selected loop, on held-out data
+        loop = f" (loop {row.metric_loop})" if row.metric_loop is not None else ""
+        return f"held-out {row.metric[4:]} {100 * row.value:.2f}{loop}"
     if row.metric and row.metric.endswith("loss"):
         return f"{row.metric} {row.value:.4f}"
     return f"{row.metric} {100 * row.value:.2f}"

@@ -51,3 +51,8 @@ class StoreError(TrackingError):
     """The MLflow store cannot be used: unreachable, read-only, locked, refused our credentials, or
     written by another MLflow version. Raised only by ``tracking.store_failure``, which names the
     store URI and the cause in one paragraph without the driver's traceback text."""
+
+
+class LocalFileError(AaclipError):
+    """A local file or folder cannot be written or read (a full disk, a permission, a path through a
+    regular file): the message names the path and the operating system's cause."""

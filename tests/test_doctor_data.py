@@ -26,10 +26,14 @@ def _run(client, exp: str, stage: str, metrics: dict[str, list[float]], params: 
     return rid
 
 
-def _checks(uri: str, run_id: str) -> dict[str, dict]:
+def _report(uri: str, run_id: str) -> dict:
     out = runner.invoke(app, ["doctor", run_id, "--json", "--tracking-uri", uri])
     assert out.exit_code in (0, 1), out.output
-    return {c["name"]: c for c in json.loads(out.stdout)["checks"]}
+    return json.loads(out.stdout)
+
+
+def _checks(uri: str, run_id: str) -> dict[str, dict]:
+    return {c["name"]: c for c in _report(uri, run_id)["checks"]}
 
 
 def test_gradient_norms_far_above_the_band_warn_and_say_what_training_does_with_them(tmp_path):
@@ -38,19 +42,27 @@ def test_gradient_norms_far_above_the_band_warn_and_say_what_training_does_with_
     exp = client.create_experiment("doctor-data")
     norms = {"stage2/grad_norm/image_adapters": [30.0, 12.0, 9.0],  # 200x the band's top
              "stage2/grad_norm/projections": [0.4, 0.3, 0.2],  # above, within 10x
+             "stage2/grad_norm/text_adapters": [0.1, 0.1, 0.1],  # in the band
              "stage2/loss": [3.0, 2.0, 1.0]}
     base = _run(client, exp, "base", norms, {"model.name": "ViT-L-14-336"})
-    checks = _checks(uri, base)
+    report = _report(uri, base)
+    checks = {c["name"]: c for c in report["checks"]}
     far = checks["gradient norm stage2/image_adapters"]
-    assert far["status"] == "warn" and far["value"] == 30.0 and "200x its top" in far["detail"]
-    assert "do not clip" in far["detail"] and far["fix"]
+    assert far["status"] == "warn" and far["value"] == 30.0 and "200x its top" in far["detail"] and far["fix"]
     near = checks["gradient norm stage2/projections"]
-    assert near["status"] == "pass" and "above the band" in near["detail"] and "do not clip" in near["detail"]
-    # On another backbone the band does not apply, and the check says so instead of passing silently.
-    tiny = _checks(uri, _run(client, exp, "base", norms, {"model.name": "aaclip-tiny"}))
-    other = tiny["gradient norm stage2/image_adapters"]
+    assert near["status"] == "pass" and "above the band" in near["detail"]
+    # What training does with large norms is said once, in a note naming the checks it covers.
+    [note] = report["notes"]
+    assert note["covers"] == ["gradient norm stage2/image_adapters", "gradient norm stage2/projections"]
+    assert "do not clip" in note["text"] and "only vanishing" not in note["text"]
+    assert not any("do not clip" in c["detail"] for c in report["checks"])
+    # On another backbone the band does not apply, and the note says so instead of passing silently.
+    tiny = _report(uri, _run(client, exp, "base", norms, {"model.name": "aaclip-tiny"}))
+    other = {c["name"]: c for c in tiny["checks"]}["gradient norm stage2/image_adapters"]
     assert other["status"] == "pass" and "200x its top" in other["detail"]
-    assert "not this run's backbone (aaclip-tiny)" in other["detail"] and "only vanishing and dead" in other["detail"]
+    [note] = tiny["notes"]
+    assert "not this run's backbone (aaclip-tiny)" in note["text"] and "only vanishing and dead" in note["text"]
+    assert not any("only vanishing" in c["detail"] for c in tiny["checks"])
 
 
 def test_feedback_run_with_a_small_validation_split_warns(tmp_path):
@@ -66,7 +78,7 @@ def test_feedback_run_with_a_small_validation_split_warns(tmp_path):
     check = _checks(uri, small)["validation split"]
     assert check["status"] == "warn" and check["value"] == 6 and "only 6 images" in check["detail"]
     assert "feedback.val_fraction" in check["fix"]
-    grads = _checks(uri, small)["gradient norm stage2/image_adapters"]
-    assert "feedback.grad_clip = 1.0" in grads["detail"]
+    [note] = _report(uri, small)["notes"]
+    assert note["covers"] == ["gradient norm stage2/image_adapters"] and "feedback.grad_clip = 1.0" in note["text"]
     large = _run(client, exp, "feedback", metrics, {**params, "val_images": "40"})
     assert _checks(uri, large)["validation split"]["status"] == "pass"

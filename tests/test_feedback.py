@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -189,3 +190,37 @@ def test_feedback_cli_logs_children_selection_and_tests_selected_loop(demo_overr
                                 "--set", "eval.aupro=false"])
     assert loop1.exit_code == 0, loop1.output
     assert json.loads(loop1.stdout)["checkpoint"] == checkpoint_name(1, 2)
+
+
+def test_feedback_job_reads_well_in_doctor_and_runs(demo_overrides, tmp_path, monkeypatch):
+    """`doctor` says the gradient-norm caveat once, under the checks it covers (and once in --json);
+    `runs` shows a finished job's selected loop's held-out value, labelled as held-out."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = [x for s in demo_overrides + FAST for x in ("--set", s)]
+    out = runner.invoke(app, ["train", "feedback", "--recipe", "feedback-demo", "--json", "--tracking-uri", uri, *sets])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.stdout)
+    run_id, loop = result["run_id"], result["selected_loop"]
+
+    doc = json.loads(runner.invoke(app, ["doctor", run_id, "--json", "--tracking-uri", uri]).stdout)
+    gradient = [c["name"] for c in doc["checks"] if c["name"].startswith("gradient norm")]
+    assert len(gradient) >= 2
+    [note] = doc["notes"]  # the tiny demo backbone runs far above the band: one note for all of them
+    assert set(note["covers"]) <= set(gradient) and len(note["covers"]) >= 2
+    assert "feedback.grad_clip" in note["text"] and "only vanishing and dead" in note["text"]
+    assert not any("grad_clip" in c["detail"] or "only vanishing" in c["detail"] for c in doc["checks"])
+    text = runner.invoke(app, ["doctor", run_id, "--tracking-uri", uri]).stdout
+    assert text.count("only vanishing and dead") == 1 and text.count("feedback.grad_clip") == 1
+    lines = text.splitlines()
+    note_at = next(i for i, line in enumerate(lines) if line.startswith("NOTE"))
+    last_covered = max(i for i, line in enumerate(lines) if any(f" {n} = " in line for n in note["covers"]))
+    assert last_covered < note_at  # under the checks it covers: no gradient check after it
+    assert not any(re.match(r"(PASS|WARN|FAIL|SKIP) +gradient norm ", line) for line in lines[note_at + 1:])
+
+    held_out = result["val_per_loop"][str(loop)]
+    [row] = json.loads(runner.invoke(app, ["runs", "--stage", "feedback", "--json", "--tracking-uri", uri]).stdout)
+    assert row["run_id"] == run_id and row["metric"] == "val/pixel_auroc" and row["metric_loop"] == loop
+    assert row["value"] == pytest.approx(held_out)
+    table = runner.invoke(app, ["runs", "--stage", "feedback", "--tracking-uri", uri]).stdout
+    assert f"held-out pixel_auroc {100 * held_out:.2f} (loop {loop})" in table

@@ -14,9 +14,9 @@ Thresholds (documented in one place):
   Below 0.01 warns ("vanishing"), below 0.001 fails ("dead"), non-finite fails. Above the band
   is reported with what training does with it (feedback clips at ``feedback.grad_clip``; base and
   cross do not clip). The band is measured on ViT-L-14-336: on that backbone norms beyond 10x the
-  band's top warn; on others (the tiny demo backbone runs 20-200x the band) the detail says the band
-  does not apply and only vanishing / dead norms are judged (the failure SPEC §6-7 describe is
-  starvation, not excess).
+  band's top warn; on others (the tiny demo backbone runs 20-200x the band) only vanishing / dead
+  norms are judged (the failure SPEC §6-7 describe is starvation, not excess). Both caveats are
+  one note, said once under the gradient checks it covers (``DoctorReport.notes``).
 * validation split (feedback): fewer images than ``feedback.min_val_images`` warns.
   A group with no logged norm (its stage does not train it, or cross-attention is off) is skipped.
 * stage-2 loss within a loop: last epoch not below the first fails ("flat"); a drop under 2 %
@@ -50,6 +50,7 @@ from aaclip_core.doctor.checks import (
     STATUSES,
     Check,
     DoctorReport,
+    Note,
 )
 from aaclip_core.doctor.diagnosis import diagnose
 from aaclip_core.doctor.history import gradient_checks, loop_metric_check, loss_checks, run_checks
@@ -66,7 +67,7 @@ from aaclip_core.doctor.static import (
 
 __all__ = [
     "CROSS_WEIGHT_BAND", "CROSS_WEIGHT_FAIL", "GRAD_BAND", "GRAD_DEAD", "GRAD_VANISHING", "LOSS_NEARLY_FLAT",
-    "PROBE_IMAGES", "PROBE_RATIO_FAIL", "PROBE_SHARE_FAIL", "STATUSES", "Check", "DoctorReport",
+    "PROBE_IMAGES", "PROBE_RATIO_FAIL", "PROBE_SHARE_FAIL", "STATUSES", "Check", "DoctorReport", "Note",
     "check_activation", "check_cross_weight", "check_data", "check_device", "check_tracking", "check_weights",
     "diagnose", "gradient_checks", "loop_metric_check", "loss_checks", "probe_checks", "run_checks",
     "static_checks",

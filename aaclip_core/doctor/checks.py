@@ -4,7 +4,7 @@ the package docstring)."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 CROSS_WEIGHT_BAND = (0.05, 0.2)
@@ -39,9 +39,21 @@ class Check:
 
 
 @dataclass
+class Note:
+    """A caveat that holds for several checks alike (what training does with large gradient norms):
+    said once, under the last of the checks it covers, instead of in each one's detail."""
+    covers: list[str]  # the names of the checks it is about
+    text: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class DoctorReport:
     run_id: str | None
     checks: list[Check]
+    notes: list[Note] = field(default_factory=list)
 
     @property
     def summary(self) -> dict[str, int]:
@@ -52,6 +64,7 @@ class DoctorReport:
         return any(c.status == "fail" for c in self.checks)
 
     def as_dict(self) -> dict:
-        return {"run_id": self.run_id, "checks": [c.as_dict() for c in self.checks], "summary": self.summary}
+        return {"run_id": self.run_id, "checks": [c.as_dict() for c in self.checks],
+                "notes": [n.as_dict() for n in self.notes], "summary": self.summary}
 
 

@@ -63,10 +63,11 @@ def diagnose(
             run_recipe = None
         if run_recipe is not None and overrides:
             run_recipe = recipe_from_dict(apply_overrides(run_recipe.model_dump(mode="json"), overrides), "with --set")
-        checks += run_checks(client, mlflow, run, run_recipe, tracking_uri)
+        history, notes = run_checks(client, mlflow, run, run_recipe, tracking_uri)
+        checks += history
         tags = run.data.tags
         checks += check_distributed(run_recipe, int(tags.get(f"{TAG}world_size", "1")),
                                     tags.get(f"{TAG}backend", "none"))
         if probe:
             checks += probe_checks(mlflow, run, run_recipe, workdir)
-    return DoctorReport(run.info.run_id, checks)
+    return DoctorReport(run.info.run_id, checks, notes)

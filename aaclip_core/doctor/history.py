@@ -17,6 +17,7 @@ from aaclip_core.doctor.checks import (
     GRAD_VANISHING,
     LOSS_NEARLY_FLAT,
     Check,
+    Note,
 )
 from aaclip_core.doctor.static import (
     check_activation,
@@ -53,14 +54,17 @@ def _clipping(feedback: bool, grad_clip: str | None) -> str:
 
 
 def gradient_checks(client, loops: dict[int, Any], feedback: bool, grad_clip: str | None = None,
-                    backbone: str | None = None) -> list[Check]:
+                    backbone: str | None = None) -> tuple[list[Check], Note | None]:
+    """A check per module group's logged gradient norm, and the note (said once) on what the norms
+    above the band mean: what training does with them, and whether the band applies to this backbone."""
     series: dict[str, list[tuple[int, int, float]]] = {}
     for loop, r in sorted(loops.items()):
         for key in sorted(r.data.metrics):
             if "/grad_norm/" in key:
                 series.setdefault(key, []).extend((loop, step, v) for step, v in _history(client, r.info.run_id, key))
-    checks = []
+    checks, above_band = [], []
     lo, hi = GRAD_BAND
+    reference = backbone == GRAD_BAND_BACKBONE
     for key in sorted(series):
         stage, _, group = key.partition("/grad_norm/")
         vals = series[key]
@@ -83,13 +87,10 @@ def gradient_checks(client, loops: dict[int, Any], feedback: bool, grad_clip: st
         fix = (f"raise the stage's learning rate ({both_names('feedback.image_lr')}: try 2e-3 per SPEC §7), keep "
                "cross.*_weight at 0.1, run `aaclip doctor RUN_ID --probe`")
         high = max(vals, key=lambda v: v[2])
-        reference = backbone == GRAD_BAND_BACKBONE
         far = reference and high[2] > GRAD_FAR_ABOVE * hi
         if above:
-            detail += f"; above the band (up to {high[2] / hi:.0f}x its top): {_clipping(feedback, grad_clip)}"
-            if not reference:
-                detail += (f"; the band is SPEC §7's for {GRAD_BAND_BACKBONE}, not this run's backbone "
-                           f"({backbone or 'unknown'}), so here only vanishing and dead norms are judged")
+            detail += f"; above the band (up to {high[2] / hi:.0f}x its top; see the note on gradient norms)"
+            above_band.append(name)
         if low[2] < GRAD_DEAD:
             checks.append(Check(name, "fail", low[2], f"dead: {low[2]:.2g} < {GRAD_DEAD} at {where(low)}; " + detail,
                                 fix))
@@ -104,7 +105,13 @@ def gradient_checks(client, loops: dict[int, Any], feedback: bool, grad_clip: st
                                 + ("" if feedback else " (or train with feedback, which clips)")))
         else:
             checks.append(Check(name, "pass", low[2], f"lowest {low[2]:.3g} at {where(low)}; " + detail))
-    return checks
+    if not above_band:
+        return checks, None
+    text = f"Gradient norms above the band: {_clipping(feedback, grad_clip)}"
+    if not reference:
+        text += (f". The band is SPEC §7's for {GRAD_BAND_BACKBONE}, not this run's backbone "
+                 f"({backbone or 'unknown'}), so here only vanishing and dead norms are judged")
+    return checks, Note(above_band, text + ".")
 
 
 def loss_checks(client, loops: dict[int, Any], feedback: bool, lr_key: str) -> list[Check]:
@@ -211,8 +218,11 @@ def _run_prompt_check(run, recipe: Recipe | None, fidelity: str | None) -> Check
     return check_prompt_names(fidelity, dataset, names, "run prompt names", legacy)
 
 
-def run_checks(client, mlflow, run, recipe: Recipe | None, tracking_uri: str | None) -> list[Check]:
+def run_checks(client, mlflow, run, recipe: Recipe | None,
+               tracking_uri: str | None) -> tuple[list[Check], list[Note]]:
+    """The checks of a run's logged history, and the notes said once for several of them."""
     t, p = run.data.tags, run.data.params
+    notes: list[Note] = []
     stage = t.get(f"{TAG}stage", "?")
     status = run.info.status
     checks = []
@@ -255,16 +265,18 @@ def run_checks(client, mlflow, run, recipe: Recipe | None, tracking_uri: str | N
         checks.append(Check("run cross-attention weights", "skip", None, f"a {stage} run has no cross-attention"))
     if stage == "imported":
         checks.append(Check("logged training history", "skip", None, "imported runs carry no training history"))
-        return checks
+        return checks, notes
     backbone = p.get("model.name") or (t.get(f"{TAG}backbone") or "").split(":")[0] or None
-    checks += gradient_checks(client, loops, feedback, p.get("feedback.grad_clip"), backbone)
+    grads, note = gradient_checks(client, loops, feedback, p.get("feedback.grad_clip"), backbone)
+    checks += grads
+    notes += [note] if note else []
     if feedback:
         checks.append(validation_check(run, recipe))
     checks += loss_checks(client, loops, feedback, "feedback.image_lr" if feedback else "stage2.lr")
     if feedback:
         metric = p.get("feedback.selection_metric") or (recipe.feedback.selection_metric if recipe else "pixel_auroc")
         checks.append(loop_metric_check(_loop_validation(client, mlflow, run, metric), metric))
-    return checks
+    return checks, notes
 
 
 

@@ -72,16 +72,29 @@ def classify_store_failure(exc: BaseException) -> str | None:
         return f"did not answer in time (timeout); raise {_HTTP_VARS} for a slow server"
     if "max retries exceeded" in text or "connectionerror" in text:
         return f"cannot be reached (connection failed); retries: {_HTTP_VARS}"
+    if status is not None and status >= 500 and any(type(e).__name__ == "RestException" for e in chain):
+        return f"answered with a server error (HTTP {status}: {_first_line(exc)}); see the server's log"
+    if any(type(e).__module__.split(".")[0] in _DRIVER_MODULES for e in chain) or "api request to" in text:
+        return _failed(exc)  # the database driver's own error, or the server's unexpected answer (MLflow's words)
     return None
+
+
+# Exceptions of these packages come from the store's database driver, never from aaclip's own code.
+_DRIVER_MODULES = frozenset({"sqlalchemy", "sqlite3", "alembic"})
+
+
+def _first_line(exc: BaseException) -> str:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return re.sub(r"\s*\[SQL:.*", "", first_line)[:200]
+
+
+def _failed(exc: BaseException) -> str:
+    return f"failed ({type(exc).__name__}: {_first_line(exc)})"
 
 
 def store_failure(uri: str, exc: BaseException, doing: str) -> StoreError:
     """The one translation point from a driver/client exception to a user-facing StoreError."""
-    cause = classify_store_failure(exc)
-    if cause is None:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        first_line = re.sub(r"\s*\[SQL:.*", "", first_line)[:200]
-        cause = f"failed ({type(exc).__name__}: {first_line})"
+    cause = classify_store_failure(exc) or _failed(exc)
     return StoreError(
         f"The MLflow store '{uri}' {cause}, while {doing}. Check --tracking-uri / MLFLOW_TRACKING_URI "
         "(unset, aaclip uses ./mlflow.db)."
@@ -90,12 +103,16 @@ def store_failure(uri: str, exc: BaseException, doing: str) -> StoreError:
 
 @contextlib.contextmanager
 def store_call(mlflow, doing: str) -> Iterator[None]:
-    """Run store calls; any non-aaclip exception becomes a StoreError naming the URI and the cause."""
+    """Run store calls; a failure ``classify_store_failure`` recognises as the store's becomes a
+    StoreError naming the URI and the cause. Anything else (aaclip's errors, a bug such as a
+    TypeError, an MLflow error that is not the store failing) goes on unchanged, with its type."""
     try:
         yield
     except AaclipError:
         raise
     except Exception as exc:
+        if classify_store_failure(exc) is None:
+            raise
         raise store_failure(mlflow.get_tracking_uri(), exc, doing) from None
 
 

@@ -26,8 +26,9 @@ from aaclip_core.registry.tracking import (
     store_call,
 )
 
-# The number a row shows: a test run's mean pixel AUROC (the protocol's headline metric); a training
-# run's last epoch loss of its last stage.
+# The number a row shows: a test run's mean pixel AUROC (the protocol's headline metric); a finished
+# feedback job's held-out (validation) value of its selection metric at the loop it selected; another
+# training run's last epoch loss of its last stage.
 _TEST_METRIC = "pixel_auroc"
 _LOSS_METRICS = ("stage2/loss", "stage1/loss")
 
@@ -94,11 +95,12 @@ class RunRow:
     status: str
     stale: bool
     dataset: str
-    metric: str | None
+    metric: str | None  # the MLflow metric key; val/... is held-out (validation) data, not a test
     value: float | None
     parent: str | None
     experiment: str
     started: str
+    metric_loop: int | None = None  # the loop whose value ``value`` is (a feedback job's selected loop)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -113,9 +115,25 @@ def _main_metric(run) -> tuple[str | None, float | None]:
     return None, None
 
 
-def _row(run, experiments: dict[str, str]) -> RunRow:
+def _selected_value(mlflow, run) -> tuple[str, float, int] | None:
+    """A feedback job's held-out ``val/<selection metric>`` at the loop it selected (the job logs
+    it per loop, step = loop), with that loop; None before a selection, or when it fell back."""
+    tags, metric = run.data.tags, run.data.params.get("feedback.selection_metric")
+    loop = tags.get(f"{TAG}selected_loop")
+    if not (metric and loop and loop.isdigit()) or tags.get(f"{TAG}selection_fallback") == "true":
+        return None
+    key = f"val/{metric}"
+    with store_call(mlflow, f"reading the held-out {metric} of run {run.info.run_id}"):
+        at_loop = [m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, key) if m.step == int(loop)]
+    return (key, float(at_loop[-1]), int(loop)) if at_loop else None
+
+
+def _row(run, experiments: dict[str, str], mlflow) -> RunRow:
     tags = run.data.tags
     metric, value = _main_metric(run)
+    selected = _selected_value(mlflow, run) if tags.get(f"{TAG}stage") == "feedback" else None
+    if selected is not None:
+        metric, value, loop = selected
     started = datetime.fromtimestamp(run.info.start_time / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
     return RunRow(
         run_id=run.info.run_id,
@@ -129,6 +147,7 @@ def _row(run, experiments: dict[str, str]) -> RunRow:
         parent=tags.get("mlflow.parentRunId"),
         experiment=experiments.get(run.info.experiment_id, run.info.experiment_id),
         started=started,
+        metric_loop=loop if selected is not None else None,
     )
 
 
@@ -151,7 +170,7 @@ def list_runs(tracking_uri: str | None, experiment: str | None = None, stage: st
     if stage and not stage.replace("-", "").isalnum():
         raise ConfigError(f"--stage '{stage}' is not a stage name (base, cross, feedback, feedback-loop, test, ...).")
     runs = all_runs(mlflow, stage_filter, experiment_ids=ids, max_results=limit)
-    return [_row(r, experiments) for r in runs]
+    return [_row(r, experiments, mlflow) for r in runs]
 
 
 def mark_dead(tracking_uri: str | None, run_id: str) -> list[str]:

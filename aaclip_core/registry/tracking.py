@@ -12,6 +12,7 @@ Every failure of the store itself (unreachable, read-only, locked, wrong schema 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from aaclip_core import distributed, signals
-from aaclip_core.errors import AaclipError, JobFailed, RankStopped, StoreError, TrackingError
+from aaclip_core.errors import AaclipError, JobFailed, LocalFileError, RankStopped, StoreError, TrackingError
 from aaclip_core.registry.failures import classify_store_failure, is_transient, store_call, store_failure
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -248,22 +249,24 @@ def tracked_run(
     Under torchrun rank 0 opens the one run and every rank gets its id; when any rank fails, the
     run ends FAILED with a tag naming the rank and why, and the job raises `JobFailed`.
     """
-    opened = error = None
+    opened = error = failure = None
     if distributed.is_main():
+        own = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), HEARTBEAT_TAG: str(int(time.time()))}
         try:
             with store_call(mlflow, "starting a run"):
                 _tag_experiment_kind(mlflow, mlflow.set_experiment(experiment))
-                own = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), HEARTBEAT_TAG: str(int(time.time()))}
                 run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested,
                                        tags={**tags, **own})
             opened = run.info.run_id
-        except AaclipError as exc:
-            error = str(exc)
+        except Exception as exc:  # every rank must hear of it, or the others wait for a run id forever
+            failure, error = exc, str(exc) or type(exc).__name__
         except KeyboardInterrupt:  # held while the run was being opened (signals.shielded): not left RUNNING
             if mlflow.active_run() is not None:
                 _end_run(mlflow, "KILLED")
             raise
     opened, error = distributed.broadcast_object((opened, error))
+    if failure is not None:
+        raise failure  # rank 0: as it came (a StoreError, or a bug with its own type)
     if error:
         raise StoreError(error)
     if not distributed.is_main():
@@ -394,30 +397,76 @@ def all_runs(mlflow, filter_string: str = "", experiment_ids: list[str] | None =
     return out[:max_results] if max_results is not None else out
 
 
+def _not_found(exc: BaseException) -> bool:
+    """MLflow's own "does not exist" (a run id, an artifact path): error code RESOURCE_DOES_NOT_EXIST."""
+    return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
 def get_run(mlflow, run_id: str):
     """The run a full id or a unique id prefix names."""
     full = resolve_run_id(mlflow, run_id)
     try:
         return mlflow.get_run(full)
     except Exception as exc:
+        if _not_found(exc):
+            raise TrackingError(
+                f"No run '{run_id}' in the MLflow store '{mlflow.get_tracking_uri()}'. List runs with "
+                "`aaclip runs`, or point --tracking-uri at the store that holds it."
+            ) from None
         if classify_store_failure(exc) is not None:
             raise store_failure(mlflow.get_tracking_uri(), exc, f"reading run {full}") from None
-        raise TrackingError(
-            f"No run '{run_id}' in the MLflow store '{mlflow.get_tracking_uri()}'. List runs with "
-            "`aaclip runs`, or point --tracking-uri at the store that holds it."
-        ) from None
+        raise
 
 
 def download(mlflow, run_id: str, artifact_path: str, dst: Path) -> Path:
+    """Download a run's artifact (a file or a folder) into the folder ``dst``. "No artifact" only when
+    the run really lists none at that path; a store failure names the store; a local file-system
+    failure (a full disk, a permission, a path through a file) names ``dst`` and the OS's cause;
+    anything else goes on unchanged."""
     try:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)))
     except Exception as exc:
-        if classify_store_failure(exc) is not None:
+        os_cause = _local_os_cause(exc, dst)
+        if os_cause is None and classify_store_failure(exc) is not None:
             raise store_failure(mlflow.get_tracking_uri(), exc, f"downloading {artifact_path} of run {run_id}") from None
-        raise TrackingError(
-            f"Run '{run_id}' has no artifact '{artifact_path}' ({type(exc).__name__}). Was it trained to the "
-            "end? `aaclip doctor RUN_ID` shows what the run holds."
-        ) from None
+        if _artifact_exists(mlflow, run_id, artifact_path) is False:
+            raise TrackingError(
+                f"Run '{run_id}' has no artifact '{artifact_path}'. Was it trained to the end? "
+                "`aaclip doctor RUN_ID` shows what the run holds."
+            ) from None
+        if os_cause is not None:
+            temp = Path(dst).resolve().is_relative_to(Path(tempfile.gettempdir()).resolve())
+            hint = " (aaclip downloads into TMPDIR: point it at a folder with room)" if temp else ""
+            raise LocalFileError(
+                f"Cannot download artifact '{artifact_path}' of run {run_id} into {dst}: {os_cause}. Free space "
+                f"there, make it writable, or move the file in the way{hint}."
+            ) from None
+        raise
+
+
+def _local_os_cause(exc: BaseException, dst: Path) -> str | None:
+    """The operating system's words for a local file-system failure in ``exc``: a plain OSError in its
+    chain (not a network client's, which are OSErrors too), or one MLflow's download quotes in its
+    message (it collects each file's failure as text). None when there is none."""
+    for e in [exc, exc.__cause__, exc.__context__]:
+        if isinstance(e, OSError) and type(e).__module__ == "builtins":
+            name = errno.errorcode.get(e.errno, type(e).__name__) if e.errno else type(e).__name__
+            where = f": {e.filename}" if getattr(e, "filename", None) not in (None, str(dst)) else ""
+            return f"{e.strerror or e} ({name}){where}"
+    quoted = re.search(r"\[Errno (\d+)\] ([^\n]+)", str(exc))
+    if quoted:
+        return f"{quoted.group(2).strip()} (errno {quoted.group(1)})"
+    return None
+
+
+def _artifact_exists(mlflow, run_id: str, artifact_path: str) -> bool | None:
+    """Whether the run lists ``artifact_path`` (a file or a folder); None when the store cannot say."""
+    parent = artifact_path.rsplit("/", 1)[0] if "/" in artifact_path else None
+    try:
+        listed = mlflow.MlflowClient().list_artifacts(run_id, parent)
+    except Exception as exc:
+        return False if _not_found(exc) else None  # no such run: it has no artifact either
+    return any(a.path == artifact_path for a in listed)
 
 
 def loop_runs(client, run) -> dict[int, Any]:
