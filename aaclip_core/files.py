@@ -46,3 +46,9 @@ def temp_file_beside(path: Path) -> tuple[int, str]:
 def temp_dir_in(parent: Path, prefix: str) -> Path:
     """A new folder in ``parent``, to be filled and then renamed into place."""
     return with_umask_mode(Path(tempfile.mkdtemp(dir=parent, prefix=prefix)))
+
+
+def not_utf8(exc: UnicodeDecodeError) -> str:
+    """Why a text file could not be decoded, in words: "it is not UTF-8 text (byte 0xff at offset 0)"."""
+    byte = exc.object[exc.start:exc.start + 1]
+    return f"it is not UTF-8 text (byte 0x{byte.hex() or '??'} at offset {exc.start})"

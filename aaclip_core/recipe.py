@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from aaclip_core.errors import ConfigError
+from aaclip_core.files import not_utf8
 from aaclip_core.names import METRIC_NAMES, RECIPE_LAYOUTS
 from aaclip_core.recipe_aliases import Alias, aliases
 
@@ -369,6 +370,10 @@ def _read_layered(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"Recipe file '{path}' is not valid TOML: {exc}.") from None
     except OSError as exc:
         raise ConfigError(f"Recipe file '{path}' cannot be read: {exc.strerror}.") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"Recipe file '{path}' cannot be read: {not_utf8(exc)}. A recipe is a TOML text file; save it as UTF-8."
+        ) from None
     parent = data.get("extends")
     if parent is None:
         return data

@@ -47,9 +47,11 @@ def test_pyproject_takes_a_torch_range_and_ci_pins_the_tested_set():
     assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
 
 
-def test_the_wheel_ships_the_recipes_and_runs_from_outside_the_checkout(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel built from a copy of the checkout (an in-place build would leave build/ and *.egg-info)."""
     pytest.importorskip("setuptools", reason="building a wheel offline needs setuptools (in the test extra)")
-    # Built from a copy: an in-place build would leave build/ and *.egg-info in the checkout.
+    tmp_path = tmp_path_factory.mktemp("wheel")
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -62,7 +64,50 @@ def test_the_wheel_ships_the_recipes_and_runs_from_outside_the_checkout(tmp_path
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert build.returncode == 0, build.stderr
-    (wheel,) = dist.glob("aaclip-*.whl")
+    (built,) = dist.glob("aaclip-*.whl")
+    return built
+
+
+def _metadata(wheel: Path) -> list[str]:
+    with zipfile.ZipFile(wheel) as z:
+        (name,) = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
+        return z.read(name).decode("utf-8").splitlines()
+
+
+def test_the_wheel_claims_the_python_the_pinned_set_needs(wheel):
+    """constraints.txt pins numpy and pandas releases that need Python 3.11, so the wheel says so,
+    and needs no tomli (a 3.10 backport of tomllib)."""
+    metadata = _metadata(wheel)
+    assert "Requires-Python: >=3.11" in metadata
+    assert not [line for line in metadata if line.startswith("Requires-Dist: tomli") and "tomli-w" not in line
+                and "tomli_w" not in line]
+    assert _pyproject()["project"]["requires-python"] == ">=3.11"
+
+
+def _python_310() -> str | None:
+    """A Python 3.10 that runs (a pyenv shim on PATH may name one that is not selected)."""
+    for exe in ("/root/.pyenv/versions/3.10.13/bin/python3", shutil.which("python3.10")):
+        if exe and Path(exe).is_file():
+            probe = subprocess.run([exe, "-c", "import sys; print(sys.version_info[:2] == (3, 10))"],
+                                   capture_output=True, text=True, timeout=60)
+            if probe.stdout.strip() == "True":
+                return exe
+    return None
+
+
+def test_python_310_refuses_the_wheel_with_pips_own_message(wheel, tmp_path):
+    python_310 = _python_310()
+    if python_310 is None:
+        pytest.skip("no Python 3.10 here to try the wheel with")
+    done = subprocess.run(
+        [python_310, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index", "--target", str(tmp_path / "t"),
+         str(wheel)], capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode != 0, done.stdout
+    assert "requires a different Python" in done.stderr and ">=3.11" in done.stderr, done.stderr
+
+
+def test_the_wheel_ships_the_recipes_and_runs_from_outside_the_checkout(wheel, tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     shipped = sorted(Path(n).name for n in names if n.startswith("aaclip_core/recipes/"))
     assert shipped == sorted(p.name for p in (ROOT / "recipes").glob("*.toml"))

@@ -3,6 +3,8 @@ with a hint, `recipes show --aliases`."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from typer.testing import CliRunner
 
@@ -102,7 +104,10 @@ def test_set_with_an_old_name_says_once_what_it_set():
     assert result.exit_code == 0, result.output
     assert result.stderr.count("image_cross_attn_weight → cross.image_weight") == 1
     assert "text_lr → stage1.lr, feedback.text_lr" in result.stderr
-    import tomllib
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
 
     shown = tomllib.loads(result.stdout)
     assert shown["cross"]["image_weight"] == 0.5 and shown["stage1"]["lr"] == 3e-05

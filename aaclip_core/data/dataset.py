@@ -20,11 +20,9 @@ from torchvision.transforms import v2
 
 from aaclip_core.data.samples import Sample
 from aaclip_core.errors import ConfigError, DataError
+from aaclip_core.images import UnreadableImage, read_grey, read_rgb
 
 AUGMENT_MODES = ("none", "geometric", "geometric+colour")
-
-# PIL raises SyntaxError for some corrupt PNG chunks and ValueError for odd modes.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError)
 
 _Stats = tuple[float, float, float]
 
@@ -60,15 +58,14 @@ def build_augmentation(mode: str) -> v2.Compose | None:
 def _decode_image(path: Path, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """uint8 [3, S, S] tensor and the original (width, height)."""
     try:
-        with Image.open(path) as image:
-            original_size = image.size
-            rgb = image.convert("RGB")
-        resized = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    except _DECODE_ERRORS as exc:
+        rgb = read_rgb(path)
+    except UnreadableImage as exc:
         raise DataError(
-            f"Image {path} cannot be read ({exc}). Replace or remove the file and re-index "
+            f"Image {path} cannot be read ({exc.reason}). Replace or remove the file and re-index "
             "the dataset."
         ) from exc
+    original_size = rgb.size
+    resized = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).contiguous(), original_size
 
 
@@ -77,14 +74,14 @@ def _decode_mask(sample: Sample, image_size: int, expected_size: tuple[int, int]
     if sample.mask_path is None:
         return torch.zeros((1, image_size, image_size), dtype=torch.uint8)
     try:
-        with Image.open(sample.mask_path) as mask:
-            mask_size = mask.size
-            resized = mask.convert("L").resize((image_size, image_size), Image.Resampling.NEAREST)
-    except _DECODE_ERRORS as exc:
+        mask = read_grey(sample.mask_path)
+    except UnreadableImage as exc:
         raise DataError(
-            f"Mask {sample.mask_path} of image {sample.image_path} cannot be read ({exc}). "
+            f"Mask {sample.mask_path} of image {sample.image_path} cannot be read ({exc.reason}). "
             "Replace it with a valid single-channel PNG."
         ) from exc
+    mask_size = mask.size
+    resized = mask.resize((image_size, image_size), Image.Resampling.NEAREST)
     if mask_size != expected_size:
         raise DataError(
             f"Mask {sample.mask_path} is {mask_size[0]}x{mask_size[1]} pixels but image "

@@ -12,12 +12,12 @@ import errno
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from aaclip_core.data.samples import ANOMALOUS, NORMAL, NORMAL_DEFECT, Sample, sort_samples
 from aaclip_core.errors import ConfigError, DataError
-from aaclip_core.files import temp_file_beside
+from aaclip_core.files import not_utf8, temp_file_beside
 from aaclip_core.names import INDEX_LAYOUTS, LAYOUTS
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -73,6 +73,12 @@ def _first_existing(candidates: Iterable[Path]) -> Path | None:
     return next((p for p in candidates if p.is_file()), None)
 
 
+def _mask_file(folder: Path, stem: str, extensions: Sequence[str] = (".png",)) -> Path | None:
+    """The mask ``folder/stem.ext`` for the first extension found, in lower or upper case (a camera
+    that writes IMG_1.PNG writes its masks as .PNG too)."""
+    return _first_existing(folder / f"{stem}{case}" for ext in extensions for case in (ext, ext.upper()))
+
+
 # --------------------------------------------------------------------------- mvtec / mpdd
 
 
@@ -114,10 +120,11 @@ def _index_mvtec_class(class_dir: Path, split: str, samples: list[Sample]) -> No
             if defect == NORMAL_DEFECT:
                 samples.append(Sample(image, NORMAL, class_dir.name, None))
                 continue
-            mask = class_dir / "ground_truth" / defect / f"{image.stem}_mask.png"
-            if not mask.is_file():
+            mask = _mask_file(class_dir / "ground_truth" / defect, f"{image.stem}_mask")
+            if mask is None:
+                expected = class_dir / "ground_truth" / defect / f"{image.stem}_mask.png"
                 raise DataError(
-                    f"Anomalous image {image} has no mask: expected {mask}. MVTec-style "
+                    f"Anomalous image {image} has no mask: expected {expected}. MVTec-style "
                     "datasets need a mask for every image outside test/good; add it or "
                     "move the image."
                 )
@@ -144,7 +151,7 @@ def _index_btad(root: Path, split: str) -> list[Sample]:
             continue
         for image in _images_in(class_dir / "test" / "ko"):
             mask_dir = class_dir / "ground_truth" / "ko"
-            mask = _first_existing(mask_dir / f"{image.stem}{ext}" for ext in (".png", ".bmp"))
+            mask = _mask_file(mask_dir, image.stem, (".png", ".bmp"))
             if mask is None:
                 raise DataError(
                     f"Anomalous image {image} has no mask: expected {mask_dir / image.stem}.png "
@@ -173,12 +180,8 @@ def _index_folder(root: Path, split: str) -> list[Sample]:
             Sample(p, NORMAL, class_dir.name, None) for p in _images_in(class_dir / "normal")
         ]
         for image in _images_in(class_dir / "anomaly"):
-            mask = class_dir / "masks" / f"{image.stem}.png"
-            samples.append(
-                Sample(
-                    image, ANOMALOUS, class_dir.name, mask if mask.is_file() else None, "anomaly"
-                )
-            )
+            mask = _mask_file(class_dir / "masks", image.stem)
+            samples.append(Sample(image, ANOMALOUS, class_dir.name, mask, "anomaly"))
     _check_no_empty_class(empty, samples, split, "folder")
     return samples
 
@@ -203,19 +206,22 @@ def _index_visa(root: Path, split: str) -> list[Sample]:
             f"VisA split file {csv_path} does not exist. Expected layout 'visa': "
             f"{LAYOUT_DESCRIPTIONS['visa']}."
         )
-    with csv_path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"object", "split", "label", "image", "mask"} - set(reader.fieldnames or ())
-        if missing:
-            raise DataError(
-                f"VisA split file {csv_path} lacks column(s) {', '.join(sorted(missing))}; "
-                "it needs the header object,split,label,image,mask."
-            )
-        rows = [
-            (line_no, row)
-            for line_no, row in enumerate(reader, start=2)
-            if row["split"].strip() == split
-        ]
+    try:
+        with csv_path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = {"object", "split", "label", "image", "mask"} - set(reader.fieldnames or ())
+            if missing:
+                raise DataError(
+                    f"VisA split file {csv_path} lacks column(s) {', '.join(sorted(missing))}; "
+                    "it needs the header object,split,label,image,mask."
+                )
+            rows = [
+                (line_no, row)
+                for line_no, row in enumerate(reader, start=2)
+                if row["split"].strip() == split
+            ]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"VisA split file {csv_path} cannot be read: {not_utf8(exc)}. Save it as UTF-8.") from None
     return [_visa_sample(root, csv_path, line_no, row) for line_no, row in rows]
 
 
@@ -267,10 +273,13 @@ def _index_jsonl(root: Path, split: str) -> list[Sample]:
         )
     base = jsonl.parent
     samples = []
-    with jsonl.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if line.strip():
-                samples.append(_jsonl_sample(base, f"{jsonl} line {line_no}", line))
+    try:
+        with jsonl.open(encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle, start=1):
+                if line.strip():
+                    samples.append(_jsonl_sample(base, f"{jsonl} line {line_no}", line))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"Metadata file {jsonl} cannot be read: {not_utf8(exc)}. Save it as UTF-8.") from None
     return samples
 
 

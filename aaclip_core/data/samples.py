@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from aaclip_core.errors import DataError
+from aaclip_core.images import UnreadableImage, read_grey, read_size
 
 NORMAL = 0
 ANOMALOUS = 1
@@ -77,21 +77,8 @@ def _read_mask(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
     Converting to "L" first makes 1-bit, palette and RGB masks behave alike, and matches the
     ``!= 0`` rule `AnomalyDataset` applies.
     """
-    with Image.open(path) as mask:
-        return np.asarray(mask.convert("L")) != 0, mask.size
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    # verify() checks the header and chunk structure without a full decode; it leaves the image
-    # unusable, so the size is read from the same handle before calling it.
-    with Image.open(path) as image:
-        size = image.size
-        image.verify()
-    return size
-
-
-# PIL reports some corrupt PNG chunks as SyntaxError rather than OSError.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError)
+    mask = read_grey(path)
+    return np.asarray(mask) != 0, mask.size
 
 
 def _problem_of(sample: Sample) -> str | None:
@@ -99,17 +86,17 @@ def _problem_of(sample: Sample) -> str | None:
     if not image_path.is_file():
         return f"image {image_path} does not exist"
     try:
-        size = _image_size(image_path)
-    except _DECODE_ERRORS as exc:
-        return f"image {image_path} cannot be read ({exc})"
+        size = read_size(image_path)
+    except UnreadableImage as exc:
+        return f"image {image_path} cannot be read ({exc.reason})"
     if mask_path is None:
         return None
     if not mask_path.is_file():
         return f"mask {mask_path} of image {image_path} does not exist"
     try:
         mask, mask_size = _read_mask(mask_path)
-    except _DECODE_ERRORS as exc:
-        return f"mask {mask_path} cannot be read ({exc})"
+    except UnreadableImage as exc:
+        return f"mask {mask_path} cannot be read ({exc.reason})"
     if mask_size != size:
         return (
             f"mask {mask_path} is {mask_size[0]}x{mask_size[1]} pixels but image {image_path} "

@@ -21,6 +21,7 @@ from aaclip_core.evaluation.scale import minmax
 from aaclip_core.predict import ImageJob, ImageOutputs, Thresholds, collect_images, parse_threshold, write_summary
 from aaclip_core.predict.batches import score_in_batches
 from aaclip_core.predict.inputs import assign_classes
+from aaclip_core.predict.outputs import check_out_dir
 
 DEFAULT_BATCH = 8
 
@@ -104,9 +105,12 @@ def predict_with_file(
     thr = parse_threshold(threshold)
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}.")
+    if out_dir is not None:  # before the detector is loaded
+        check_out_dir(Path(out_dir))
     detector = load_detector(model, threads)
     provenance = detector.info.get("provenance") or {}
     out_dir = Path(out_dir) if out_dir is not None else Path(f"aaclip-predict-{Path(model).stem}")
+    check_out_dir(out_dir)
     jobs = collect_images(list(inputs), out_dir)
     calibration = _calibration(detector)
     note = detector.info.get("calibration_note") if calibration is None else None

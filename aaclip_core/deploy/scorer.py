@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from aaclip_core.deploy.contract import OUTPUT_NAMES as OUTPUTS
 from aaclip_core.deploy.contract import REQUIRED_KEYS, SIDECAR_SCHEMA, sha256_file, sidecar_of
 from aaclip_core.errors import CheckpointError, ConfigError, DataError
+from aaclip_core.images import UnreadableImage, read_rgb
 
 DEPLOY_HINT = "pip install 'aaclip[deploy]'"
 
@@ -29,11 +30,10 @@ DEPLOY_HINT = "pip install 'aaclip[deploy]'"
 def preprocess(path: Path, image_size: int, mean, std) -> tuple[np.ndarray, np.ndarray]:
     """(float32 [3, S, S] normalised input, uint8 [S, S, 3] resized picture) of one image file."""
     try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-        resized = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise DataError(f"Image {path} cannot be read ({exc}). Replace or remove the file.") from exc
+        rgb = read_rgb(path)
+    except UnreadableImage as exc:
+        raise DataError(f"Image {path} cannot be read ({exc.reason}). Replace or remove the file.") from exc
+    resized = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
     picture = np.asarray(resized, dtype=np.uint8).copy()
     m = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
@@ -144,7 +144,7 @@ def read_sidecar(model_file: Path, verify: bool = True) -> dict:
         )
     try:
         info = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8 text
         raise ConfigError(f"{side} is not readable JSON ({exc}); re-export the model with `aaclip export`.") from None
     missing = [k for k in REQUIRED_KEYS if k not in info]
     if missing or info.get("schema") != SIDECAR_SCHEMA:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import pickle
+import re
 from pathlib import Path
 
 import open_clip
@@ -98,14 +100,57 @@ def build_clip(recipe: Recipe, device: torch.device | str = "cpu") -> nn.Module:
         try:
             open_clip.load_checkpoint(model, str(weights), weights_only=True)
         except Exception as exc:
-            raise WeightsError(
-                f"Weights file '{weights}' does not fit {m.name}: {exc}. Check that the file holds "
-                f"OpenCLIP weights for {m.name} saved with tensors only (safetensors or a state dict)."
-            ) from None
+            raise WeightsError(_unfit_weights(weights, m.name, exc)) from None
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(device)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for ([^:\s]+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from checkpoint, "
+    r"the shape in current model is torch\.Size\(\[([^\]]*)\]\)"
+)
+_KEYS = re.compile(r"(Missing|Unexpected) key\(s\) in state_dict: ([^\n]*)")
+_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _shape(text: str) -> str:
+    return "x".join(d.strip() for d in text.split(",") if d.strip()) or "a scalar"
+
+
+def _unfit_weights(path: Path, name: str, exc: Exception) -> str:
+    """One paragraph for weights OpenCLIP could not load: a pickled file, other shapes, or else the
+    first line of the loader's message (torch's own explanations run to many lines, with colour codes)."""
+    text = _ANSI.sub("", str(exc))
+    fix = (f"Point model.pretrained at OpenCLIP weights for {name} (an open_clip .safetensors file or a state "
+           "dict saved with tensors only), or set model.name to the architecture the file was saved for.")
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+        found = _GLOBAL.search(text)
+        what = f" (such as {found.group(1)})" if found else ""
+        return (
+            f"Weights file '{path}' is a pickled PyTorch file that holds Python objects besides tensors{what}; "
+            "aaclip reads tensors only and does not run pickled code. Only if you trust where it came from, convert "
+            "it to safetensors: python -c \"import torch; from safetensors.torch import save_file; "
+            f"o = torch.load('{path}', map_location='cpu', weights_only=False); o = o.get('state_dict', o); "
+            f"save_file({{k: v.contiguous() for k, v in o.items() if torch.is_tensor(v)}}, "
+            f"'{path.with_suffix('.safetensors')}')\" and set model.pretrained to the new file."
+        )
+    mismatched = _SIZE_MISMATCH.findall(text)
+    keys = {kind: [k.strip(" '\"") for k in listed.rstrip(". ").split(",") if k.strip()] for kind, listed in
+            _KEYS.findall(text)}
+    if mismatched or keys:
+        parts = []
+        if mismatched:
+            key, found, wanted = mismatched[0]
+            parts.append(f"{len(mismatched)} tensor(s) have other shapes (e.g. {key}: the file has "
+                         f"{_shape(found)}, {name} needs {_shape(wanted)})")
+        for kind, listed in keys.items():
+            parts.append(f"{len(listed)} tensor(s) are {kind.lower()} (e.g. {listed[0] if listed else '?'})")
+        return f"Weights file '{path}' does not fit {name}: {'; '.join(parts)}. {fix}"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return f"Weights file '{path}' cannot be loaded into {name}: {first.rstrip('.')}. {fix}"
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ from aaclip_core.predict.inputs import (
     collect_images,
     resolve_class,
 )
-from aaclip_core.predict.outputs import PREDICTIONS_FILE, ImageOutputs, Thresholds, write_summary
+from aaclip_core.predict.outputs import PREDICTIONS_FILE, ImageOutputs, Thresholds, check_out_dir, write_summary
 
 if TYPE_CHECKING:  # the scorer of exported files (aaclip_core.deploy.predict) imports this package without
     # open_clip or mlflow: the model-side modules load only where a model is scored.
@@ -142,10 +142,13 @@ def predict_images(
     mode = parse_threshold(threshold)
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}.")
+    if out_dir is not None:  # before the model is loaded
+        check_out_dir(Path(out_dir))
     with tempfile.TemporaryDirectory(prefix="aaclip-predict-") as tmp:
         source, store_note = _load_source(run_id, model_dir, checkpoint, tracking_uri, Path(tmp))
     name = (source.run_id or Path(model_dir).name)[:8]
     out_dir = Path(out_dir) if out_dir is not None else Path(f"aaclip-predict-{name}")
+    check_out_dir(out_dir)
     jobs = collect_images(list(inputs), out_dir)
     classes = assign_classes(jobs, class_name, source.known_classes)
     cal, note = _calibration(source, classes, calibration, mode, store_note, class_name)

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from aaclip_core.errors import DataError
 from aaclip_core.predict.inputs import ImageJob
-from aaclip_core.predict.outputs import ImageOutputs
+from aaclip_core.predict.outputs import ImageOutputs, make_out_dir
 
 Item = TypeVar("Item")
 
@@ -27,7 +27,7 @@ def score_in_batches(
     """One row per job, in order. ``read`` loads one image (a `DataError` makes an error row);
     ``score`` turns a batch of read images into their rows; ``progress(done, total)`` after each batch."""
     rows: list[dict | None] = [None] * len(jobs)
-    outputs.out_dir.mkdir(parents=True, exist_ok=True)
+    make_out_dir(outputs.out_dir)
     n_batches = max(1, math.ceil(sum(j.error is None for j in jobs) / batch_size))
     batch: list[tuple[int, ImageJob, Item]] = []
     done = 0

@@ -9,12 +9,14 @@ its own outputs into an image score and a heat map, then hands them here.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from aaclip_core.errors import ConfigError
 from aaclip_core.pictures.overlay import save_overlay, verdict_line
 from aaclip_core.predict.inputs import ImageJob, row
 
@@ -23,6 +25,38 @@ if TYPE_CHECKING:  # only its fields are read here; importing it would pull torc
 
 PREDICTIONS_FILE = "predictions.jsonl"
 RAW_SCALE_NOTE = "raw (uncalibrated) scale"
+
+
+def _out_dir_problem(out_dir: Path) -> str | None:
+    path = Path(os.path.abspath(out_dir))
+    if path.exists():
+        if not path.is_dir():
+            return "it is a file, not a folder"
+        return None if os.access(path, os.W_OK | os.X_OK) else "you may not write in it"
+    ancestor = next(a for a in path.parents if a.exists())
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file, not a folder"
+    return None if os.access(ancestor, os.W_OK | os.X_OK) else f"you may not create folders in {ancestor}"
+
+
+def _out_dir_error(out_dir: Path, why: str) -> ConfigError:
+    return ConfigError(f"--out folder {out_dir} cannot be written: {why}. Pass --out a folder you can write in.")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Fail before any model is loaded when ``--out`` cannot become a folder to write in; creates nothing."""
+    why = _out_dir_problem(out_dir)
+    if why is not None:
+        raise _out_dir_error(out_dir, why)
+
+
+def make_out_dir(out_dir: Path) -> None:
+    """Create ``--out`` (and its parents); a failure the check could not foresee (a read-only or
+    virtual file system, a race) is the same one paragraph."""
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _out_dir_error(out_dir, exc.strerror or str(exc)) from None
 
 
 @dataclass
