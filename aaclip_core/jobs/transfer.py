@@ -26,9 +26,9 @@ from aaclip_core.checkpoints.checkpoint import (
     export_reference,
     map_reference,
     read_reference,
-    sha256_of,
 )
 from aaclip_core.errors import CheckpointError, ConfigError
+from aaclip_core.files import sha256_of
 from aaclip_core.jobs import common
 from aaclip_core.jobs.import_rules import check_import_sources
 from aaclip_core.model import build_model
