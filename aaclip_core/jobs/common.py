@@ -50,6 +50,13 @@ class Session:
     def close(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
+    # A job holds its session in a ``with`` block: the work directory goes however the job ends.
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
 
 def open_session(recipe: Recipe, recipe_path: Path | None, tracking_uri: str | None, reporter: Reporter | None,
                  store: bool = True) -> Session:

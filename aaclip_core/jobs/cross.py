@@ -72,8 +72,7 @@ def train_cross(
         from_run = get_run(connect(tracking_uri), from_run).info.run_id  # the full id, when given a prefix
         recipe, inherited = common.inherit_from_run(recipe, from_run, tracking_uri)
     common.check_train_samples(recipe)
-    session = common.open_session(recipe, recipe_path, tracking_uri, reporter)
-    try:
+    with common.open_session(recipe, recipe_path, tracking_uri, reporter) as session:
         if from_run:
             session.reporter.info(common.describe_inherited(from_run, inherited))
         samples = common.train_data(session, recipe)
@@ -84,6 +83,4 @@ def train_cross(
             result = train_reference_stages(session, model, samples)
             return {"run_id": run.info.run_id, "stage": "cross", "parent_run_id": from_run, "inherited": inherited,
                     **result}
-    finally:
-        session.close()
 

@@ -118,14 +118,11 @@ def train_feedback(
         get_run(connect(tracking_uri), from_run)
         recipe, inherited = common.inherit_from_run(recipe, from_run, tracking_uri)
     check_selection_metric(recipe)
-    session = common.open_session(recipe, recipe_path, tracking_uri, reporter)
-    try:
+    with common.open_session(recipe, recipe_path, tracking_uri, reporter) as session:
         if from_run:
             session.reporter.info(common.describe_inherited(from_run, inherited))
         result = _run(session, recipe, from_run, resume, run_name)
         return {**result, "inherited": inherited} if from_run else result
-    finally:
-        session.close()
 
 
 def _resumable_recipe(tracking_uri: str | None, run_id: str) -> tuple[Recipe, str]:
