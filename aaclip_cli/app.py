@@ -240,7 +240,7 @@ SetOpt = Annotated[
         "image_cross_attn_weight=0.1).",
     ),
 ]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: the recipe's, 111).")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: the recipe's runtime.seed).")]
 UriOpt = Annotated[
     Optional[str],
     typer.Option("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."),

@@ -93,12 +93,11 @@ def predict_cmd(
 
 def _predict(inputs, run, model, calibration, out, threshold, class_name, checkpoint, save_maps, batch_size,
              tracking_uri, quiet: bool) -> dict:
-    """Score with an exported file (``--model FILE``) or with a run or model folder (``--run``, ``--model DIR``)."""
+    """Score with an exported file (``--model FILE``) or with a run or model folder (``--run``, ``--model DIR``).
+    Neither or both: `predict_images` says so."""
     from aaclip_core.errors import ConfigError
 
-    if (run is None) == (model is None):
-        raise ConfigError("predict needs a model: pass either --run RUN_ID or --model DIR|FILE (not both).")
-    if model is not None and not model.is_dir():
+    if run is None and model is not None and not model.is_dir():
         if checkpoint is not None or calibration is not None:
             raise ConfigError("--checkpoint and --calibration apply to a run or a model folder; an exported file holds "
                               "one model and its calibration (drop them).")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,6 +29,62 @@ from aaclip_cli.app import (
 )
 from aaclip_cli.display import RichReporter, err, escape, print_json
 
+# ------------------------------------------------------------------------------------------ common options
+
+
+@dataclass(frozen=True)
+class TrainFlags:
+    """The options every `train` command takes, declared once: a field here (with its option type
+    as the annotation, and its default) is an option of all three commands, listed after the
+    command's own."""
+
+    recipe: RecipeOpt
+    set_: SetOpt = None
+    seed: SeedOpt = None
+    tracking_uri: UriOpt = None
+    experiment: ExpOpt = None
+    json_: JsonOpt = False
+    quiet: QuietOpt = False
+    run_name: RunNameOpt = None
+
+    def load_recipe(self, extra_sets: list[str] = ()):
+        """The recipe with --set (then ``extra_sets``), --seed and --experiment applied; and its path."""
+        return load_recipe_with_flags(self.recipe, list(self.set_ or []) + list(extra_sets), self.seed,
+                                      self.experiment)
+
+    def reporter(self) -> RichReporter:
+        """Progress on stderr, unless --quiet or --json."""
+        return RichReporter(self.quiet or self.json_)
+
+
+def train_options(default_recipe: str):
+    """Give a `train` command the `TrainFlags` options (``--recipe`` defaulting to
+    ``default_recipe``); the command takes them as one ``flags`` argument. Typer reads a command's
+    options from its signature, so the wrapper shows the command's own parameters followed by these."""
+    hints = inspect.get_annotations(TrainFlags, eval_str=True)
+    common = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
+                          default=default_recipe if f.name == "recipe" else f.default)
+        for f in fields(TrainFlags)
+    ]
+
+    def decorate(fn):
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "flags"]
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            flags = TrainFlags(**{p.name: kwargs.pop(p.name) for p in common})
+            return fn(flags=flags, **kwargs)
+
+        command.__signature__ = inspect.Signature([*own, *common])
+        command.__annotations__ = {p.name: p.annotation for p in (*own, *common)}
+        return command
+
+    return decorate
+
+
+# ------------------------------------------------------------------------------------------ commands
+
 
 @train_app.command(
     "base",
@@ -36,23 +95,15 @@ from aaclip_cli.display import RichReporter, err, escape, print_json
     ),
 )
 @handle_errors
-def train_base_cmd(
-    recipe: RecipeOpt = "base",
-    set_: SetOpt = None,
-    seed: SeedOpt = None,
-    tracking_uri: UriOpt = None,
-    experiment: ExpOpt = None,
-    json_: JsonOpt = False,
-    quiet: QuietOpt = False,
-    run_name: RunNameOpt = None,
-):
+@train_options(default_recipe="base")
+def train_base_cmd(flags: TrainFlags):
     """Train base AA-CLIP: stage 1 (text anchors) then stage 2 (patch features); prints the run id."""
-    r, path = load_recipe_with_flags(recipe, set_, seed, experiment)
+    r, path = flags.load_recipe()
     from aaclip_core.jobs.base import train_base
 
-    with RichReporter(quiet or json_) as rep:
-        result = train_base(r, path, tracking_uri, rep, run_name)
-    _report_trained(result, json_, f"base run {result['run_id']} ({loss_summary(result)})")
+    with flags.reporter() as rep:
+        result = train_base(r, path, flags.tracking_uri, rep, flags.run_name)
+    _report_trained(result, flags.json_, f"base run {result['run_id']} ({loss_summary(result)})")
 
 
 @train_app.command(
@@ -64,6 +115,7 @@ def train_base_cmd(
     ),
 )
 @handle_errors
+@train_options(default_recipe="cross")
 def train_cross_cmd(
     from_run: Annotated[Optional[str], typer.Option("--from", help="Base run id whose adapters to start from.")] = None,
     base_text_adapter: Annotated[
@@ -76,22 +128,17 @@ def train_cross_cmd(
         typer.Option("--base-image-adapter", exists=True, dir_okay=False,
                      help="Reference image_adapter_N.pth (with the above)."),
     ] = None,
-    recipe: RecipeOpt = "cross",
-    set_: SetOpt = None,
-    seed: SeedOpt = None,
-    tracking_uri: UriOpt = None,
-    experiment: ExpOpt = None,
-    json_: JsonOpt = False,
-    quiet: QuietOpt = False,
-    run_name: RunNameOpt = None,
+    *,
+    flags: TrainFlags,
 ):
     """Add text<->image cross-attention to a base run and train stage 1 and stage 2 once."""
-    r, path = load_recipe_with_flags(recipe, set_, seed, experiment)
+    r, path = flags.load_recipe()
     from aaclip_core.jobs.cross import train_cross
 
-    with RichReporter(quiet or json_) as rep:
-        result = train_cross(r, path, from_run, base_text_adapter, base_image_adapter, tracking_uri, rep, run_name)
-    _report_trained(result, json_, f"cross run {result['run_id']} ({loss_summary(result)})")
+    with flags.reporter() as rep:
+        result = train_cross(r, path, from_run, base_text_adapter, base_image_adapter, flags.tracking_uri, rep,
+                             flags.run_name)
+    _report_trained(result, flags.json_, f"cross run {result['run_id']} ({loss_summary(result)})")
 
 
 @train_app.command(
@@ -103,6 +150,7 @@ def train_cross_cmd(
     ),
 )
 @handle_errors
+@train_options(default_recipe="feedback")
 def train_feedback_cmd(
     loops: Annotated[
         Optional[int], typer.Option("--loops", help="Number of loops, 1-10 (default: the recipe's).")
@@ -111,24 +159,17 @@ def train_feedback_cmd(
     resume: Annotated[
         Optional[str], typer.Option("--resume", help="Continue an interrupted feedback run from its last stage.")
     ] = None,
-    recipe: RecipeOpt = "feedback",
-    set_: SetOpt = None,
-    seed: SeedOpt = None,
-    tracking_uri: UriOpt = None,
-    experiment: ExpOpt = None,
-    json_: JsonOpt = False,
-    quiet: QuietOpt = False,
-    run_name: RunNameOpt = None,
+    *,
+    flags: TrainFlags,
 ):
     """Feedback training: stage 1 and stage 2 alternate for N loops, each from what the last learned."""
     from aaclip_core.errors import ConfigError
 
-    if loops is not None and not 1 <= loops <= 10:
-        raise ConfigError(f"--loops {loops}: feedback training runs 1 to 10 loops; pass a number in that range.")
     if resume:
-        given = [flag for flag, value in (("--loops", loops), ("--set", set_), ("--seed", seed),
-                                          ("--experiment", experiment), ("--from", from_run),
-                                          ("--recipe", recipe if recipe != "feedback" else None)) if value]
+        given = [flag for flag, value in (("--loops", loops), ("--set", flags.set_), ("--seed", flags.seed),
+                                          ("--experiment", flags.experiment), ("--from", from_run),
+                                          ("--recipe", flags.recipe if flags.recipe != "feedback" else None))
+                 if value]
         if given:
             raise ConfigError(
                 f"--resume continues the run with its own recipe; drop {', '.join(given)} (to change "
@@ -136,14 +177,14 @@ def train_feedback_cmd(
             )
         r, path = None, None
     else:
-        sets = list(set_ or []) + ([f"feedback.loops={loops}"] if loops is not None else [])
-        r, path = load_recipe_with_flags(recipe, sets, seed, experiment)
+        # The recipe checks the range (feedback.loops, 1 to 10) and says so naming the setting.
+        r, path = flags.load_recipe([f"feedback.loops={loops}"] if loops is not None else [])
     from aaclip_core.jobs.feedback import train_feedback
 
-    with RichReporter(quiet or json_) as rep:
-        result = train_feedback(r, path, from_run, resume, tracking_uri, rep, run_name)
+    with flags.reporter() as rep:
+        result = train_feedback(r, path, from_run, resume, flags.tracking_uri, rep, flags.run_name)
     _report_trained(
-        result, json_,
+        result, flags.json_,
         f"feedback run {result['run_id']}: selected loop {result['selected_loop']} ({result['selection']})",
     )
 

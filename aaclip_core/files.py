@@ -5,12 +5,20 @@ gives ordinary files (typically 0644 / 0755).
 stays on a file or folder that is renamed into place (checkpoints, exported weights, metadata,
 plots, demo data) or copied into an artifact store: a teammate on a shared file system could not
 read it.
+
+Every result is written atomically, in one way: under a temporary name beside its destination (the
+same file system, so the rename is atomic), renamed into place only when complete, and removed
+if writing fails, so a reader or an interrupted run never sees a half-written file or folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -52,3 +60,73 @@ def not_utf8(exc: UnicodeDecodeError) -> str:
     """Why a text file could not be decoded, in words: "it is not UTF-8 text (byte 0xff at offset 0)"."""
     byte = exc.object[exc.start:exc.start + 1]
     return f"it is not UTF-8 text (byte 0x{byte.hex() or '??'} at offset {exc.start})"
+
+
+@contextlib.contextmanager
+def atomic_path(dest: Path) -> Iterator[Path]:
+    """Yield a temporary file path beside ``dest`` for any writer to fill; when the block completes
+    it is renamed onto ``dest`` (with the umask's mode), and when it raises it is removed and
+    ``dest`` is left as it was."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = temp_file_beside(dest)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        # Some writers (safetensors among them) recreate the file 0600 rather than fill it.
+        os.replace(with_umask_mode(tmp), dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path) -> Iterator[Path]:
+    """Yield a new folder beside ``dest`` to fill; when the block completes it replaces ``dest``
+    (a previous ``dest`` is moved aside first, then deleted), and when it raises it is deleted and
+    ``dest`` is left as it was. The final rename raises OSError if another writer put a ``dest``
+    in place meanwhile."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = temp_dir_in(dest.parent, f".{dest.name}.tmp-")
+    try:
+        yield staging
+        stale = None
+        if dest.exists():
+            # A folder cannot be renamed onto a non-empty one: move the old one into a hidden
+            # sibling of its own, so the gap without ``dest`` is two renames long.
+            stale = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.stale-"))
+            os.replace(dest, stale / dest.name)
+        try:
+            os.rename(staging, dest)
+        except OSError:
+            if stale is not None and not dest.exists():
+                os.rename(stale / dest.name, dest)  # nothing took its place: put the old one back
+            raise
+        finally:
+            if stale is not None:
+                shutil.rmtree(stale, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def sha256_of(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB chunks so a large model file is never
+    held in memory whole."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -175,3 +175,48 @@ def test_usage_errors_are_one_paragraph_naming_the_flag(args, names, tmp_path):
     text = " ".join(res.stderr.split())
     assert all(n in text for n in names), text
     assert res.stdout == ""
+
+
+def test_train_commands_share_one_declaration_of_the_common_options():
+    """`TrainFlags` is the one list: each `train` command has all of its options, after its own, with
+    ``--recipe`` defaulting to the command's own recipe."""
+    from dataclasses import fields
+
+    from aaclip_cli.train_cmd import TrainFlags
+
+    common = [f.name for f in fields(TrainFlags)]
+    seen = 0
+    for path, cmd in _commands():
+        if path[0] != "train":
+            continue
+        names = [p.name for p in cmd.params if p.name != "help"]
+        assert names[-len(common):] == common, (path, names)
+        assert next(p for p in cmd.params if p.name == "recipe").default == path[1]
+        seen += 1
+    assert seen == 3
+
+
+@pytest.mark.parametrize("command", ["base", "cross", "feedback"])
+def test_train_common_options_reach_the_recipe(command, monkeypatch):
+    """The values given travel to the recipe loader (stopped there: nothing is trained)."""
+    from aaclip_cli import train_cmd
+    from aaclip_core.errors import ConfigError
+
+    def stop(*args):
+        raise ConfigError(f"loader got {args!r}")
+
+    monkeypatch.setattr(train_cmd, "load_recipe_with_flags", stop)
+    res = _cli("train", command, "--recipe", "demo", "--set", "stage2.epochs=1", "--seed", "7",
+               "--experiment", "x", expect=2)
+    assert "loader got ('demo', ['stage2.epochs=1'], 7, 'x')" in " ".join(res.stderr.split())
+
+
+@pytest.mark.parametrize("given", [["--run", "0" * 32, "--model", "detector.onnx"], []], ids=["both", "neither"])
+def test_predict_needs_exactly_one_model(given, tmp_path):
+    """Said by the library (`predict_images`), also for an exported file given with --run."""
+    (tmp_path / "detector.onnx").write_bytes(b"")
+    (tmp_path / "a.png").write_bytes(b"")
+    args = [tmp_path / a if a == "detector.onnx" else a for a in given]
+    res = _cli("predict", *args, tmp_path / "a.png", expect=2)
+    text = " ".join(res.stderr.split())
+    assert "predict needs a model: pass either --run RUN_ID or --model DIR|FILE (not both)." in text

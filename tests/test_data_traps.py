@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from aaclip_cli.main import app
 from aaclip_core.errors import ConfigError, DataError
-from aaclip_core.jobs.common import inherit_settings
+from aaclip_core.jobs.inherit import inherit_settings
 from aaclip_core.jobs.test import same_dataset_declaration, same_dataset_reason
 from aaclip_core.recipe import DatasetRef, load_recipe
 from aaclip_core.training.data import load_samples

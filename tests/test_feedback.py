@@ -75,13 +75,15 @@ def test_checkpoint_names_sort_numerically():
 # ------------------------------------------------------------------------------------------ CLI
 
 
-def test_loops_out_of_range_is_refused_with_the_flag_named(tmp_path, monkeypatch, tracking_uri):
+def test_loops_out_of_range_is_refused_by_the_recipe(tmp_path, monkeypatch, tracking_uri):
+    """--loops N is the setting feedback.loops=N: the recipe's range check speaks, naming it."""
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["train", "feedback", "--recipe", "feedback-demo", "--loops", "11",
-                                 "--tracking-uri", tracking_uri])
-    assert result.exit_code == 2
-    assert "--loops 11" in result.output and "1 to 10" in result.output
-    assert "Traceback" not in result.output
+    for loops, bound in (("11", "less than or equal to 10"), ("0", "greater than or equal to 1")):
+        result = runner.invoke(app, ["train", "feedback", "--recipe", "feedback-demo", "--loops", loops,
+                                     "--tracking-uri", tracking_uri])
+        assert result.exit_code == 2
+        assert f"feedback.loops={loops}" in result.output and bound in result.output
+        assert "Traceback" not in result.output
 
 
 # ------------------------------------------------------------------------------------------ resume

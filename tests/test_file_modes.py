@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from aaclip_core.checkpoints.checkpoint import atomic_write_text, export_reference, save_checkpoint
+from aaclip_core.checkpoints.checkpoint import export_reference, save_checkpoint
 from aaclip_core.data import ensure_demo_data, index_dataset, write_metadata_jsonl
+from aaclip_core.files import atomic_write_text
 
 
 @pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])

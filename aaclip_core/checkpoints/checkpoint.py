@@ -10,12 +10,9 @@ Reference files are read with ``torch.load(weights_only=True)``: no pickled code
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import pickle
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from aaclip_core.errors import CheckpointError
-from aaclip_core.files import temp_dir_in, temp_file_beside, with_umask_mode
+from aaclip_core.files import atomic_dir, atomic_path, sha256_of, with_umask_mode
 
 FORMAT_VERSION = 1
 ADAPTERS = "adapters.safetensors"
@@ -51,31 +48,6 @@ def parse_checkpoint_name(name: str | None) -> tuple[int, int] | None:
     """(loop, stage) of a feedback checkpoint name; None for any other name."""
     m = _LOOP_NAME.match(name or "")
     return (int(m.group(1)), int(m.group(2))) if m else None
-
-
-# ------------------------------------------------------------------------------------------ atomic IO
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file_beside(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------ optimiser
@@ -139,8 +111,7 @@ def save_checkpoint(
     named = dict(optimizers or {})
     if optimizer_state is not None:
         named["default"] = optimizer_state
-    tmp = temp_dir_in(directory.parent, f".{directory.name}.tmp-")
-    try:
+    with atomic_dir(directory) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in adapters.items()}, str(tmp / ADAPTERS))
         manifest = {"format_version": FORMAT_VERSION, **manifest}
         if named:
@@ -154,10 +125,6 @@ def save_checkpoint(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
         for f in tmp.iterdir():
             with_umask_mode(f)
-        _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
@@ -188,14 +155,6 @@ def load_checkpoint(directory: Path, with_optimizer: bool = False) -> Checkpoint
 
 
 # ------------------------------------------------------------------------------------------ reference
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _resave_hint(path: Path, kind: str | None) -> str:
@@ -359,13 +318,7 @@ def export_reference(adapters: dict[str, torch.Tensor], directory: Path, text_ep
         prefix = f"{kind}_adapter."
         state = {k[len(prefix):]: v.clone() for k, v in adapters.items() if k.startswith(prefix)}
         target = directory / name
-        fd, tmp = temp_file_beside(target)
-        os.close(fd)
-        try:
+        with atomic_path(target) as tmp:
             torch.save({f"{kind}_adapter": state, "epoch": epoch}, tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         written.append(target)
     return written

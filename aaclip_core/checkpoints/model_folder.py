@@ -27,12 +27,12 @@ from aaclip_core.checkpoints.checkpoint import (
     ADAPTERS,
     MANIFEST,
     Checkpoint,
-    atomic_write_text,
     load_checkpoint,
     save_checkpoint,
 )
 from aaclip_core.errors import CheckpointError, ConfigError
 from aaclip_core.evaluation.calibration import Calibration
+from aaclip_core.files import atomic_write_text
 from aaclip_core.model import AACLIP, build_model
 from aaclip_core.model.aaclip import ModelModes
 from aaclip_core.prompts.names import MANIFEST_KEY as PROMPTS_KEY

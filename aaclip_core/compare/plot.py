@@ -15,14 +15,13 @@ same folder, then renamed); no pyplot, so no GUI backend is ever loaded.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aaclip_core.checkpoints.checkpoint import checkpoint_name
 from aaclip_core.compare.comparison import Comparison
 from aaclip_core.errors import ConfigError
-from aaclip_core.files import temp_file_beside
+from aaclip_core.files import atomic_path
 
 
 @dataclass
@@ -157,14 +156,8 @@ def plot_comparison(result, path: Path, dataset: str | None = None) -> tuple[Pat
         raise ConfigError(f"--plot {path}: the folder {path.parent} does not exist.")
     content = plot_content(result, dataset)
     fig = build_figure(result, content)
-    fd, tmp = temp_file_beside(path)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path, content
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aaclip_core.data.samples import ANOMALOUS, NORMAL, NORMAL_DEFECT, Sample, sort_samples
 from aaclip_core.errors import ConfigError, DataError
-from aaclip_core.files import not_utf8, temp_file_beside
+from aaclip_core.files import atomic_write_text, not_utf8
 from aaclip_core.names import INDEX_LAYOUTS, LAYOUTS
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -324,14 +324,7 @@ def write_metadata_jsonl(samples: Iterable[Sample], path: Path, root: Path) -> N
         )
         for s in samples
     ]
-    fd, tmp_name = temp_file_beside(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write("".join(line + "\n" for line in lines))
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 # --------------------------------------------------------------------------- detection

@@ -12,9 +12,6 @@ ground-truth mask is exactly the set of pixels that differ from the defect-free 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -23,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from aaclip_core.errors import ConfigError, DataError
-from aaclip_core.files import temp_dir_in
+from aaclip_core.files import atomic_dir
 
 DEMO_CLASSES: tuple[str, ...] = ("plank", "fabric", "disc")
 DEFECTS: tuple[str, ...] = ("scratch", "spot", "crack")
@@ -407,23 +404,16 @@ def _materialise(target: Path, marker: str, write: Callable[[Path], object]) -> 
             f"{target} exists but is not a generated demo dataset (no {COMPLETE_MARKER} file). "
             "Move it away or choose another demo data directory."
         )
-    staging = temp_dir_in(target.parent, f".{target.name}-")
+    # An existing target was written by us with other parameters or an older generator: it is
+    # swapped out.
     try:
-        write(staging)
-        (staging / COMPLETE_MARKER).write_text(marker, encoding="utf-8")
-        if target.exists():
-            # Written by us with other parameters or an older generator: swap it out.
-            stale = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-stale-"))
-            os.replace(target, stale / target.name)
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            # Another process finished first; its copy is identical if the marker matches.
-            if not _is_complete(target, marker):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with atomic_dir(target) as staging:
+            write(staging)
+            (staging / COMPLETE_MARKER).write_text(marker, encoding="utf-8")
+    except OSError:
+        # Another process finished first; its copy is identical if the marker matches.
+        if not _is_complete(target, marker):
+            raise
 
 
 # The two independent renders of the demo data: training reads the first, evaluation the second.

@@ -3,7 +3,6 @@ Standard library only, so the torch-free scorer can import it."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 INPUT_NAMES = ("image", "class_index")
@@ -19,11 +18,3 @@ def sidecar_of(model_file: Path) -> Path:
     full name, so an .onnx and a .pt export can share a folder)."""
     p = Path(model_file)
     return p.with_name(p.name + ".json")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from aaclip_core.deploy.contract import INPUT_NAMES, OUTPUT_NAMES, SIDECAR_SCHEMA, sha256_file, sidecar_of
+from aaclip_core.deploy.contract import INPUT_NAMES, OUTPUT_NAMES, SIDECAR_SCHEMA, sidecar_of
 from aaclip_core.deploy.graph import DetectorGraph
 from aaclip_core.errors import ConfigError
-from aaclip_core.files import temp_file_beside
+from aaclip_core.files import atomic_path, sha256_of
 
 OPSET = 17
 FORMATS = ("onnx", "torchscript")
@@ -35,21 +34,6 @@ def _no_mha_fastpath() -> Iterator[None]:
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(previous)
-
-
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """Yield a temporary path in the target folder; rename it onto ``path`` only on success, so an
-    interrupted export never leaves a half-written model file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file_beside(path)  # with the umask's mode: the result is an ordinary file
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
 
 
 def example_inputs(graph: DetectorGraph, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +51,7 @@ def export_onnx(graph: DetectorGraph, path: Path) -> Path:
 
     path = Path(path)
     graph.eval()
-    with _atomic(path) as tmp, _no_mha_fastpath(), torch.no_grad():
+    with atomic_path(path) as tmp, _no_mha_fastpath(), torch.no_grad():
         torch.onnx.export(
             graph,
             example_inputs(graph),
@@ -88,7 +72,7 @@ def export_torchscript(graph: DetectorGraph, path: Path) -> Path:
     """Trace the graph into one TorchScript file (loadable with ``torch.jit.load`` alone)."""
     path = Path(path)
     graph.eval()
-    with _atomic(path) as tmp, _no_mha_fastpath(), torch.no_grad():
+    with atomic_path(path) as tmp, _no_mha_fastpath(), torch.no_grad():
         traced = torch.jit.trace(graph, example_inputs(graph), check_trace=False)
         # Frozen: the weights become constants and what the graph does not use (CLIP's text tower
         # when the anchors are baked in) is dropped from the file.
@@ -117,7 +101,7 @@ def quantize_int8(src: Path, dst: Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dst = Path(dst)
-    with _atomic(dst) as tmp:
+    with atomic_path(dst) as tmp:
         quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OPS))
     return dst
 
@@ -125,7 +109,7 @@ def quantize_int8(src: Path, dst: Path) -> Path:
 def write_sidecar(model_file: Path, info: dict) -> Path:
     """The JSON beside the model file; it records the file's sha256 so a mismatched pair is caught."""
     out = sidecar_of(model_file)
-    doc = {"schema": SIDECAR_SCHEMA, "file": Path(model_file).name, "sha256": sha256_file(model_file), **info}
-    with _atomic(out) as tmp:
+    doc = {"schema": SIDECAR_SCHEMA, "file": Path(model_file).name, "sha256": sha256_of(model_file), **info}
+    with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     return out

@@ -20,8 +20,9 @@ import numpy as np
 from PIL import Image
 
 from aaclip_core.deploy.contract import OUTPUT_NAMES as OUTPUTS
-from aaclip_core.deploy.contract import REQUIRED_KEYS, SIDECAR_SCHEMA, sha256_file, sidecar_of
+from aaclip_core.deploy.contract import REQUIRED_KEYS, SIDECAR_SCHEMA, sidecar_of
 from aaclip_core.errors import CheckpointError, ConfigError, DataError
+from aaclip_core.files import sha256_of
 from aaclip_core.images import UnreadableImage, read_rgb
 
 DEPLOY_HINT = "pip install 'aaclip[deploy]'"
@@ -152,7 +153,7 @@ def read_sidecar(model_file: Path, verify: bool = True) -> dict:
             f"{side} is not an aaclip export description (schema {info.get('schema')!r}, missing "
             f"{', '.join(missing) or 'nothing'}); re-export the model with this version of `aaclip export`."
         )
-    if verify and info.get("sha256") and info["sha256"] != sha256_file(model_file):
+    if verify and info.get("sha256") and info["sha256"] != sha256_of(model_file):
         raise ConfigError(
             f"{model_file} does not match {side} (sha256 differs): the pair comes from different exports. "
             "Use the files of one `aaclip export` together."

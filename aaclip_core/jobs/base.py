@@ -26,8 +26,7 @@ def train_base(
     run_name: str | None = None,
 ) -> dict:
     common.check_train_samples(recipe)
-    session = common.open_session(recipe, recipe_path, tracking_uri, reporter)
-    try:
+    with common.open_session(recipe, recipe_path, tracking_uri, reporter) as session:
         samples = common.train_data(session, recipe)
         session.reporter.info(f"building {recipe.model.name} ({recipe.model.pretrained}) on {session.device}")
         model = build_model(recipe, session.device)
@@ -35,8 +34,6 @@ def train_base(
         with tracked_run(session.mlflow, recipe.tracking.experiment, run_name or f"base-{recipe.name}", tags) as run:
             result = train_reference_stages(session, model, samples)
             return {"run_id": run.info.run_id, "stage": "base", **result}
-    finally:
-        session.close()
 
 
 def train_reference_stages(session: common.Session, model: AACLIP, samples: list) -> dict:

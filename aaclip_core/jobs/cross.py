@@ -9,6 +9,7 @@ from aaclip_core.checkpoints.checkpoint import import_reference
 from aaclip_core.errors import ConfigError
 from aaclip_core.jobs import common
 from aaclip_core.jobs.base import train_reference_stages
+from aaclip_core.jobs.inherit import describe_inherited, inherit_from_run
 from aaclip_core.model import AACLIP, ModelModes, build_model
 from aaclip_core.model.backbone import backbone_id
 from aaclip_core.recipe import Recipe
@@ -70,12 +71,11 @@ def train_cross(
     inherited: dict = {}
     if from_run:
         from_run = get_run(connect(tracking_uri), from_run).info.run_id  # the full id, when given a prefix
-        recipe, inherited = common.inherit_from_run(recipe, from_run, tracking_uri)
+        recipe, inherited = inherit_from_run(recipe, from_run, tracking_uri)
     common.check_train_samples(recipe)
-    session = common.open_session(recipe, recipe_path, tracking_uri, reporter)
-    try:
+    with common.open_session(recipe, recipe_path, tracking_uri, reporter) as session:
         if from_run:
-            session.reporter.info(common.describe_inherited(from_run, inherited))
+            session.reporter.info(describe_inherited(from_run, inherited))
         samples = common.train_data(session, recipe)
         model = build_model(recipe, session.device, with_cross=True)
         origin = load_base_adapters(session, model, from_run, text_file, image_file)
@@ -84,6 +84,4 @@ def train_cross(
             result = train_reference_stages(session, model, samples)
             return {"run_id": run.info.run_id, "stage": "cross", "parent_run_id": from_run, "inherited": inherited,
                     **result}
-    finally:
-        session.close()
 

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from aaclip_core.checkpoints.checkpoint import ADAPTERS, MANIFEST, sha256_of
+from aaclip_core.checkpoints.checkpoint import ADAPTERS, MANIFEST
 from aaclip_core.checkpoints.from_run import (
     default_checkpoint,
     run_calibrations,
@@ -24,6 +24,7 @@ from aaclip_core.checkpoints.from_run import (
 )
 from aaclip_core.checkpoints.model_folder import write_model_folder
 from aaclip_core.errors import ConfigError
+from aaclip_core.files import sha256_of
 from aaclip_core.jobs.deploy import export_detector
 from aaclip_core.jobs.transfer import export_run
 from aaclip_core.names import EXPORT_FORMATS

@@ -27,6 +27,7 @@ from aaclip_core.evaluation.protocol import evaluate
 from aaclip_core.evaluation.selection import Selection, check_selection_metric, select_loop
 from aaclip_core.jobs import common
 from aaclip_core.jobs.cross import load_base_adapters
+from aaclip_core.jobs.inherit import describe_inherited, inherit_from_run
 from aaclip_core.model import AACLIP, ModelModes, build_model
 from aaclip_core.prompts.names import PromptNamer, checkpoint_namer, training_namer
 from aaclip_core.recipe import Recipe
@@ -116,16 +117,13 @@ def train_feedback(
     inherited: dict = {}
     if from_run:
         get_run(connect(tracking_uri), from_run)
-        recipe, inherited = common.inherit_from_run(recipe, from_run, tracking_uri)
+        recipe, inherited = inherit_from_run(recipe, from_run, tracking_uri)
     check_selection_metric(recipe)
-    session = common.open_session(recipe, recipe_path, tracking_uri, reporter)
-    try:
+    with common.open_session(recipe, recipe_path, tracking_uri, reporter) as session:
         if from_run:
-            session.reporter.info(common.describe_inherited(from_run, inherited))
+            session.reporter.info(describe_inherited(from_run, inherited))
         result = _run(session, recipe, from_run, resume, run_name)
         return {**result, "inherited": inherited} if from_run else result
-    finally:
-        session.close()
 
 
 def _resumable_recipe(tracking_uri: str | None, run_id: str) -> tuple[Recipe, str]:

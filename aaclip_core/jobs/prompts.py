@@ -7,9 +7,9 @@ import json
 import tempfile
 from pathlib import Path
 
+from aaclip_core.checkpoints.from_run import run_recipe
 from aaclip_core.errors import ConfigError, TrackingError
-from aaclip_core.jobs.common import PROMPT_NAMES_ARTIFACT, run_recipe
-from aaclip_core.prompts.names import PromptName, PromptNamer, training_namer
+from aaclip_core.prompts.names import PROMPT_NAMES_ARTIFACT, PromptName, PromptNamer, training_namer
 from aaclip_core.prompts.templates import split_prompts
 from aaclip_core.recipe import DatasetRef, Recipe
 from aaclip_core.registry.tracking import connect, download, get_run

@@ -222,11 +222,9 @@ def test_run(
         recipe = subject.recipe
         ref = test_dataset(recipe, dataset, data_root, layout)
         judged = _check_dataset(subject, ref, same_dataset)
-        session = common.open_session(recipe, None, tracking_uri if mlflow else None, reporter, store=mlflow is not None)
-        try:
+        store = mlflow is not None
+        with common.open_session(recipe, None, tracking_uri if store else None, reporter, store=store) as session:
             return _evaluate(session, subject, ref, mlflow, workdir, visualize, judged)
-        finally:
-            session.close()
 
 
 def _evaluate(session: common.Session, subject: _Subject, ref: DatasetRef, mlflow, workdir: Path, visualize: int,

@@ -26,9 +26,9 @@ from aaclip_core.checkpoints.checkpoint import (
     export_reference,
     map_reference,
     read_reference,
-    sha256_of,
 )
 from aaclip_core.errors import CheckpointError, ConfigError
+from aaclip_core.files import sha256_of
 from aaclip_core.jobs import common
 from aaclip_core.jobs.import_rules import check_import_sources
 from aaclip_core.model import build_model
@@ -158,8 +158,7 @@ def import_reference_run(
     more, notes = _import_warnings(text, image, seed)
     warnings += more
 
-    session = common.open_session(recipe, recipe_path, tracking_uri, reporter)
-    try:
+    with common.open_session(recipe, recipe_path, tracking_uri, reporter) as session:
         model = _imported_model(session, recipe, (text, image))
         text_epoch = text.epoch if text is not None else 0
         image_epoch = image.epoch if image is not None else 0
@@ -211,8 +210,6 @@ def import_reference_run(
                 "warnings": warnings,
                 "notes": notes,
             }
-    finally:
-        session.close()
 
 
 # ------------------------------------------------------------------------------------------ export

@@ -78,7 +78,7 @@ def _load_source(run_id: str | None, model_dir: Path | None, checkpoint: str | N
     from aaclip_core.predict.source import from_folder, from_run
 
     if (run_id is None) == (model_dir is None):
-        raise ConfigError("predict needs a model: pass either --run RUN_ID or --model DIR (not both).")
+        raise ConfigError("predict needs a model: pass either --run RUN_ID or --model DIR|FILE (not both).")
     if model_dir is not None:
         if checkpoint is not None:
             raise ConfigError("--checkpoint picks a checkpoint of a run; a model folder holds one model (drop it).")
