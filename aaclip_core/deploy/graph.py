@@ -12,8 +12,9 @@ tables that the graph indexes:
   as `test` and `predict --run` do;
 - the image cross-attention's text context [C, 16*77, D], when that module is on;
 - the calibration: each class's map and detection ranges from its `test` run, which put a single
-  image on the scale `test` reports (see `aaclip_core.predict`). A class without calibration gets the
-  identity range (0, 1), which turns the formula into the uncalibrated score of `predict`.
+  image on the scale `test` reports (see `aaclip_core.predict`), applied by the post-processor
+  (:mod:`aaclip_core.evaluation.postprocess`). A class without calibration gets the identity ranges
+  (0, 1), which turn the formula into the uncalibrated score of `predict`.
 
 Every image is scored independently of its batch-mates, so the batch dimension is free.
 """
@@ -25,28 +26,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from aaclip_core.evaluation.postprocess import normalise, ranges_rows
 from aaclip_core.evaluation.protocol import raw_scores
 from aaclip_core.model import AACLIP
 from aaclip_core.prompts.anchors import AnchorBank
 from aaclip_core.prompts.templates import anchors_from_embeddings
-
-CALIBRATION_KEYS = ("map_min", "map_max", "det_min", "det_max")
-IDENTITY = {"map_min": 0.0, "map_max": 1.0, "det_min": 0.0, "det_max": 1.0}
-
-
-def min_max(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """(x - lo) / (hi - lo), or 0 where the range is empty, as `predict.score_image` does."""
-    return torch.where(hi > lo, (x - lo) / (hi - lo), torch.zeros_like(x))
-
-
-def calibrated(raw_map: torch.Tensor, raw_det: torch.Tensor, ranges: torch.Tensor, domain: str):
-    """Normalised maps [B, S, S] and image scores [B] for per-image ranges [B, 4] (CALIBRATION_KEYS)."""
-    lo_map, hi_map = ranges[:, 0, None, None], ranges[:, 1, None, None]
-    nmap = min_max(raw_map, lo_map, hi_map)
-    ndet = min_max(raw_det, ranges[:, 2], ranges[:, 3])
-    pmax = nmap.flatten(1).max(dim=1).values
-    score = pmax if domain == "medical" else 0.5 * pmax + 0.5 * ndet
-    return nmap, score
 
 
 class DetectorGraph(nn.Module):
@@ -79,7 +63,7 @@ class DetectorGraph(nn.Module):
                 self.register_buffer("anchors", bank.anchors(everyone).clone())
             if self.uses_text_context:
                 self.register_buffer("text_context", bank.text_context(everyone).clone())
-        ranges = [[float({**IDENTITY, **calibration.get(c, {})}[k]) for k in CALIBRATION_KEYS] for c in everyone]
+        ranges = ranges_rows(calibration, everyone)
         self.register_buffer("ranges", torch.tensor(ranges, dtype=torch.float32, device=model.device))
 
     def class_anchors(self, image: torch.Tensor, class_index: torch.Tensor) -> torch.Tensor:
@@ -94,5 +78,6 @@ class DetectorGraph(nn.Module):
         anchors = self.class_anchors(image, class_index)
         text_context = self.text_context[class_index] if self.uses_text_context else None
         raw_map, raw_det = raw_scores(self.model, image, anchors, text_context, self.image_size, self.domain)
-        nmap, score = calibrated(raw_map, raw_det, self.ranges[class_index], self.domain)
+        # The post-processor itself, traced: the file scores exactly as `test` and `predict --run` do.
+        nmap, score = normalise(raw_map, raw_det, self.ranges[class_index], self.domain)
         return raw_map, raw_det, nmap, score

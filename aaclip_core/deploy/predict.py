@@ -17,7 +17,7 @@ import numpy as np
 from aaclip_core.deploy.scorer import Detector, load_detector
 from aaclip_core.errors import ConfigError
 from aaclip_core.evaluation.calibration import Calibration
-from aaclip_core.evaluation.scale import minmax
+from aaclip_core.evaluation.postprocess import clip_for_display, display_map
 from aaclip_core.predict import ImageJob, ImageOutputs, Thresholds, collect_images, parse_threshold, write_summary
 from aaclip_core.predict.batches import score_in_batches
 from aaclip_core.predict.inputs import assign_classes
@@ -27,10 +27,11 @@ DEFAULT_BATCH = 8
 
 
 def _heat(raw_map: np.ndarray, nmap: np.ndarray, calibrated: bool) -> np.ndarray:
-    """The overlay's heat map, as `predict.score_image` draws it."""
+    """The overlay's heat map, as `predict.score_image` draws it: the graph's map is already on the
+    calibration's scale; an uncalibrated class's map is shown on its own range."""
     if calibrated:
-        return np.clip(nmap, 0.0, 1.0)
-    return minmax(np.asarray(raw_map, dtype=np.float32))
+        return clip_for_display(nmap)
+    return display_map(np.asarray(raw_map, dtype=np.float32))
 
 
 def _calibration(detector: Detector) -> Calibration | None:

@@ -1,79 +1,34 @@
-"""Score calibration: the one place where raw anomaly maps and detection scores become the scale
-`aaclip test` reports (SPEC §5), and the object that carries that scale to `predict` and the pictures.
+"""Calibrations of tests: fitting a class's ranges and F1-optimal threshold to its test set, the
+record of a whole test's calibration (what it was computed on, the classes) that carries the scale to
+`predict` and the pictures, and choosing which test's calibration scores a set of images.
 
-`test` min-max normalises each class's raw pixel maps and detection scores over the class's test set
-and scores an image as ``0.5 * max(normalised map) + 0.5 * normalised det`` (industrial) or
-``max(normalised map)`` (medical). A :class:`Calibration` keeps those per-class ranges and the
-F1-optimal image threshold, with the test (dataset, run, checkpoint, same-dataset flag) they came
-from; applying it to one new image reproduces that image's test score exactly, because both go
-through :func:`~aaclip_core.evaluation.scale.minmax` and :func:`image_score`. Normalised values are not clipped, so a new
-image can score below 0 or above 1; only pictures clip them to [0, 1].
+What a calibration does to maps and scores is the post-processor,
+:mod:`aaclip_core.evaluation.postprocess`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from aaclip_core.evaluation import metrics
-from aaclip_core.evaluation.scale import minmax
+from aaclip_core.evaluation.postprocess import RANGE_KEYS, ClassCalibration
 
 
-def image_score(norm_maps: torch.Tensor, norm_det: torch.Tensor, domain: str) -> torch.Tensor:
-    """Image scores [N] from normalised maps [N, ...] and normalised detection scores [N]."""
-    pmax = norm_maps.flatten(1).max(dim=1).values
-    return pmax if domain == "medical" else 0.5 * pmax + 0.5 * norm_det
-
-
-@dataclass(frozen=True)
-class ClassCalibration:
-    """One class's raw ranges over its test set, and its F1-optimal image threshold (None when the
-    test set had one label only)."""
-
-    map_min: float
-    map_max: float
-    det_min: float
-    det_max: float
-    image_threshold: float | None = None
-    image_f1_max: float | None = None
-
-    @classmethod
-    def ranges_of(cls, raw_maps: torch.Tensor, raw_det: torch.Tensor) -> ClassCalibration:
-        """The ranges of a class's whole test set (what `test` normalises with), no threshold."""
-        return cls(float(raw_maps.min()), float(raw_maps.max()), float(raw_det.min()), float(raw_det.max()))
-
-    @classmethod
-    def fit(cls, raw_maps: torch.Tensor, raw_det: torch.Tensor, labels: torch.Tensor, domain: str) -> ClassCalibration:
-        """The ranges of a class's test set and the F1-optimal threshold of its image scores."""
-        ranges = cls.ranges_of(raw_maps, raw_det)
-        _, score = ranges.apply(raw_maps, raw_det, domain)
-        try:
-            f1, threshold = metrics.f1_max_threshold(score, labels)
-        except metrics.UndefinedMetricError:
-            return ranges
-        return cls(ranges.map_min, ranges.map_max, ranges.det_min, ranges.det_max, float(threshold), float(f1))
-
-    def apply(self, raw_maps: torch.Tensor, raw_det: torch.Tensor, domain: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normalised maps, image scores) of raw maps [N, ...] and detection scores [N]."""
-        maps = minmax(raw_maps, self.map_min, self.map_max)
-        det = minmax(raw_det, self.det_min, self.det_max)
-        return maps, image_score(maps, det, domain)
-
-    def as_dict(self) -> dict[str, float]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ClassCalibration:
-        return cls(**{k: (None if d.get(k) is None else float(d[k])) for k in cls.__dataclass_fields__ if k in d})
-
-
-def uncalibrated_score(raw_map: torch.Tensor, raw_det: torch.Tensor, domain: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(display map in [0, 1], image score) of one image with no calibration: the score formula on
-    the raw values (not on the test scale), the map normalised by its own range."""
-    return minmax(raw_map), image_score(raw_map[None], raw_det.reshape(1), domain)[0]
+def fit_class_calibration(raw_maps: torch.Tensor, raw_det: torch.Tensor, labels: torch.Tensor, domain: str
+                          ) -> ClassCalibration:
+    """The ranges of a class's test set and the F1-optimal threshold of its image scores (ranges
+    only when the test set has one label)."""
+    ranges = ClassCalibration.ranges_of(raw_maps, raw_det)
+    _, score = ranges.apply(raw_maps, raw_det, domain)
+    try:
+        f1, threshold = metrics.f1_max_threshold(score, labels)
+    except metrics.UndefinedMetricError:
+        return ranges
+    return ClassCalibration(*ranges.bounds, float(threshold), float(f1))
 
 
 @dataclass
@@ -136,8 +91,7 @@ class Calibration:
 
 
 def _finite_ranges(d: dict) -> bool:
-    return all(isinstance(d.get(k), int | float) and math.isfinite(d[k])
-               for k in ("map_min", "map_max", "det_min", "det_max"))
+    return all(isinstance(d.get(k), int | float) and math.isfinite(d[k]) for k in RANGE_KEYS)
 
 
 # ------------------------------------------------------------------------------------------ choosing one

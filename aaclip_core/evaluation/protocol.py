@@ -18,9 +18,10 @@ from torch.utils.data import DataLoader
 
 from aaclip_core import distributed
 from aaclip_core.compute import autocast
-from aaclip_core.evaluation.calibration import ClassCalibration
-from aaclip_core.evaluation.pixel_pairs import PixelPairs, pixel_pairs
 from aaclip_core.evaluation import metrics
+from aaclip_core.evaluation.calibration import fit_class_calibration
+from aaclip_core.evaluation.pixel_pairs import PixelPairs, pixel_pairs
+from aaclip_core.evaluation.postprocess import ClassCalibration
 from aaclip_core.model import AACLIP
 from aaclip_core.model.similarity import test_map
 from aaclip_core.names import METRIC_NAMES
@@ -172,7 +173,7 @@ def _detection(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 def image_scores(cm: ClassMaps, domain: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(normalised pixel maps, image scores) of a class under the reference protocol: min-max over
-    the class's test set (:mod:`aaclip_core.evaluation.calibration`)."""
+    the class's test set (:mod:`aaclip_core.evaluation.postprocess`)."""
     return ClassCalibration.ranges_of(cm.maps, cm.det).apply(cm.maps, cm.det, domain)
 
 
@@ -229,7 +230,7 @@ def evaluate(
     pairs = {}
     for c in sorted(per_class):
         cm = per_class[c]
-        cal = ClassCalibration.fit(cm.maps, cm.det, cm.labels, recipe.data.domain)
+        cal = fit_class_calibration(cm.maps, cm.det, cm.labels, recipe.data.domain)
         maps, score = cal.apply(cm.maps, cm.det, recipe.data.domain)
         results.append(score_class(c, cm, recipe, (maps, score)))
         calibration[c] = cal.as_dict()

@@ -7,8 +7,10 @@ with the image score, the threshold and the verdict written underneath.
 * The panels show the S x S image the model scored (S = ``recipe.model.image_size``), enlarged by a
   whole factor (nearest neighbour for masks, so a drawn pixel is exactly one scored pixel) until
   they are at least `MIN_PANEL` pixels wide.
-* The anomaly map is min-max normalised (on the scale of its class's test set when calibrated),
-  clipped to [0, 1] and coloured with matplotlib's ``jet``; the colour bar marks the pixel level.
+* The anomaly map comes in as the post-processor's display map
+  (:func:`aaclip_core.evaluation.postprocess.display_map`: min-max normalised on the scale of its
+  class's test set when calibrated, clipped to [0, 1]) and is coloured with matplotlib's ``jet``;
+  the colour bar marks the pixel level.
 * Ground truth and prediction are drawn the same unambiguous way: a translucent fill over exactly
   the pixels of the region and a solid outline along its inside edge. The picture's border is not
   an edge, so a region covering most of the image never turns into a frame around it; pixels
@@ -33,8 +35,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from aaclip_core.evaluation.scale import minmax
-
 CONTOUR_LEVEL = 0.5
 HEAT_ALPHA = 0.5
 FILL_ALPHA = 0.4
@@ -55,12 +55,6 @@ _BAR_LABELS = 34
 FONT_SIZE = 13
 
 Box = tuple[int, int, int, int]  # (left, top, right, bottom), right/bottom exclusive
-
-
-def normalise_for_display(raw_map: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
-    """The calibration's min-max (:func:`aaclip_core.evaluation.scale.minmax`) clipped to [0, 1] for display; lo/hi
-    default to the map's own min and max."""
-    return np.clip(minmax(np.asarray(raw_map, dtype=np.float32), lo, hi), 0.0, 1.0)
 
 
 def mask_boundary(mask: np.ndarray, width: int = 1) -> np.ndarray:

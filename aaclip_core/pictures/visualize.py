@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from aaclip_core.pictures.overlay import normalise_for_display, save_overlay, verdict_line
+from aaclip_core.evaluation.postprocess import ClassCalibration, display_map
+from aaclip_core.pictures.overlay import save_overlay, verdict_line
 
 # The CLIP normalisation `load_image_tensor` and the dataset apply (OpenAI statistics).
 CLIP_MEAN = tuple(OPENAI_DATASET_MEAN)
@@ -79,7 +80,7 @@ def test_visualizations(model, bank, recipe, device, samples, report, n: int, ou
             maps, _ = predict_batch(model, bank, images, [c] * len(items), recipe)
         maps = maps.float().cpu().numpy()
         for (kind, rank, row, sample), item, raw in zip(chosen, items, maps):
-            heat = normalise_for_display(raw, cal.get("map_min"), cal.get("map_max"))
+            heat = display_map(raw, ClassCalibration.from_dict(cal) if cal else None)
             src = Path(sample.image_path)
             name = f"{kind}-{rank:02d}_{_safe_name(src.parent.name + '-' + src.stem)}_score{float(row['image_score']):.3f}.png"
             truth = "anomalous" if int(row["label"]) == 1 else "normal"

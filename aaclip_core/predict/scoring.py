@@ -11,7 +11,7 @@ import torch
 
 from aaclip_core.compute import autocast
 from aaclip_core.data.dataset import load_image_tensor
-from aaclip_core.evaluation.calibration import ClassCalibration, uncalibrated_score
+from aaclip_core.evaluation.postprocess import UNCALIBRATED, ClassCalibration, display_map
 from aaclip_core.evaluation.protocol import predict_batch
 from aaclip_core.pictures.visualize import CLIP_MEAN, CLIP_STD, denormalise
 from aaclip_core.predict.batches import score_in_batches
@@ -28,12 +28,8 @@ def score_image(raw_map: torch.Tensor, raw_det: float, cal: ClassCalibration | M
     if isinstance(cal, Mapping):
         cal = ClassCalibration.from_dict(cal)
     raw_map = raw_map.float()
-    det = torch.tensor([raw_det], dtype=torch.float32)
-    if cal is None:
-        heat, score = uncalibrated_score(raw_map, det, domain)
-        return float(score), heat.numpy()
-    maps, scores = cal.apply(raw_map[None], det, domain)
-    return float(scores[0]), maps[0].clamp(0, 1).numpy()
+    _, scores = (UNCALIBRATED if cal is None else cal).apply(raw_map[None], torch.tensor([raw_det], dtype=torch.float32), domain)
+    return float(scores[0]), display_map(raw_map, cal).numpy()
 
 
 @dataclass
