@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader
 
 from aaclip_core import distributed
 from aaclip_core.compute import autocast
+from aaclip_core.evaluation import metrics
 from aaclip_core.evaluation.calibration import ClassCalibration
 from aaclip_core.evaluation.pixel_pairs import PixelPairs, pixel_pairs
-from aaclip_core.evaluation import metrics
 from aaclip_core.model import AACLIP
 from aaclip_core.model.similarity import test_map
 from aaclip_core.names import METRIC_NAMES

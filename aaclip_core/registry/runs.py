@@ -14,12 +14,13 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 from aaclip_core.errors import ConfigError, TrackingError
+from aaclip_core.names import PIXEL_AUROC
+from aaclip_core.record import Stage, Tag
 from aaclip_core.registry.tracking import (
     HEARTBEAT_TAG,
     HOST_TAG,
     PID_TAG,
     STALE_AFTER_SECONDS,
-    TAG,
     all_runs,
     connect,
     get_run,
@@ -28,7 +29,7 @@ from aaclip_core.registry.tracking import (
 
 # The number a row shows: a test run's mean pixel AUROC (the protocol's headline metric); a training
 # run's last epoch loss of its last stage.
-_TEST_METRIC = "pixel_auroc"
+_TEST_METRIC = PIXEL_AUROC
 _LOSS_METRICS = ("stage2/loss", "stage1/loss")
 
 
@@ -81,7 +82,7 @@ def end_stale_run(mlflow, run, status: str = "KILLED") -> list[str]:
         )
         ended = [c.info.run_id for c in children] + [run_id]
         for rid in ended:
-            client.set_tag(rid, f"{TAG}ended_by", "mark-dead")
+            client.set_tag(rid, Tag.ENDED_BY, "mark-dead")
             client.set_terminated(rid, status)
     return ended
 
@@ -106,7 +107,7 @@ class RunRow:
 
 def _main_metric(run) -> tuple[str | None, float | None]:
     metrics = run.data.metrics
-    names = (_TEST_METRIC,) if run.data.tags.get(f"{TAG}stage") == "test" else _LOSS_METRICS
+    names = (_TEST_METRIC,) if run.data.tags.get(Tag.STAGE) == Stage.TEST else _LOSS_METRICS
     for name in names:
         if name in metrics:
             return name, float(metrics[name])
@@ -119,11 +120,11 @@ def _row(run, experiments: dict[str, str]) -> RunRow:
     started = datetime.fromtimestamp(run.info.start_time / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
     return RunRow(
         run_id=run.info.run_id,
-        stage=tags.get(f"{TAG}stage", "-"),
+        stage=tags.get(Tag.STAGE, "-"),
         name=run.info.run_name or "",
         status=run.info.status,
         stale=run_liveness(run) == "stale",
-        dataset=tags.get(f"{TAG}dataset", "-"),
+        dataset=tags.get(Tag.DATASET, "-"),
         metric=metric,
         value=value,
         parent=tags.get("mlflow.parentRunId"),
@@ -147,7 +148,7 @@ def list_runs(tracking_uri: str | None, experiment: str | None = None, stage: st
         if not ids:
             known = ", ".join(sorted(experiments.values())) or "none"
             raise ConfigError(f"--experiment '{experiment}': no such experiment in the store (it has: {known}).")
-    stage_filter = f"tags.`{TAG}stage` = '{stage}'" if stage else ""
+    stage_filter = f"tags.`{Tag.STAGE}` = '{stage}'" if stage else ""
     if stage and not stage.replace("-", "").isalnum():
         raise ConfigError(f"--stage '{stage}' is not a stage name (base, cross, feedback, feedback-loop, test, ...).")
     runs = all_runs(mlflow, stage_filter, experiment_ids=ids, max_results=limit)
