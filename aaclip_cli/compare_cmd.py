@@ -13,7 +13,7 @@ from rich.table import Table
 
 from aaclip_cli.app import AaclipCommand, JsonOpt, UriOpt, app, examples, handle_errors
 from aaclip_cli.display import err, pct, print_json, result_console
-from aaclip_core.names import METRIC_LABELS
+from aaclip_core.names import IMAGE_AUROC, METRIC_LABELS, PIXEL_AUROC
 
 _SHORT = METRIC_LABELS
 
@@ -23,7 +23,7 @@ def _delta(x: float) -> str:
 
 
 # Shown by default: the headline metric and image AUROC, so a table of two datasets fits 120 columns.
-DEFAULT_TABLE_METRICS = ("pixel_auroc", "image_auroc")
+DEFAULT_TABLE_METRICS = (PIXEL_AUROC, IMAGE_AUROC)
 SAME_DATASET_MARK = "‡"
 
 

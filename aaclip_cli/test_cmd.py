@@ -20,6 +20,7 @@ from aaclip_cli.app import (
 )
 from aaclip_cli.display import RichReporter, err, escape, print_json, print_result, results_table
 from aaclip_core.names import LAYOUTS
+from aaclip_core.record import Tag
 
 LAYOUT_HELP = "Dataset layout: " + ", ".join(LAYOUTS) + "."
 
@@ -100,7 +101,7 @@ def test_cmd(
     if result["same_dataset"]:
         err.print(f"[yellow]note:[/yellow] tested on the training data ({escape(result['same_dataset_reason'])}); "
                   f"declared by {escape(result['same_dataset_declared_by'])}; the test run is tagged "
-                  "aaclip.same_dataset=true.", soft_wrap=True)
+                  f"{Tag.SAME_DATASET}=true.", soft_wrap=True)
     if result.get("visualizations"):
         err.print(f"{len(result['visualizations'])} anomaly-map pictures logged under visualizations/<class>/")
     if result["run_id"] is None:

@@ -21,6 +21,8 @@ from aaclip_cli.app import (
     load_recipe_with_flags,
 )
 from aaclip_cli.display import RichReporter, err, escape, print_json
+from aaclip_core.names import IMAGE_AUROC, PIXEL_AUROC
+from aaclip_core.record import Tag
 
 IMPORT_HELP = "\n\n".join(
     [
@@ -31,8 +33,9 @@ IMPORT_HELP = "\n\n".join(
         "files) in aaclip's own format, the recipe it is evaluated with (backbone, fidelity) and each "
         "file's sha256 and epoch as params and tags.",
         "A text adapter alone is allowed: the image adapters keep the model's Xavier initialisation, "
-        "seeded with the recipe's runtime.seed, and the run is tagged aaclip.image_adapter=untrained. "
-        "An image adapter alone needs --allow-image-only (tagged aaclip.text_adapter=untrained).",
+        "seeded with the recipe's runtime.seed, and the run is tagged "
+        f"{Tag.adapter('image_adapter')}=untrained. An image adapter alone needs --allow-image-only "
+        f"(tagged {Tag.adapter('text_adapter')}=untrained).",
         "Projection variant: the image file's keys say whether it was trained with relu projections "
         "(seg_proj.N.fc.0.weight) or without (seg_proj.N.fc.weight). When that differs from the "
         "recipe's model.relu, the run's recipe adopts the file's variant and a warning says so.",
@@ -162,8 +165,8 @@ def export_cmd(
         change = (result.get("int8") or {}).get("change")
         if change and change.get("delta_mean"):
             d = change["delta_mean"]
-            err.print(f"int8 vs fp32 on {change['n_images']} test images: image AUROC {d['image_auroc'] * 100:+.2f}, "
-                      f"pixel AUROC {d['pixel_auroc'] * 100:+.2f} points; image scores move by up to "
+            err.print(f"int8 vs fp32 on {change['n_images']} test images: image AUROC {d[IMAGE_AUROC] * 100:+.2f}, "
+                      f"pixel AUROC {d[PIXEL_AUROC] * 100:+.2f} points; image scores move by up to "
                       f"{change['max_abs_image_score_change']:.4f}")
         for f in result["files"]:
             err.print(f"wrote {f}")

@@ -3,17 +3,26 @@ help from them without loading torch): metrics and their labels, dataset layouts
 
 from __future__ import annotations
 
-# Every metric a test reports, in report order (raw floats in [0, 1]).
-METRIC_NAMES = ("pixel_auroc", "pixel_ap", "image_auroc", "image_ap", "aupro", "pixel_f1_max", "image_f1_max")
+# Every metric a test reports (raw floats in [0, 1]); the names are also the keys of reports, params
+# (feedback.selection_metric) and MLflow metrics, so everything else uses these constants.
+PIXEL_AUROC = "pixel_auroc"
+PIXEL_AP = "pixel_ap"
+IMAGE_AUROC = "image_auroc"
+IMAGE_AP = "image_ap"
+AUPRO = "aupro"
+PIXEL_F1_MAX = "pixel_f1_max"
+IMAGE_F1_MAX = "image_f1_max"
+# In report order.
+METRIC_NAMES = (PIXEL_AUROC, PIXEL_AP, IMAGE_AUROC, IMAGE_AP, AUPRO, PIXEL_F1_MAX, IMAGE_F1_MAX)
 # How tables label them; * marks metrics beyond the reference protocol.
 METRIC_LABELS = {
-    "pixel_auroc": "pixel AUROC",
-    "pixel_ap": "pixel AP",
-    "image_auroc": "image AUROC",
-    "image_ap": "image AP",
-    "aupro": "AUPRO*",
-    "pixel_f1_max": "pixel F1-max*",
-    "image_f1_max": "image F1-max*",
+    PIXEL_AUROC: "pixel AUROC",
+    PIXEL_AP: "pixel AP",
+    IMAGE_AUROC: "image AUROC",
+    IMAGE_AP: "image AP",
+    AUPRO: "AUPRO*",
+    PIXEL_F1_MAX: "pixel F1-max*",
+    IMAGE_F1_MAX: "image F1-max*",
 }
 
 # Dataset layouts an indexer reads (aaclip_core.data.layouts describes each), plus "auto" (detect

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from aaclip_core.errors import ConfigError
 from aaclip_core.files import not_utf8
-from aaclip_core.names import METRIC_NAMES, RECIPE_LAYOUTS
+from aaclip_core.names import METRIC_NAMES, PIXEL_AUROC, RECIPE_LAYOUTS
 from aaclip_core.recipe_aliases import Alias, aliases
 
 if sys.version_info >= (3, 11):
@@ -152,7 +152,7 @@ class FeedbackConfig(_Strict):
     # the job and `doctor` warn.
     min_val_images: int = Field(30, ge=0)
     # The held-out metric that selects the loop (aaclip_core.evaluation.selection): one of the reported metrics.
-    selection_metric: Literal[METRIC_NAMES] = "pixel_auroc"
+    selection_metric: Literal[METRIC_NAMES] = PIXEL_AUROC
 
 
 class EvalConfig(_Strict):

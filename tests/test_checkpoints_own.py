@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from aaclip_core.checkpoints.checkpoint import ADAPTERS, MANIFEST, OPTIMIZER, load_checkpoint, save_checkpoint
 from aaclip_core.checkpoints import checkpoint as checkpoints
+from aaclip_core.checkpoints.checkpoint import ADAPTERS, MANIFEST, OPTIMIZER, load_checkpoint, save_checkpoint
 from aaclip_core.errors import CheckpointError
+from aaclip_core.record import MANIFEST_VERSION
 
 
 def _adapters(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -46,7 +47,7 @@ def test_round_trip_tensors_and_manifest(tmp_path):
     for k, v in adapters.items():
         assert torch.equal(ck.adapters[k], v), k
         assert ck.adapters[k].dtype == v.dtype
-    assert ck.manifest == {"format_version": checkpoints.FORMAT_VERSION, **MANIFEST_IN}
+    assert ck.manifest == {"format_version": MANIFEST_VERSION, **MANIFEST_IN}
     assert ck.optimizer is None
     # Only the final directory is left: no temporary or backup directories.
     assert _siblings(target) == ["final"]

@@ -16,10 +16,6 @@ import typer
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
-# Named in the docs as the home of facts another branch of issue #23 is moving there; checked like any
-# path once it exists.
-ANNOUNCED = {"aaclip_core/record.py"}
-
 _FENCE = re.compile(r"^```(\S*)\s*$")
 
 
@@ -95,8 +91,6 @@ def test_every_repository_path_named_exists(page):
     missing = []
     for path in _REPO_PATH.findall(text):
         if path == "aaclip_core/recipes":  # package data, installed from recipes/
-            continue
-        if path in ANNOUNCED and not (ROOT / path).exists():
             continue
         if "*" not in path and not (ROOT / path).exists():
             missing.append(path)

@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 from aaclip_cli.main import app
 from aaclip_core.checkpoints.model_folder import read_model_folder
 from aaclip_core.evaluation.calibration import Calibration, ClassCalibration, choose_calibration
-from aaclip_core.prompts.names import MANIFEST_KEY as PROMPT_NAMES_KEY
 
 CLASS = "fabric"
 TINY = [f'data.train.classes=["{CLASS}"]', f'data.test.classes=["{CLASS}"]', "stage1.epochs=1", "stage2.epochs=1",
@@ -83,10 +82,10 @@ def test_the_two_tests_are_flagged_as_they_ran(env):
 def test_the_exported_folder_describes_the_model(env):
     folder = read_model_folder(env["folder"])
     m = folder.manifest
-    assert m["format"] == "aaclip-model" and folder.source == {"run_id": env["run"], "checkpoint": "final"}
-    assert m["modes"] == {"text_cross": False, "image_cross": False, "context_source": "dpam"}
-    assert folder.recipe.model.image_size == 56 and m["fidelity"] == folder.recipe.fidelity
-    assert m[PROMPT_NAMES_KEY]["names"]  # the prompt names the model was trained with
+    assert m.format == "aaclip-model" and folder.source == {"run_id": env["run"], "checkpoint": "final"}
+    assert m.modes == {"text_cross": False, "image_cross": False, "context_source": "dpam"}
+    assert folder.recipe.model.image_size == 56 and m.fidelity == folder.recipe.fidelity
+    assert m.prompt_names["names"]  # the prompt names the model was trained with
     cals = {c.test_run_id: c for c in folder.calibrations}
     assert set(cals) == {env["mvtec"]["run_id"], env["own"]["run_id"]}
     assert cals[env["own"]["run_id"]].training_data and not cals[env["mvtec"]["run_id"]].training_data

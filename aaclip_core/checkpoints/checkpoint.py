@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,30 +23,23 @@ from safetensors.torch import load_file, save_file
 from aaclip_core.errors import CheckpointError
 from aaclip_core.files import atomic_dir, atomic_path, sha256_of, with_umask_mode
 
-FORMAT_VERSION = 1
+# The checkpoint names live with the rest of the run record; re-exported for the rooms that load checkpoints.
+from aaclip_core.record import (  # noqa: F401
+    FINAL,
+    MANIFEST_VERSION,
+    STAGE1,
+    Manifest,
+    checkpoint_name,
+    parse_checkpoint_name,
+    read_manifest,
+)
+
 ADAPTERS = "adapters.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 MANIFEST = "manifest.json"
 # What loading a checkpoint's weights needs; optimiser and random states are for resuming only.
 CHECKPOINT_CORE_FILES = (ADAPTERS, MANIFEST)
 
-# ------------------------------------------------------------------------------------------ names
-# A run's checkpoints are artifacts under ``checkpoints/<name>``: base, cross and imported runs end
-# in FINAL (base also keeps STAGE1); a feedback run keeps one per stage of every loop.
-FINAL = "final"
-STAGE1 = "stage1"
-_LOOP_NAME = re.compile(r"^loop_(\d+)_stage_(\d)$")
-
-
-def checkpoint_name(loop: int, stage: int) -> str:
-    """The name of a feedback run's checkpoint after ``stage`` (1 or 2) of ``loop``."""
-    return f"loop_{loop}_stage_{stage}"
-
-
-def parse_checkpoint_name(name: str | None) -> tuple[int, int] | None:
-    """(loop, stage) of a feedback checkpoint name; None for any other name."""
-    m = _LOOP_NAME.match(name or "")
-    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 # ------------------------------------------------------------------------------------------ optimiser
@@ -88,6 +80,11 @@ class Checkpoint:
     optimizers: dict[str, dict] = field(default_factory=dict)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    @property
+    def info(self) -> Manifest:
+        """The manifest, typed (``manifest`` is its JSON form, as read)."""
+        return read_manifest(self.manifest)
+
 
 EXTRA = "state.safetensors"
 
@@ -99,7 +96,7 @@ def _optimizer_file(name: str) -> str:
 def save_checkpoint(
     directory: Path,
     adapters: dict[str, torch.Tensor],
-    manifest: dict[str, Any],
+    manifest: dict[str, Any] | Manifest,
     optimizer_state: dict | None = None,
     optimizers: dict[str, dict] | None = None,
     extra_tensors: dict[str, torch.Tensor] | None = None,
@@ -113,16 +110,16 @@ def save_checkpoint(
         named["default"] = optimizer_state
     with atomic_dir(directory) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in adapters.items()}, str(tmp / ADAPTERS))
-        manifest = {"format_version": FORMAT_VERSION, **manifest}
+        info = replace(read_manifest(manifest), format_version=MANIFEST_VERSION)
         if named:
-            manifest["optimizers"] = {}
+            info.optimizers = {}
             for name, state in named.items():
                 tensors, meta = _flatten_optimizer(state)
                 save_file(tensors, str(tmp / _optimizer_file(name)))
-                manifest["optimizers"][name] = meta
+                info.optimizers[name] = meta
         if extra_tensors:
             save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()}, str(tmp / EXTRA))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+        (tmp / MANIFEST).write_text(json.dumps(info.as_dict(), indent=2, sort_keys=True), encoding="utf-8")
         for f in tmp.iterdir():
             with_umask_mode(f)
     return directory
@@ -141,7 +138,7 @@ def load_checkpoint(directory: Path, with_optimizer: bool = False) -> Checkpoint
         adapters = load_file(str(directory / ADAPTERS))
         optimizers = {}
         if with_optimizer:
-            for name, meta in manifest.get("optimizers", {}).items():
+            for name, meta in (read_manifest(manifest).optimizers or {}).items():
                 optimizers[name] = _unflatten_optimizer(load_file(str(directory / _optimizer_file(name))), meta)
         extra = load_file(str(directory / EXTRA)) if (directory / EXTRA).is_file() else {}
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:

@@ -26,29 +26,31 @@ from aaclip_core.evaluation.calibration import Calibration, choose_calibration
 from aaclip_core.evaluation.selection import select_loop
 from aaclip_core.model import AACLIP
 from aaclip_core.model.backbone import backbone_id
-from aaclip_core.prompts.names import MANIFEST_KEY, PROMPT_NAMES_ARTIFACT
+from aaclip_core.names import PIXEL_AUROC
 from aaclip_core.recipe import Recipe, recipe_from_dict
-from aaclip_core.registry.tracking import TAG, download, get_run, list_artifacts
+from aaclip_core.record import Artifact, CheckpointStage, Manifest, Stage, Tag, read_manifest
+from aaclip_core.registry.tracking import download, get_run, list_artifacts
 
 MAX_TEST_RUNS = 50
 
 
-def manifest(recipe: Recipe, model: AACLIP, stage: str, epoch: int, loop: int | None = None, *,
+def manifest(recipe: Recipe, model: AACLIP, stage: CheckpointStage, epoch: int | None, loop: int | None = None, *,
              prompt_names: dict, **extra) -> dict:
-    """What a checkpoint's manifest records about the model it holds. ``prompt_names``: the names its
-    text side was trained with (``AnchorBank.record()``), which evaluation keeps using."""
-    return {
-        "stage": stage,
-        "epoch": epoch,
-        "loop": loop,
-        "fidelity": recipe.fidelity,
-        "backbone": backbone_id(recipe),
-        "cross_attention": model.text_cross_attn is not None,
-        "modes": model.modes.as_dict(),
-        "recipe": recipe.model_dump(mode="json"),
-        MANIFEST_KEY: prompt_names,
+    """What a checkpoint's manifest records about the model it holds, in its JSON form. ``prompt_names``:
+    the names its text side was trained with (``AnchorBank.record()``), which evaluation keeps using;
+    ``extra``: further :class:`~aaclip_core.record.Manifest` fields (``text_epoch``, ``val``, ...)."""
+    return Manifest(
+        stage=stage,
+        epoch=epoch,
+        loop=loop,
+        fidelity=recipe.fidelity,
+        backbone=backbone_id(recipe),
+        cross_attention=model.text_cross_attn is not None,
+        modes=model.modes.as_dict(),
+        recipe=recipe.model_dump(mode="json"),
+        prompt_names=prompt_names,
         **extra,
-    }
+    ).as_dict()
 
 
 def load_adapters(model: AACLIP, state: dict[str, torch.Tensor]) -> None:
@@ -70,7 +72,7 @@ def load_adapters(model: AACLIP, state: dict[str, torch.Tensor]) -> None:
 
 def run_recipe(mlflow, run_id: str, workdir: Path) -> Recipe:
     run_id = get_run(mlflow, run_id).info.run_id  # the full id, when given a prefix
-    path = download(mlflow, run_id, "recipe.json", workdir / run_id)
+    path = download(mlflow, run_id, Artifact.RECIPE, workdir / run_id)
     return recipe_from_dict(json.loads(path.read_text(encoding="utf-8")), f"of run {run_id}")
 
 
@@ -80,10 +82,10 @@ def run_checkpoint(mlflow, run_id: str, name: str, workdir: Path, with_optimizer
     or starting from a checkpoint never reads them."""
     dst = workdir / run_id / "ckpt"
     if with_optimizer:
-        local = download(mlflow, run_id, f"checkpoints/{name}", dst)
+        local = download(mlflow, run_id, Artifact.checkpoint(name), dst)
     else:
         for file in CHECKPOINT_CORE_FILES:
-            local = download(mlflow, run_id, f"checkpoints/{name}/{file}", dst).parent
+            local = download(mlflow, run_id, Artifact.checkpoint(name, file), dst).parent
     return load_checkpoint(local, with_optimizer=with_optimizer)
 
 
@@ -92,14 +94,14 @@ def default_checkpoint(mlflow, run_id: str) -> str:
     when it ended before selecting (interrupted), the selection over the loops it finished."""
     run = get_run(mlflow, run_id)
     tags = run.data.tags
-    if f"{TAG}selected_checkpoint" in tags or tags.get(f"{TAG}stage") != "feedback":
-        return tags.get(f"{TAG}selected_checkpoint", FINAL)
+    if Tag.SELECTED_CHECKPOINT in tags or tags.get(Tag.STAGE) != Stage.FEEDBACK:
+        return tags.get(Tag.SELECTED_CHECKPOINT, FINAL)
     with tempfile.TemporaryDirectory(prefix="aaclip-select-") as tmp:
         val = loop_validation(mlflow, run_id, Path(tmp))
     if not val:
         raise CheckpointError(f"Feedback run {run_id} finished no loop: it has no checkpoint to use. Resume it with "
                               f"`aaclip train feedback --resume {run_id}`.")
-    metric = run.data.params.get("feedback.selection_metric", "pixel_auroc")
+    metric = run.data.params.get("feedback.selection_metric", PIXEL_AUROC)
     return checkpoint_name(select_loop(val, metric).loop, 2)
 
 
@@ -107,12 +109,12 @@ def loop_validation(mlflow, run_id: str, workdir: Path) -> dict[int, dict[str, f
     """loop -> the held-out validation results a feedback run kept with each loop's final
     (``loop_<k>_stage_2``) checkpoint; only the manifests are downloaded."""
     out: dict[int, dict[str, float]] = {}
-    for path in list_artifacts(mlflow, run_id, "checkpoints"):
+    for path in list_artifacts(mlflow, run_id, Artifact.CHECKPOINTS):
         parsed = parse_checkpoint_name(Path(path).name)
         if parsed is None or parsed[1] != 2:
             continue
         local = download(mlflow, run_id, f"{path}/{MANIFEST}", workdir / run_id / Path(path).name)
-        val = json.loads(local.read_text(encoding="utf-8")).get("val")
+        val = read_manifest(json.loads(local.read_text(encoding="utf-8"))).val
         if isinstance(val, dict):
             out[parsed[0]] = {k: float(v) for k, v in val.items() if v is not None}
     return out
@@ -127,9 +129,9 @@ def finished_tests(mlflow, run_id: str, checkpoint: str | None) -> list:
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
         return []
-    filt = f"tags.\"{TAG}source_run\" = '{run_id}' and attributes.status = 'FINISHED'"
+    filt = f"tags.\"{Tag.SOURCE_RUN}\" = '{run_id}' and attributes.status = 'FINISHED'"
     if checkpoint is not None:
-        filt += f" and tags.\"{TAG}checkpoint\" = '{checkpoint}'"
+        filt += f" and tags.\"{Tag.CHECKPOINT}\" = '{checkpoint}'"
     return client.search_runs(experiments, filt, order_by=["attributes.start_time DESC"], max_results=MAX_TEST_RUNS)
 
 
@@ -144,15 +146,15 @@ def run_calibrations(mlflow, run_id: str, checkpoint: str, workdir: Path) -> tup
     out = []
     for run in finished_tests(mlflow, run_id, checkpoint):
         tid = run.info.run_id
-        if not _has_artifact(mlflow, tid, "results", "report.json"):
+        if not _has_artifact(mlflow, tid, Artifact.RESULTS, Artifact.REPORT):
             continue
-        report = json.loads(download(mlflow, tid, "results/report.json", workdir / "calibration" / tid)
+        report = json.loads(download(mlflow, tid, Artifact.result(Artifact.REPORT), workdir / "calibration" / tid)
                             .read_text(encoding="utf-8"))
         cal = Calibration.from_dict({
-            "dataset": run.data.tags.get(f"{TAG}dataset", "?"),
+            "dataset": run.data.tags.get(Tag.DATASET, "?"),
             "test_run_id": tid,
             "checkpoint": checkpoint,
-            "training_data": run.data.tags.get(f"{TAG}training_data", run.data.tags.get(f"{TAG}same_dataset")) == "true",
+            "training_data": run.data.tags.get(Tag.TRAINING_DATA, run.data.tags.get(Tag.SAME_DATASET)) == "true",
             "classes": report.get("calibration") or {},
         })
         if cal.classes:
@@ -162,16 +164,16 @@ def run_calibrations(mlflow, run_id: str, checkpoint: str, workdir: Path) -> tup
         return out, None
     others = finished_tests(mlflow, run_id, None)
     if others:
-        ck = sorted({r.data.tags.get(f"{TAG}checkpoint", "?") for r in others})
+        ck = sorted({r.data.tags.get(Tag.CHECKPOINT, "?") for r in others})
         return [], f"run {run_id} has finished test runs only of checkpoint(s) {', '.join(ck)}, not '{checkpoint}'"
     return [], f"run {run_id} has no finished test run"
 
 
 def _test_prompt_names(mlflow, test_run_id: str, workdir: Path) -> dict[str, str]:
     """class -> the prompt name a test run used; empty for a test run from before names were logged."""
-    if not _has_artifact(mlflow, test_run_id, *PROMPT_NAMES_ARTIFACT.rsplit("/", 1)):
+    if not _has_artifact(mlflow, test_run_id, *Artifact.PROMPT_NAMES.rsplit("/", 1)):
         return {}
-    path = download(mlflow, test_run_id, PROMPT_NAMES_ARTIFACT, workdir / "calibration" / test_run_id)
+    path = download(mlflow, test_run_id, Artifact.PROMPT_NAMES, workdir / "calibration" / test_run_id)
     classes = json.loads(path.read_text(encoding="utf-8")).get("classes", {})
     return {c: v["name"] for c, v in classes.items()}
 
@@ -187,7 +189,7 @@ def chosen_calibration(mlflow, run_id: str, checkpoint: str, workdir: Path, want
 
 def training_classes(mlflow, run_id: str, recipe: Recipe, workdir: Path) -> set[str]:
     """Classes the run was trained on (its logged sample list), else those its recipe names."""
-    if not _has_artifact(mlflow, run_id, "data", "train.jsonl"):
+    if not _has_artifact(mlflow, run_id, Artifact.DATA, Artifact.TRAIN_SAMPLES):
         return set(recipe.data.train.classes or [])
-    path = download(mlflow, run_id, "data/train.jsonl", workdir / "train-meta")
+    path = download(mlflow, run_id, Artifact.data(Artifact.TRAIN_SAMPLES), workdir / "train-meta")
     return {json.loads(line)["class_name"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}

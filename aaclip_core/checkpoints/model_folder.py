@@ -17,7 +17,7 @@ together with the calibrations of the run's tests. MLflow only stores and finds 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,10 @@ from aaclip_core.evaluation.calibration import Calibration
 from aaclip_core.files import atomic_write_text
 from aaclip_core.model import AACLIP, build_model
 from aaclip_core.model.aaclip import ModelModes
-from aaclip_core.prompts.names import MANIFEST_KEY as PROMPTS_KEY
 from aaclip_core.recipe import Recipe, recipe_from_dict
+from aaclip_core.record import Manifest, read_manifest
 
 MODEL_FORMAT = "aaclip-model"
-CALIBRATIONS_KEY = "calibrations"
 
 
 @dataclass
@@ -51,8 +50,8 @@ class ModelFolder:
     recipe: Recipe
 
     @property
-    def manifest(self) -> dict[str, Any]:
-        return self.checkpoint.manifest
+    def manifest(self) -> Manifest:
+        return self.checkpoint.info
 
     @property
     def modes(self) -> ModelModes:
@@ -61,22 +60,22 @@ class ModelFolder:
     @property
     def prompts(self) -> dict | None:
         """The prompt names the model was trained with (None: a folder written before they were recorded)."""
-        return self.manifest.get(PROMPTS_KEY)
+        return self.manifest.prompt_names
 
     @property
     def source(self) -> dict[str, Any]:
         """Where the weights came from: ``{"run_id", "checkpoint"}`` (None values when unknown)."""
-        src = self.manifest.get("source") or {}
+        src = self.manifest.source or {}
         return {"run_id": src.get("run_id"), "checkpoint": src.get("checkpoint")}
 
     @property
     def training_classes(self) -> set[str]:
         """The classes the model was trained on (recorded at export), else those its recipe names."""
-        return set(self.manifest.get("training_classes") or self.recipe.data.train.classes or [])
+        return set(self.manifest.training_classes or self.recipe.data.train.classes or [])
 
     @property
     def calibrations(self) -> list[Calibration]:
-        return [Calibration.from_dict(c) for c in self.manifest.get(CALIBRATIONS_KEY) or []]
+        return [Calibration.from_dict(c) for c in self.manifest.calibrations or []]
 
     def build(self, device: torch.device | str) -> AACLIP:
         """The model, with its trained tensors and modes restored."""
@@ -86,8 +85,8 @@ class ModelFolder:
 def model_from_checkpoint(recipe: Recipe, ckpt: Checkpoint, device: torch.device | str) -> AACLIP:
     """Rebuild the model a checkpoint holds: backbone and modules from ``recipe``, trained tensors
     and modes (cross-attention switches, context source) from the checkpoint."""
-    meta = ckpt.manifest
-    model = build_model(recipe, device, with_cross=bool(meta.get("cross_attention")), final_weights=True)
+    meta = ckpt.info
+    model = build_model(recipe, device, with_cross=bool(meta.cross_attention), final_weights=True)
     try:
         model.load_adapter_state_dict({k: v.to(device) for k, v in ckpt.adapters.items()})
     except (KeyError, ValueError) as exc:
@@ -105,7 +104,7 @@ def read_model_folder(directory: Path) -> ModelFolder:
             "--format aaclip` (or a run's downloaded checkpoints/<name> folder)."
         )
     ckpt = load_checkpoint(directory)
-    recipe_dict = ckpt.manifest.get("recipe")
+    recipe_dict = ckpt.info.recipe
     if not isinstance(recipe_dict, dict):
         raise CheckpointError(
             f"{directory / MANIFEST} has no recipe, so the model cannot be rebuilt from the folder alone. "
@@ -127,15 +126,12 @@ def write_model_folder(directory: Path, ckpt: Checkpoint, source: dict[str, Any]
             f"'{directory}' is a folder that holds other files; export the model into a new or empty folder "
             "(an existing model folder is replaced)."
         )
-    manifest = {k: v for k, v in ckpt.manifest.items() if k not in ("optimizers", "format_version")}
-    manifest.update({
-        "format": MODEL_FORMAT,
-        "source": source,
-        CALIBRATIONS_KEY: [c.as_dict() for c in calibrations],
-        "training_classes": sorted(training_classes or []),
-    })
+    # No optimiser state travels, and save_checkpoint writes the format version afresh.
+    manifest = replace(ckpt.info, optimizers=None, format_version=None, format=MODEL_FORMAT, source=source,
+                       calibrations=[c.as_dict() for c in calibrations],
+                       training_classes=sorted(training_classes or []))
     try:
-        return save_checkpoint(directory, ckpt.adapters, manifest)
+        return save_checkpoint(directory, ckpt.adapters, manifest.as_dict())
     except OSError as exc:
         raise ConfigError(f"Cannot write the model folder '{directory}': {exc.strerror or exc}.") from None
 
@@ -146,8 +142,8 @@ def add_calibration(directory: Path, calibration: Calibration) -> None:
     path = Path(directory) / MANIFEST
     if not (Path(directory) / ADAPTERS).is_file():
         raise CheckpointError(f"'{directory}' is not a model folder (no {ADAPTERS}).")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    kept = [c for c in manifest.get(CALIBRATIONS_KEY) or []
+    manifest = read_manifest(json.loads(path.read_text(encoding="utf-8")))
+    kept = [c for c in manifest.calibrations or []
             if (c.get("dataset"), c.get("test_run_id")) != (calibration.dataset, calibration.test_run_id)]
-    manifest[CALIBRATIONS_KEY] = [*kept, calibration.as_dict()]
-    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True))
+    manifest.calibrations = [*kept, calibration.as_dict()]
+    atomic_write_text(path, json.dumps(manifest.as_dict(), indent=2, sort_keys=True))

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from aaclip_core.evaluation.pixel_pairs import PixelPairs
 from aaclip_core.evaluation import metrics
-from aaclip_core.names import METRIC_LABELS
+from aaclip_core.evaluation.pixel_pairs import PixelPairs
+from aaclip_core.names import IMAGE_AUROC, METRIC_LABELS, PIXEL_AUROC
 
 DEFAULT_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
@@ -142,7 +142,7 @@ def paired_image_auroc(
         point += diff
         used += 1
         images += len(paths)
-    return _result("image_auroc", total, point, used, resamples, seed, confidence, n_images=images,
+    return _result(IMAGE_AUROC, total, point, used, resamples, seed, confidence, n_images=images,
                    unpaired_images=unpaired, label_mismatches=len(mismatched), skipped_classes=skipped)
 
 
@@ -237,6 +237,6 @@ def paired_pixel_auroc(
         total += diff_b
         used += 1
         images += len(order)
-    return _result("pixel_auroc", total, point, used, resamples, seed, confidence, n_images=images,
+    return _result(PIXEL_AUROC, total, point, used, resamples, seed, confidence, n_images=images,
                    unpaired_images=unpaired, skipped_classes=skipped)
 

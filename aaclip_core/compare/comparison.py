@@ -12,7 +12,6 @@ from aaclip_core.compare.groups import seed_groups
 from aaclip_core.compare.paired import compare_pair
 from aaclip_core.compare.rows import Row, rows_of
 from aaclip_core.compare.store import (
-    TRAINING_STAGES,
     TestArtifacts,
     experiment_ids,
     latest_tests,
@@ -21,7 +20,9 @@ from aaclip_core.compare.store import (
 )
 from aaclip_core.errors import ConfigError
 from aaclip_core.evaluation.protocol import METRIC_NAMES
-from aaclip_core.registry.tracking import TAG, connect, store_call
+from aaclip_core.names import IMAGE_AUROC, PIXEL_AUROC
+from aaclip_core.record import TRAINING_STAGES, Stage, Tag
+from aaclip_core.registry.tracking import connect, store_call
 
 
 @dataclass
@@ -49,7 +50,7 @@ class Comparison:
                 "resamples": self.bootstrap_resamples,
                 "seed": bs.BOOTSTRAP_SEED,
                 "confidence": bs.CONFIDENCE,
-                "metrics": ["image_auroc", "pixel_auroc"],
+                "metrics": [IMAGE_AUROC, PIXEL_AUROC],
             },
             "notes": self.notes,
         }
@@ -72,7 +73,7 @@ def _pick_reference(rows: list[Row], reference: str | None) -> Row:
             if r.selected:
                 return r
         return matches[0]
-    bases = [r for r in rows if r.stage == "base" and r.selected]
+    bases = [r for r in rows if r.stage == Stage.BASE and r.selected]
     if bases:
         # The base run that the other runs started from, when they share one; else the oldest.
         parents = [r.attrs.get("_parent") for r in rows if r.attrs.get("_parent")]
@@ -98,7 +99,7 @@ def _training_runs(mlflow, client, run_ids, exp_ids, experiments, notes: list[st
                   if r.info.status != "FINISHED"]
     else:
         runs = [r for r in search_runs(client, exp_ids, "attributes.status = 'FINISHED'")
-                if r.data.tags.get(f"{TAG}stage") in TRAINING_STAGES]
+                if r.data.tags.get(Tag.STAGE) in TRAINING_STAGES]
     if not runs:
         where = ", ".join(experiments) if experiments else "any experiment"
         raise ConfigError(
@@ -113,7 +114,7 @@ def _rows(client, runs: list) -> list[Row]:
     rows: list[Row] = []
     for r in sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id)):
         for row in rows_of(client, r, tests.get(r.info.run_id, {})):
-            row.attrs["_parent"] = r.data.tags.get(f"{TAG}parent_run")
+            row.attrs["_parent"] = r.data.tags.get(Tag.PARENT_RUN)
             rows.append(row)
     return rows
 
@@ -132,7 +133,7 @@ def _image_sets(rows: list[Row], artifacts: TestArtifacts) -> dict[tuple[str, st
 def compare_runs(
     run_ids: list[str] | None = None,
     experiments: list[str] | None = None,
-    metric: str = "pixel_auroc",
+    metric: str = PIXEL_AUROC,
     reference: str | None = None,
     resamples: int = bs.DEFAULT_RESAMPLES,
     tracking_uri: str | None = None,

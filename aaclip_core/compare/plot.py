@@ -22,6 +22,7 @@ from aaclip_core.checkpoints.checkpoint import checkpoint_name
 from aaclip_core.compare.comparison import Comparison
 from aaclip_core.errors import ConfigError
 from aaclip_core.files import atomic_path
+from aaclip_core.record import Stage
 
 
 @dataclass
@@ -44,7 +45,7 @@ class PlotContent:
 
 
 def _is_loop_row(r) -> bool:
-    return r.stage == "feedback" and r.loop is not None and r.checkpoint == checkpoint_name(r.loop, 2)
+    return r.stage == Stage.FEEDBACK and r.loop is not None and r.checkpoint == checkpoint_name(r.loop, 2)
 
 
 def plot_content(result, dataset: str | None = None) -> PlotContent:
@@ -125,7 +126,7 @@ def build_figure(result, content: PlotContent):
             (line,) = ax.plot(loops, ys, "--.", color=colour, alpha=0.55, linewidth=1.2, zorder=3, label=label)
         line.set_gid(gid)
     for r in result.rows:
-        if r.selected and r.stage == "feedback" and r.loop is not None and r.run_id in colour_of:
+        if r.selected and r.stage == Stage.FEEDBACK and r.loop is not None and r.run_id in colour_of:
             ax.axvspan(r.loop - 0.3, r.loop + 0.3, color=colour_of[r.run_id], alpha=0.12, zorder=1)
     if values:
         lo, hi = min(values), max(values)

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from aaclip_core.checkpoints.checkpoint import FINAL, checkpoint_name, parse_checkpoint_name
-from aaclip_core.compare.store import TRAINING_STAGES, find_run
+from aaclip_core.compare.store import find_run
 from aaclip_core.evaluation.protocol import METRIC_NAMES
 from aaclip_core.prompts.names import PROMPT_PARAM
-from aaclip_core.registry.tracking import TAG
+from aaclip_core.record import TRAINING_STAGES, Stage, Tag
 from aaclip_core.training.schedule import loop_epochs
 
 STAGE_ORDER = {s: i for i, s in enumerate(TRAINING_STAGES)}
@@ -93,16 +93,16 @@ def _test_result(test_run, train_params: dict[str, str]) -> TestResult:
         protocol = {k: v for k, v in train_params.items() if k.startswith("eval.") or k == "data.domain"}
     return TestResult(
         run_id=test_run.info.run_id,
-        dataset=test_run.data.tags.get(f"{TAG}dataset", "?"),
-        checkpoint=test_run.data.tags.get(f"{TAG}checkpoint", FINAL),
+        dataset=test_run.data.tags.get(Tag.DATASET, "?"),
+        checkpoint=test_run.data.tags.get(Tag.CHECKPOINT, FINAL),
         metrics={m: float(test_run.data.metrics[m]) for m in METRIC_NAMES if m in test_run.data.metrics},
         root=p.get("test.root"),
         protocol=protocol,
         protocol_logged=logged,
-        same_dataset=test_run.data.tags.get(f"{TAG}same_dataset") == "true",
+        same_dataset=test_run.data.tags.get(Tag.SAME_DATASET) == "true",
         prompt_names={k[len(PROMPT_PARAM):]: v for k, v in p.items() if k.startswith(PROMPT_PARAM)} or None,
-        training_data=_bool_tag(test_run.data.tags.get(f"{TAG}training_data",
-                                                       test_run.data.tags.get(f"{TAG}same_dataset"))),
+        training_data=_bool_tag(test_run.data.tags.get(Tag.TRAINING_DATA,
+                                                       test_run.data.tags.get(Tag.SAME_DATASET))),
     )
 
 
@@ -125,7 +125,7 @@ def _float(x) -> float | None:
 
 
 def _backbone(tags: dict, params: dict) -> tuple[str | None, str | None, int | None]:
-    tag = tags.get(f"{TAG}backbone")
+    tag = tags.get(Tag.BACKBONE)
     if tag and ":" in tag and "@" in tag:
         name, rest = tag.split(":", 1)
         weights, size = rest.rsplit("@", 1)
@@ -151,29 +151,29 @@ def run_epochs(client, run, loop: int | None, _seen: tuple = ()) -> tuple[int | 
     """Total training epochs behind a run's row (stage 1 + stage 2; feedback: summed over loops
     1..loop with :func:`loop_epochs`), including the run it started from, and how."""
     p, t = run.data.params, run.data.tags
-    stage = t.get(f"{TAG}stage")
+    stage = t.get(Tag.STAGE)
     own, how = None, ""
-    if stage in ("base", "cross"):
+    if stage in (Stage.BASE, Stage.CROSS):
         s1, s2 = _int(p.get("stage1.epochs")), _int(p.get("stage2.epochs"))
         if s1 is not None and s2 is not None:
             own, how = s1 + s2, f"{s1}+{s2}"
-    elif stage == "feedback":
+    elif stage == Stage.FEEDBACK:
         te, ie = _int(p.get("feedback.text_epochs_per_loop")), _int(p.get("feedback.image_epochs_per_loop"))
         decay, loops = _float(p.get("feedback.epochs_decay_rate")), _int(p.get("feedback.loops"))
         if None not in (te, ie, decay, loops):
             last = loop or loops
             per = [loop_epochs(te, decay, k) + loop_epochs(ie, decay, k) for k in range(1, last + 1)]
             own, how = sum(per), f"loops 1-{last}: " + "+".join(map(str, per))
-    elif stage == "imported":
-        te, ie = _int(t.get(f"{TAG}text_adapter.epoch")), _int(t.get(f"{TAG}image_adapter.epoch"))
+    elif stage == Stage.IMPORTED:
+        te, ie = _int(t.get(Tag.adapter_epoch("text_adapter"))), _int(t.get(Tag.adapter_epoch("image_adapter")))
         if te is not None or ie is not None:
             own, how = (te or 0) + (ie or 0), f"imported {te or 0}+{ie or 0}"
-    parent = t.get(f"{TAG}parent_run")
+    parent = t.get(Tag.PARENT_RUN)
     if own is not None and parent and parent not in _seen:
         prun = find_run(client, parent)
         if prun is None:  # deleted from the store
             return own, how + f" (+ unknown from parent {parent[:8]}, not in the store)"
-        pe, _ = run_epochs(client, prun, _parent_loop(t.get(f"{TAG}parent_checkpoint")),
+        pe, _ = run_epochs(client, prun, _parent_loop(t.get(Tag.PARENT_CHECKPOINT)),
                            (*_seen, run.info.run_id))
         if pe is not None:
             return own + pe, f"{how} + {pe} of parent {parent[:8]}"
@@ -185,17 +185,17 @@ def _attrs(client, run, loop: int | None) -> dict[str, Any]:
     name, weights, size = _backbone(t, p)
     epochs, how = run_epochs(client, run, loop)
     return {
-        "fidelity": t.get(f"{TAG}fidelity"),
+        "fidelity": t.get(Tag.FIDELITY),
         "backbone": name,
         "weights": weights,
         "image_size": size,
-        "quick_gelu": t.get(f"{TAG}quick_gelu"),
-        "seed": _int(t.get(f"{TAG}seed")),
-        "train_dataset": t.get(f"{TAG}dataset"),
+        "quick_gelu": t.get(Tag.QUICK_GELU),
+        "seed": _int(t.get(Tag.SEED)),
+        "train_dataset": t.get(Tag.DATASET),
         "epochs": epochs,
         "epochs_detail": how,
         "trainable_parameters": _int(p.get("trainable_parameters")),
-        "recipe": t.get(f"{TAG}recipe"),
+        "recipe": t.get(Tag.RECIPE),
     }
 
 
@@ -217,8 +217,8 @@ def _val_history(client, run_id: str) -> dict[int, dict[str, float]]:
 def rows_of(client, run, tests: dict[tuple[str, str], Any]) -> list[Row]:
     rid = run.info.run_id
     t, p = run.data.tags, run.data.params
-    stage = t.get(f"{TAG}stage", "?")
-    selected_ckpt = t.get(f"{TAG}selected_checkpoint", FINAL)
+    stage = t.get(Tag.STAGE, "?")
+    selected_ckpt = t.get(Tag.SELECTED_CHECKPOINT, FINAL)
     by_ckpt: dict[str, dict[str, TestResult]] = {}
     for (dataset, ckpt), tr in tests.items():
         by_ckpt.setdefault(ckpt, {})[dataset] = _test_result(tr, p)
@@ -227,11 +227,11 @@ def rows_of(client, run, tests: dict[tuple[str, str], Any]) -> list[Row]:
 
     def make(ckpt: str, loop: int | None, held: dict[str, float]) -> Row:
         selected = ckpt == selected_ckpt
-        if stage == "feedback":
-            sel_loop = t.get(f"{TAG}selected_loop")
+        if stage == Stage.FEEDBACK:
+            sel_loop = t.get(Tag.SELECTED_LOOP)
             if selected:
-                selection, detail = "held-out", t.get(f"{TAG}selection", f"held-out selection: loop {sel_loop}")
-            elif f"{TAG}selected_checkpoint" not in t:
+                selection, detail = "held-out", t.get(Tag.SELECTION, f"held-out selection: loop {sel_loop}")
+            elif Tag.SELECTED_CHECKPOINT not in t:
                 selection, detail = "declared", f"checkpoint '{ckpt}' (the run records no selection)"
             else:
                 selection = "test-set"
@@ -247,7 +247,7 @@ def rows_of(client, run, tests: dict[tuple[str, str], Any]) -> list[Row]:
         elif ckpt != selected_ckpt:
             label += f" @{ckpt}"
             key += f"@{ckpt}"
-        if selected and stage == "feedback":
+        if selected and stage == Stage.FEEDBACK:
             label += " (selected)"
         row = Row(
             key=key, run_id=rid, stage=stage, label=label, loop=loop, checkpoint=ckpt, selected=selected,
@@ -257,7 +257,7 @@ def rows_of(client, run, tests: dict[tuple[str, str], Any]) -> list[Row]:
         row.config_key = _config_key(stage, loop, ckpt if not selected else "selected", p)
         return row
 
-    if stage == "feedback":
+    if stage == Stage.FEEDBACK:
         val = _val_history(client, rid)
         loops = set(val)
         loops |= {k for k in map(_loop_stage_2, by_ckpt) if k is not None}

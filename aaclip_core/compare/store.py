@@ -10,9 +10,8 @@ from aaclip_core.checkpoints.checkpoint import FINAL
 from aaclip_core.compare import bootstrap as bs
 from aaclip_core.errors import ConfigError
 from aaclip_core.evaluation.pixel_pairs import load_pixel_pairs
-from aaclip_core.registry.tracking import TAG, get_run
-
-TRAINING_STAGES = ("base", "cross", "feedback", "imported")
+from aaclip_core.record import TRAINING_STAGES, Artifact, Stage, Tag
+from aaclip_core.registry.tracking import get_run
 
 
 def search_runs(client, experiment_ids: list[str], filter_string: str = "") -> list:
@@ -51,15 +50,15 @@ def resolve_runs(mlflow, ids: list[str]) -> list:
     """The runs given by full id or unique prefix (tracking.get_run: one resolver for every command)."""
     runs = [get_run(mlflow, rid) for rid in ids]
     for r in runs:
-        stage = r.data.tags.get(f"{TAG}stage")
-        if stage == "test":
+        stage = r.data.tags.get(Tag.STAGE)
+        if stage == Stage.TEST:
             raise ConfigError(
                 f"Run {r.info.run_id} is a test run; compare takes training runs (its source is "
-                f"{r.data.tags.get(f'{TAG}source_run')})."
+                f"{r.data.tags.get(Tag.SOURCE_RUN)})."
             )
         if stage not in TRAINING_STAGES:
             raise ConfigError(
-                f"Run {r.info.run_id} has aaclip.stage '{stage}'; compare takes training runs "
+                f"Run {r.info.run_id} has {Tag.STAGE} '{stage}'; compare takes training runs "
                 f"({', '.join(TRAINING_STAGES)})."
             )
     return runs
@@ -67,13 +66,14 @@ def resolve_runs(mlflow, ids: list[str]) -> list:
 
 def latest_tests(client, experiment_ids: list[str], source_ids: set[str]) -> dict[str, dict[tuple[str, str], Any]]:
     """source run -> (dataset, checkpoint) -> the latest FINISHED test run."""
-    runs = search_runs(client, experiment_ids, f"tags.`{TAG}stage` = 'test' and attributes.status = 'FINISHED'")
+    finished_tests = f"tags.`{Tag.STAGE}` = '{Stage.TEST}' and attributes.status = 'FINISHED'"
+    runs = search_runs(client, experiment_ids, finished_tests)
     out: dict[str, dict[tuple[str, str], Any]] = {}
     for r in runs:  # oldest first: later ones overwrite
-        src = r.data.tags.get(f"{TAG}source_run")
+        src = r.data.tags.get(Tag.SOURCE_RUN)
         if src not in source_ids:
             continue
-        key = (r.data.tags.get(f"{TAG}dataset", "?"), r.data.tags.get(f"{TAG}checkpoint", FINAL))
+        key = (r.data.tags.get(Tag.DATASET, "?"), r.data.tags.get(Tag.CHECKPOINT, FINAL))
         out.setdefault(src, {})[key] = r
     return out
 
@@ -90,18 +90,19 @@ class TestArtifacts:
     def _download(self, test_run_id: str, name: str, folder: str) -> Path | None:
         """A test run's ``results/<name>``, or None when the run has none (an older test run);
         a store that cannot be read raises."""
-        if f"results/{name}" not in {a.path for a in self.client.list_artifacts(test_run_id, "results")}:
+        path = Artifact.result(name)
+        if path not in {a.path for a in self.client.list_artifacts(test_run_id, Artifact.RESULTS)}:
             return None
-        return Path(self.client.download_artifacts(test_run_id, f"results/{name}", str(self.workdir / folder)))
+        return Path(self.client.download_artifacts(test_run_id, path, str(self.workdir / folder)))
 
     def image_scores(self, test_run_id: str) -> list[bs.ImageScore] | None:
         if test_run_id not in self._scores:
-            local = self._download(test_run_id, "image_scores.csv", test_run_id)
+            local = self._download(test_run_id, Artifact.IMAGE_SCORES, test_run_id)
             self._scores[test_run_id] = bs.read_image_scores(local) if local else None
         return self._scores[test_run_id]
 
     def pixel_pairs(self, test_run_id: str) -> dict | None:
         if test_run_id not in self._pixels:
-            local = self._download(test_run_id, "pixel_pairs.npz", f"{test_run_id}-px")
+            local = self._download(test_run_id, Artifact.PIXEL_PAIRS, f"{test_run_id}-px")
             self._pixels[test_run_id] = load_pixel_pairs(local) if local else None
         return self._pixels[test_run_id]

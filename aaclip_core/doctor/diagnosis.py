@@ -13,7 +13,7 @@ from aaclip_core.doctor.probe import probe_checks
 from aaclip_core.doctor.static import check_tracking, static_checks
 from aaclip_core.errors import ConfigError, TrackingError
 from aaclip_core.recipe import apply_overrides, recipe_from_dict
-from aaclip_core.registry.tracking import TAG
+from aaclip_core.record import Stage, Tag
 
 
 def diagnose(
@@ -49,10 +49,10 @@ def diagnose(
     run = get_run(mlflow, run_id)
     client = mlflow.MlflowClient()
     checks = [tracking]
-    stage = run.data.tags.get(f"{TAG}stage")
-    if stage in ("test", "feedback-loop"):
-        key = "source_run" if stage == "test" else None
-        target = run.data.tags.get(f"{TAG}{key}") if key else run.data.tags.get("mlflow.parentRunId")
+    stage = run.data.tags.get(Tag.STAGE)
+    if stage in (Stage.TEST, Stage.FEEDBACK_LOOP):
+        # A test names its training run; a feedback loop's child is a child run of it.
+        target = run.data.tags.get(Tag.SOURCE_RUN if stage == Stage.TEST else "mlflow.parentRunId")
         checks.append(Check("run kind", "pass", stage, f"a {stage} run: checking the training run {target}"))
         run = get_run(mlflow, target)
     with tempfile.TemporaryDirectory(prefix="aaclip-doctor-") as tmp:
@@ -66,8 +66,8 @@ def diagnose(
         history, notes = run_checks(client, mlflow, run, run_recipe, tracking_uri)
         checks += history
         tags = run.data.tags
-        checks += check_distributed(run_recipe, int(tags.get(f"{TAG}world_size", "1")),
-                                    tags.get(f"{TAG}backend", "none"))
+        checks += check_distributed(run_recipe, int(tags.get(Tag.WORLD_SIZE, "1")),
+                                    tags.get(Tag.BACKEND, "none"))
         if probe:
             checks += probe_checks(mlflow, run, run_recipe, workdir)
     return DoctorReport(run.info.run_id, checks, notes)

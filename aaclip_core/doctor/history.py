@@ -28,11 +28,13 @@ from aaclip_core.doctor.static import (
     check_weights,
 )
 from aaclip_core.evaluation.selection import select_loop
+from aaclip_core.names import PIXEL_AUROC
 from aaclip_core.prompts.names import PROMPT_PARAM, PromptNamer, reference_dataset, reference_table
 from aaclip_core.recipe import Recipe
 from aaclip_core.recipe_aliases import both_names
+from aaclip_core.record import Stage, Tag
 from aaclip_core.registry.runs import describe_owner, run_liveness
-from aaclip_core.registry.tracking import TAG, loop_runs
+from aaclip_core.registry.tracking import loop_runs
 
 
 def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -41,7 +43,7 @@ def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
 
 def _loop_runs(client, run) -> dict[int, Any]:
     """loop -> the MLflow run holding that loop's per-epoch metrics."""
-    if run.data.tags.get(f"{TAG}stage") != "feedback":
+    if run.data.tags.get(Tag.STAGE) != Stage.FEEDBACK:
         return {1: run}
     return loop_runs(client, run)
 
@@ -208,7 +210,7 @@ def _run_cross_checks(client, run, loops: dict[int, Any], recipe: Recipe | None)
 def _run_prompt_check(run, recipe: Recipe | None, fidelity: str | None) -> Check:
     """The names the run trained with (its prompt.<class> params); a run without them predates
     recorded names and used aaclip's old table."""
-    dataset = run.data.tags.get(f"{TAG}dataset") or (recipe.data.train.name if recipe else "?")
+    dataset = run.data.tags.get(Tag.DATASET) or (recipe.data.train.name if recipe else "?")
     names = {k[len(PROMPT_PARAM):]: v for k, v in run.data.params.items() if k.startswith(PROMPT_PARAM)}
     legacy = not names
     if legacy:
@@ -223,13 +225,13 @@ def run_checks(client, mlflow, run, recipe: Recipe | None,
     """The checks of a run's logged history, and the notes said once for several of them."""
     t, p = run.data.tags, run.data.params
     notes: list[Note] = []
-    stage = t.get(f"{TAG}stage", "?")
+    stage = t.get(Tag.STAGE, "?")
     status = run.info.status
     checks = []
     if status == "FINISHED":
         checks.append(Check("run status", "pass", status, f"{stage} run, finished"))
     elif status == "FAILED":
-        why = t.get(f"{TAG}failure")  # torchrun jobs: which rank failed and why
+        why = t.get(Tag.FAILURE)  # torchrun jobs: which rank failed and why
         checks.append(Check("run status", "fail", status, f"{stage} run ended FAILED" + (f": {why}" if why else ""),
                             "read the error of the failed command and train again"))
     elif run_liveness(run) == "live":
@@ -237,7 +239,7 @@ def run_checks(client, mlflow, run, recipe: Recipe | None,
                             "wait for it to finish, then run doctor again"))
     else:
         stale = run_liveness(run) == "stale"
-        fix = f"aaclip train feedback --resume {run.info.run_id}" if stage == "feedback" else "train it again"
+        fix = f"aaclip train feedback --resume {run.info.run_id}" if stage == Stage.FEEDBACK else "train it again"
         if stale:
             fix = f"aaclip runs --mark-dead {run.info.run_id}, or " + fix
         what = f"RUNNING but stale: its process is gone or silent ({describe_owner(run)})" if stale else f"ended {status}"
@@ -249,24 +251,24 @@ def run_checks(client, mlflow, run, recipe: Recipe | None,
     else:
         checks.append(Check("run recipe", "skip", None, "the run has no recipe.json (not made by `aaclip train`): "
                                                        "weights, data and device checks skipped"))
-        fidelity, pretrained = t.get(f"{TAG}fidelity"), p.get("model.pretrained")
-        quick = _bool(t.get(f"{TAG}quick_gelu"))
-    if t.get(f"{TAG}quick_gelu") is not None:
-        quick = _bool(t.get(f"{TAG}quick_gelu"))  # the activation the run actually used
+        fidelity, pretrained = t.get(Tag.FIDELITY), p.get("model.pretrained")
+        quick = _bool(t.get(Tag.QUICK_GELU))
+    if t.get(Tag.QUICK_GELU) is not None:
+        quick = _bool(t.get(Tag.QUICK_GELU))  # the activation the run actually used
     checks.append(check_activation(fidelity, quick, pretrained, "run activation (QuickGELU vs fidelity vs weights)"))
-    if stage != "imported":
+    if stage != Stage.IMPORTED:
         checks.append(_run_prompt_check(run, recipe, fidelity))
 
     loops = _loop_runs(client, run)
-    feedback = stage == "feedback"
-    if stage in ("cross", "feedback"):
+    feedback = stage == Stage.FEEDBACK
+    if stage in (Stage.CROSS, Stage.FEEDBACK):
         checks += _run_cross_checks(client, run, loops, recipe)
     else:
         checks.append(Check("run cross-attention weights", "skip", None, f"a {stage} run has no cross-attention"))
-    if stage == "imported":
+    if stage == Stage.IMPORTED:
         checks.append(Check("logged training history", "skip", None, "imported runs carry no training history"))
         return checks, notes
-    backbone = p.get("model.name") or (t.get(f"{TAG}backbone") or "").split(":")[0] or None
+    backbone = p.get("model.name") or (t.get(Tag.BACKBONE) or "").split(":")[0] or None
     grads, note = gradient_checks(client, loops, feedback, p.get("feedback.grad_clip"), backbone)
     checks += grads
     notes += [note] if note else []
@@ -274,7 +276,7 @@ def run_checks(client, mlflow, run, recipe: Recipe | None,
         checks.append(validation_check(run, recipe))
     checks += loss_checks(client, loops, feedback, "feedback.image_lr" if feedback else "stage2.lr")
     if feedback:
-        metric = p.get("feedback.selection_metric") or (recipe.feedback.selection_metric if recipe else "pixel_auroc")
+        metric = p.get("feedback.selection_metric") or (recipe.feedback.selection_metric if recipe else PIXEL_AUROC)
         checks.append(loop_metric_check(_loop_validation(client, mlflow, run, metric), metric))
     return checks, notes
 
@@ -295,6 +297,6 @@ def validation_check(run, recipe: Recipe | None) -> Check:
         return Check(name, "skip", n, "the run records no feedback.min_val_images")
     fix = "raise feedback.val_fraction (or data.train.shot), or add labelled images, and train again"
     if n < int(minimum):
-        detail = t.get(f"{TAG}val_warning") or f"the validation split has only {n} images, fewer than {minimum}"
+        detail = t.get(Tag.VAL_WARNING) or f"the validation split has only {n} images, fewer than {minimum}"
         return Check(name, "warn", n, detail, fix)
     return Check(name, "pass", n, f"{n} validation images (feedback.min_val_images = {minimum})")

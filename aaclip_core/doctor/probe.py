@@ -9,7 +9,7 @@ from aaclip_core.checkpoints.checkpoint import checkpoint_name
 from aaclip_core.doctor.checks import PROBE_IMAGES, PROBE_RATIO_FAIL, PROBE_SHARE_FAIL, Check
 from aaclip_core.errors import AaclipError
 from aaclip_core.recipe import Recipe
-from aaclip_core.registry.tracking import TAG
+from aaclip_core.record import Stage, Tag
 
 
 def _probe_batch(samples, recipe: Recipe):
@@ -40,7 +40,7 @@ def probe_checks(mlflow, run, recipe: Recipe | None, workdir: Path) -> list[Chec
         ckpt = run_checkpoint(mlflow, run_id, ckpt_name, workdir)
     except AaclipError as exc:
         return [Check(names[0], "fail", None, f"cannot load the run's checkpoint: {exc}", "train the run to the end")]
-    if not ckpt.manifest.get("cross_attention"):
+    if not ckpt.info.cross_attention:
         return [Check(n, "skip", None, f"checkpoint '{ckpt_name}' has no cross-attention: nothing to probe")
                 for n in names]
     try:
@@ -98,13 +98,13 @@ def _introduction_model(mlflow, run, recipe: Recipe, device, workdir: Path):
     model = build_model(recipe, device, with_cross=True)
     tags = run.data.tags
     start_loop = recipe.feedback.cross_attn_start_loop
-    if tags.get(f"{TAG}stage") == "feedback" and start_loop > 1:
+    if tags.get(Tag.STAGE) == Stage.FEEDBACK and start_loop > 1:
         name = checkpoint_name(start_loop - 1, 2)
         ckpt = run_checkpoint(mlflow, run.info.run_id, name, workdir / "intro")
         origin = f"this run's adapters after loop {start_loop - 1} (the cross-attention starts in loop {start_loop})"
-    elif tags.get(f"{TAG}parent_run"):
-        parent = tags[f"{TAG}parent_run"]
-        name = tags.get(f"{TAG}parent_checkpoint") or default_checkpoint(mlflow, parent)
+    elif tags.get(Tag.PARENT_RUN):
+        parent = tags[Tag.PARENT_RUN]
+        name = tags.get(Tag.PARENT_CHECKPOINT) or default_checkpoint(mlflow, parent)
         ckpt = run_checkpoint(mlflow, parent, name, workdir / "intro")
         origin = f"the base run {parent[:8]}'s adapters ('{name}') + fresh cross-attention, as at the start of training"
     else:

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 from aaclip_core.errors import ConfigError
+from aaclip_core.names import AUPRO
 from aaclip_core.recipe import Recipe
 
 
@@ -46,7 +47,7 @@ def check_selection_metric(recipe: Recipe, val_labels: list[int] | None = None) 
     AUPRO switched off, or a validation split whose images are all of one kind (AUROC, AP and F1
     need both normal and anomalous images)."""
     metric = recipe.feedback.selection_metric
-    if metric == "aupro" and not recipe.eval.aupro:
+    if metric == AUPRO and not recipe.eval.aupro:
         raise ConfigError(
             "feedback.selection_metric = 'aupro' but eval.aupro = false: no loop would have an AUPRO to be selected "
             "by. Set eval.aupro = true, or choose another feedback.selection_metric (e.g. pixel_auroc)."

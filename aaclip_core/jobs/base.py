@@ -12,7 +12,8 @@ from aaclip_core.jobs import common
 from aaclip_core.model import AACLIP, build_model
 from aaclip_core.prompts.names import training_namer
 from aaclip_core.recipe import Recipe
-from aaclip_core.registry.tracking import TAG, tracked_run
+from aaclip_core.record import Artifact, CheckpointStage, Stage, Tag
+from aaclip_core.registry.tracking import tracked_run
 from aaclip_core.reporter import Reporter
 from aaclip_core.training.engine import StageSchedule, run_stage
 from aaclip_core.training.groups import count_trainable, stage_parameters
@@ -30,10 +31,10 @@ def train_base(
         samples = common.train_data(session, recipe)
         session.reporter.info(f"building {recipe.model.name} ({recipe.model.pretrained}) on {session.device}")
         model = build_model(recipe, session.device)
-        tags = common.run_tags(recipe, "base", recipe.data.train.name)
+        tags = common.run_tags(recipe, Stage.BASE, recipe.data.train.name)
         with tracked_run(session.mlflow, recipe.tracking.experiment, run_name or f"base-{recipe.name}", tags) as run:
             result = train_reference_stages(session, model, samples)
-            return {"run_id": run.info.run_id, "stage": "base", **result}
+            return {"run_id": run.info.run_id, "stage": Stage.BASE, **result}
 
 
 def train_reference_stages(session: common.Session, model: AACLIP, samples: list) -> dict:
@@ -44,7 +45,7 @@ def train_reference_stages(session: common.Session, model: AACLIP, samples: list
     bank = common.anchor_bank(model, samples, training_namer(recipe, recipe.data.train))
     common.log_recipe(session)
     common.log_prompt_names(mlflow, bank)
-    common.log_metadata(session, samples, "train.jsonl", recipe.data.train.root)
+    common.log_metadata(session, samples, Artifact.TRAIN_SAMPLES, recipe.data.train.root)
     mlflow.log_param("trainable_parameters", count_trainable(model))
     started = time.perf_counter()
     probe = common.probe_batch(samples, recipe)
@@ -54,9 +55,8 @@ def train_reference_stages(session: common.Session, model: AACLIP, samples: list
     h1 = run_stage(1, model, bank, text_loader, StageSchedule(opt1), s1.epochs, recipe, session.device,
                    log=mlflow.log_metrics, progress=session.reporter.progress,
                    epoch_end=session.reporter.epoch_end, probe_batch=probe)
-    common.save_and_log(session, STAGE1, model, common.manifest(recipe, model, STAGE1, s1.epochs,
-                                                                   prompt_names=bank.record()),
-                        opt1.state_dict())
+    meta1 = common.manifest(recipe, model, CheckpointStage.STAGE1, s1.epochs, prompt_names=bank.record())
+    common.save_and_log(session, STAGE1, model, meta1, opt1.state_dict())
 
     s2 = recipe.stage2
     opt2 = torch.optim.Adam(stage_parameters(model, 2), lr=s2.lr, betas=s2.betas)
@@ -64,11 +64,12 @@ def train_reference_stages(session: common.Session, model: AACLIP, samples: list
     h2 = run_stage(2, model, bank, image_loader, StageSchedule(opt2, sched2), s2.epochs, recipe, session.device,
                    log=mlflow.log_metrics, progress=session.reporter.progress,
                    epoch_end=session.reporter.epoch_end, probe_batch=probe)
-    meta = common.manifest(recipe, model, "stage2", s2.epochs, text_epoch=s1.epochs, prompt_names=bank.record())
+    meta = common.manifest(recipe, model, CheckpointStage.STAGE2, s2.epochs, text_epoch=s1.epochs,
+                           prompt_names=bank.record())
     common.save_and_log(session, FINAL, model, meta, opt2.state_dict())
     seconds = time.perf_counter() - started
     mlflow.log_metric("train_seconds", seconds)
-    mlflow.set_tag(f"{TAG}selected_checkpoint", FINAL)
+    mlflow.set_tag(Tag.SELECTED_CHECKPOINT, FINAL)
     return {
         "stage1_loss": h1.losses,
         "stage2_loss": h2.losses,

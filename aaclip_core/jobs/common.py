@@ -28,10 +28,11 @@ from aaclip_core.errors import ConfigError
 from aaclip_core.model import AACLIP
 from aaclip_core.model.backbone import backbone_id
 from aaclip_core.prompts.anchors import AnchorBank
-from aaclip_core.prompts.names import PROMPT_NAMES_ARTIFACT, PROMPT_PARAM, PromptNamer
+from aaclip_core.prompts.names import PROMPT_PARAM, PromptNamer
 from aaclip_core.prompts.templates import split_prompts
 from aaclip_core.recipe import Recipe, flatten
-from aaclip_core.registry.tracking import TAG, aaclip_version, connect, git_commit, log_json_artifact, log_params
+from aaclip_core.record import Artifact, Stage, Tag
+from aaclip_core.registry.tracking import aaclip_version, connect, git_commit, log_json_artifact, log_params
 from aaclip_core.reporter import Reporter
 from aaclip_core.training.data import fixed_batch, load_samples, make_dataset, make_loader
 
@@ -73,20 +74,20 @@ def open_session(recipe: Recipe, recipe_path: Path | None, tracking_uri: str | N
     return Session(recipe, device, mlflow, shown, workdir, generator, recipe_path)
 
 
-def run_tags(recipe: Recipe, stage: str, dataset: str) -> dict[str, str]:
+def run_tags(recipe: Recipe, stage: Stage, dataset: str) -> dict[str, str]:
     return {
-        f"{TAG}stage": stage,
-        f"{TAG}fidelity": recipe.fidelity,
-        f"{TAG}dataset": dataset,
-        f"{TAG}seed": str(recipe.runtime.seed),
-        f"{TAG}version": aaclip_version(),
-        f"{TAG}git_commit": git_commit(),
-        f"{TAG}backbone": backbone_id(recipe),
-        f"{TAG}quick_gelu": str(recipe.quick_gelu).lower(),
-        f"{TAG}recipe": recipe.name,
+        Tag.STAGE: Stage(stage).value,
+        Tag.FIDELITY: recipe.fidelity,
+        Tag.DATASET: dataset,
+        Tag.SEED: str(recipe.runtime.seed),
+        Tag.VERSION: aaclip_version(),
+        Tag.GIT_COMMIT: git_commit(),
+        Tag.BACKBONE: backbone_id(recipe),
+        Tag.QUICK_GELU: str(recipe.quick_gelu).lower(),
+        Tag.RECIPE: recipe.name,
         # The distributed setting the job ran under (1 / none without torchrun).
-        f"{TAG}world_size": str(distributed.world_size()),
-        f"{TAG}backend": distributed.setting().backend,
+        Tag.WORLD_SIZE: str(distributed.world_size()),
+        Tag.BACKEND: distributed.setting().backend,
     }
 
 
@@ -95,9 +96,9 @@ def log_recipe(session: Session) -> None:
     log_params(mlflow, flatten(session.recipe))
     setting = distributed.setting()
     mlflow.log_params({"distributed.world_size": setting.world_size, "distributed.backend": setting.backend})
-    log_json_artifact(mlflow, session.recipe.model_dump(mode="json"), "recipe.json")
+    log_json_artifact(mlflow, session.recipe.model_dump(mode="json"), Artifact.RECIPE)
     if session.recipe_path is not None and session.recipe_path.is_file():
-        mlflow.log_artifact(str(session.recipe_path), "recipe_source")
+        mlflow.log_artifact(str(session.recipe_path), Artifact.RECIPE_SOURCE)
 
 
 def log_metadata(session: Session, samples: list[Sample], name: str, root: str) -> None:
@@ -106,19 +107,19 @@ def log_metadata(session: Session, samples: list[Sample], name: str, root: str) 
         return
     path = session.workdir / name
     write_metadata_jsonl(samples, path, Path(root).expanduser().resolve())
-    session.mlflow.log_artifact(str(path), "data")
+    session.mlflow.log_artifact(str(path), Artifact.DATA)
 
 
 def save_checkpoint_dir(session: Session, name: str, model: AACLIP, meta: dict, **states) -> Path:
     """Write a checkpoint of the model's trainable state into the session's work directory."""
-    return save_checkpoint(session.workdir / "checkpoints" / name, model.adapter_state_dict(), meta, **states)
+    return save_checkpoint(session.workdir / Artifact.CHECKPOINTS / name, model.adapter_state_dict(), meta, **states)
 
 
 def save_and_log(session: Session, name: str, model: AACLIP, meta: dict, optimizer_state: dict | None = None) -> None:
     """Rank 0 writes and logs the checkpoint; the other ranks (same weights) wait until it has."""
     if distributed.is_main():
         local = save_checkpoint_dir(session, name, model, meta, optimizer_state=optimizer_state)
-        session.mlflow.log_artifacts(str(local), f"checkpoints/{name}")
+        session.mlflow.log_artifacts(str(local), Artifact.checkpoint(name))
     distributed.barrier()
 
 
@@ -164,7 +165,7 @@ def log_prompt_names(mlflow, bank: AnchorBank) -> None:
     """The prompt names a run used: a ``prompt.<class>`` param each (what `compare` checks) and the
     full document with the sentences as an artifact (what `aaclip prompts --run` shows)."""
     log_params(mlflow, {PROMPT_PARAM + _param_key(c): p.name for c, p in bank.prompt_names.items()})
-    log_json_artifact(mlflow, prompt_names_document(bank), PROMPT_NAMES_ARTIFACT)
+    log_json_artifact(mlflow, prompt_names_document(bank), Artifact.PROMPT_NAMES)
 
 
 def _param_key(class_name: str) -> str:

@@ -13,7 +13,8 @@ from aaclip_core.jobs.inherit import describe_inherited, inherit_from_run
 from aaclip_core.model import AACLIP, ModelModes, build_model
 from aaclip_core.model.backbone import backbone_id
 from aaclip_core.recipe import Recipe
-from aaclip_core.registry.tracking import TAG, connect, get_run, tracked_run
+from aaclip_core.record import Stage, Tag
+from aaclip_core.registry.tracking import connect, get_run, tracked_run
 from aaclip_core.reporter import Reporter
 
 
@@ -42,7 +43,7 @@ def load_base_adapters(
         common.load_adapters(model, base)
         # The base's context source carries over; the fresh cross-attention keeps its switches.
         model.set_modes(replace(model.modes, context_source=ModelModes.from_manifest(ckpt.manifest).context_source))
-        return {f"{TAG}parent_run": from_run, f"{TAG}parent_checkpoint": name, "mlflow.parentRunId": from_run}
+        return {Tag.PARENT_RUN: from_run, Tag.PARENT_CHECKPOINT: name, "mlflow.parentRunId": from_run}
     if text_file is None or image_file is None:
         raise ConfigError(
             "train cross needs a base: --from BASE_RUN_ID, or both --base-text-adapter FILE and "
@@ -53,8 +54,8 @@ def load_base_adapters(
     for kind, path in (("text", text_file), ("image", image_file)):
         imported = import_reference(path, kind, own, recipe.model.relu)
         common.load_adapters(model, imported.adapters)
-        tags[f"{TAG}base_{kind}_adapter_sha256"] = imported.sha256
-        tags[f"{TAG}base_{kind}_adapter_epoch"] = str(imported.epoch)
+        tags[Tag.base_adapter_sha256(kind)] = imported.sha256
+        tags[Tag.base_adapter_epoch(kind)] = str(imported.epoch)
     return tags
 
 
@@ -79,9 +80,9 @@ def train_cross(
         samples = common.train_data(session, recipe)
         model = build_model(recipe, session.device, with_cross=True)
         origin = load_base_adapters(session, model, from_run, text_file, image_file)
-        tags = {**common.run_tags(recipe, "cross", recipe.data.train.name), **origin}
+        tags = {**common.run_tags(recipe, Stage.CROSS, recipe.data.train.name), **origin}
         with tracked_run(session.mlflow, recipe.tracking.experiment, run_name or f"cross-{recipe.name}", tags) as run:
             result = train_reference_stages(session, model, samples)
-            return {"run_id": run.info.run_id, "stage": "cross", "parent_run_id": from_run, "inherited": inherited,
+            return {"run_id": run.info.run_id, "stage": Stage.CROSS, "parent_run_id": from_run, "inherited": inherited,
                     **result}
 

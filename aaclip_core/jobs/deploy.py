@@ -63,7 +63,7 @@ def _classes(mlflow, run_id: str, recipe: Recipe, calibration, workdir: Path, wa
 
 def _sidecar(recipe: Recipe, run_id: str, ckpt_name: str, ckpt, calibration, note: str | None, classes: list[str],
              dataset: str, fmt: str, precision: str) -> dict:
-    meta = ckpt.manifest
+    meta = ckpt.info
     tables = calibration.tables() if calibration else {}
     cal = {c: tables[c] for c in classes if c in tables}
     return {
@@ -89,14 +89,14 @@ def _sidecar(recipe: Recipe, run_id: str, ckpt_name: str, ckpt, calibration, not
         "provenance": {
             "run_id": run_id,
             "checkpoint": ckpt_name,
-            "stage": meta.get("stage"),
-            "epoch": meta.get("epoch"),
-            "loop": meta.get("loop"),
+            "stage": meta.stage,
+            "epoch": meta.epoch,
+            "loop": meta.loop,
             "recipe": recipe.name,
             "recipe_hash": recipe_hash(recipe),
             "backbone": backbone_id(recipe),
             "fidelity": recipe.fidelity,
-            "cross_attention": bool(meta.get("cross_attention")),
+            "cross_attention": bool(meta.cross_attention),
             "modes": ModelModes.from_manifest(meta).as_dict(),
             "aaclip_version": aaclip_version(),
             "git_commit": git_commit(),

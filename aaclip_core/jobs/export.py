@@ -46,7 +46,7 @@ def export_model_folder(run_id: str, directory: Path, checkpoint: str | None = N
         calibrations, note = run_calibrations(mlflow, run_id, name, Path(tmp))
         recipe = run_recipe(mlflow, run_id, Path(tmp))
         classes = training_classes(mlflow, run_id, recipe, Path(tmp))
-    reporter.info(f"exporting run {run_id} checkpoint '{name}' (stage {ckpt.manifest.get('stage')}) as a model folder "
+    reporter.info(f"exporting run {run_id} checkpoint '{name}' (stage {ckpt.info.stage}) as a model folder "
                   f"to {directory}")
     written = write_model_folder(Path(directory), ckpt, {"run_id": run_id, "checkpoint": name}, calibrations, classes)
     notes = ["Load it with `aaclip test --model DIR` or `aaclip predict --model DIR`; no tracking store is needed."]
@@ -56,12 +56,12 @@ def export_model_folder(run_id: str, directory: Path, checkpoint: str | None = N
         "format": "aaclip",
         "run_id": run_id,
         "checkpoint": name,
-        "stage": ckpt.manifest.get("stage"),
+        "stage": ckpt.info.stage,
         "directory": str(written.resolve()),
         "files": [{"path": str((written / f).resolve()), "sha256": sha256_of(written / f)} for f in (ADAPTERS, MANIFEST)],
         "calibrations": [c.label for c in calibrations],
-        "backbone": ckpt.manifest.get("backbone"),
-        "fidelity": ckpt.manifest.get("fidelity"),
+        "backbone": ckpt.info.backbone,
+        "fidelity": ckpt.info.fidelity,
         "notes": notes,
     }
 

@@ -31,8 +31,9 @@ from aaclip_core.jobs.inherit import describe_inherited, inherit_from_run
 from aaclip_core.model import AACLIP, ModelModes, build_model
 from aaclip_core.prompts.names import PromptNamer, checkpoint_namer, training_namer
 from aaclip_core.recipe import Recipe
+from aaclip_core.record import Artifact, CheckpointStage, Stage, Tag
 from aaclip_core.registry.runs import describe_owner, run_liveness
-from aaclip_core.registry.tracking import TAG, connect, get_run, list_artifacts, loop_runs, tracked_run
+from aaclip_core.registry.tracking import connect, get_run, list_artifacts, loop_runs, tracked_run
 from aaclip_core.reporter import Reporter
 from aaclip_core.training.data import make_dataset, make_loader
 from aaclip_core.training.engine import StageSchedule, run_stage
@@ -132,8 +133,8 @@ def _resumable_recipe(tracking_uri: str | None, run_id: str) -> tuple[Recipe, st
     mlflow = connect(tracking_uri)
     run = get_run(mlflow, run_id)
     run_id = run.info.run_id
-    stage = run.data.tags.get(f"{TAG}stage")
-    if stage != "feedback":
+    stage = run.data.tags.get(Tag.STAGE)
+    if stage != Stage.FEEDBACK:
         raise ConfigError(
             f"Run {run_id} is a '{stage}' run, not a feedback job; --resume only continues an interrupted "
             "`aaclip train feedback` run (its parent run id, as printed when it started)."
@@ -204,7 +205,7 @@ def _start(session: common.Session, recipe: Recipe, state: FeedbackState, from_r
     names = training_namer(recipe, recipe.data.train)
     done = None
     if resume:
-        done = latest_checkpoint([Path(p).name for p in list_artifacts(session.mlflow, resume, "checkpoints")])
+        done = latest_checkpoint([Path(p).name for p in list_artifacts(session.mlflow, resume, Artifact.CHECKPOINTS)])
         if done is None:
             session.reporter.info(f"run {resume} has no finished stage: starting from loop 1")
         elif done >= (fb.loops, 2):
@@ -226,11 +227,11 @@ def _log_job(session: common.Session, recipe: Recipe, data: FeedbackData, model:
     """What a new parent run records once: recipe, the split's images, sizes and the prompt names."""
     mlflow = session.mlflow
     common.log_recipe(session)
-    common.log_metadata(session, data.train, "train.jsonl", recipe.data.train.root)
-    common.log_metadata(session, data.val, "val.jsonl", recipe.data.train.root)
+    common.log_metadata(session, data.train, Artifact.TRAIN_SAMPLES, recipe.data.train.root)
+    common.log_metadata(session, data.val, Artifact.VAL_SAMPLES, recipe.data.train.root)
     mlflow.log_params({"trainable_parameters": count_trainable(model), "val_images": len(data.val)})
     if data.val_warning:
-        mlflow.set_tag(f"{TAG}val_warning", data.val_warning)
+        mlflow.set_tag(Tag.VAL_WARNING, data.val_warning)
     common.log_prompt_names(mlflow, bank)
 
 
@@ -239,7 +240,7 @@ def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: 
     mlflow = session.mlflow
     data = _data(session, recipe)
     state = _new_state(session, recipe)
-    tags = common.run_tags(recipe, "feedback", recipe.data.train.name)
+    tags = common.run_tags(recipe, Stage.FEEDBACK, recipe.data.train.name)
     done, names = _start(session, recipe, state, from_run, resume, tags)
     start_loop, start_stage = next_stage(done)
     bank = common.anchor_bank(state.model, data.samples, names)
@@ -262,7 +263,7 @@ def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: 
         mlflow.log_metric("train_seconds", seconds)
         return {
             "run_id": parent_id,
-            "stage": "feedback",
+            "stage": Stage.FEEDBACK,
             "loops": fb.loops,
             "resumed_from": checkpoint_name(*done) if done else None,
             "selected_loop": selection.loop,
@@ -290,10 +291,10 @@ def _select(session: common.Session, recipe: Recipe, parent_id: str) -> tuple[Se
                   {k: v.get(fb.selection_metric, math.nan) for k, v in sorted(val.items())})
     selection, val_per_loop = distributed.broadcast_object(picked)
     session.mlflow.set_tags({
-        f"{TAG}selected_checkpoint": checkpoint_name(selection.loop, 2),
-        f"{TAG}selected_loop": str(selection.loop),
-        f"{TAG}selection": selection.reason,
-        f"{TAG}selection_fallback": str(selection.fallback).lower(),
+        Tag.SELECTED_CHECKPOINT: checkpoint_name(selection.loop, 2),
+        Tag.SELECTED_LOOP: str(selection.loop),
+        Tag.SELECTION: selection.reason,
+        Tag.SELECTION_FALLBACK: str(selection.fallback).lower(),
     })
     if selection.fallback:
         session.reporter.warn(selection.reason)
@@ -324,7 +325,7 @@ def _run_loop(
     fb = recipe.feedback
     mlflow = session.mlflow
     model = state.model
-    child_tags = {**common.run_tags(recipe, "feedback-loop", recipe.data.train.name), f"{TAG}loop": str(loop),
+    child_tags = {**common.run_tags(recipe, Stage.FEEDBACK_LOOP, recipe.data.train.name), Tag.LOOP: str(loop),
                   "mlflow.parentRunId": parent_id}
     out: dict[str, list[float]] = {}
     with tracked_run(mlflow, recipe.tracking.experiment, f"loop {loop}", child_tags, nested=True, run_id=child_id):
@@ -370,13 +371,13 @@ def _save(session: common.Session, state: FeedbackState, recipe: Recipe, loop: i
           parent_id: str, extra: dict, prompt_names: dict) -> None:
     """Rank 0 writes and logs the loop checkpoint; the other ranks (same state) wait until it has."""
     if distributed.is_main():
-        meta = common.manifest(recipe, state.model, f"stage{stage}", epochs, loop=loop, prompt_names=prompt_names,
-                               **extra)
+        meta = common.manifest(recipe, state.model, CheckpointStage.after(stage), epochs, loop=loop,
+                               prompt_names=prompt_names, **extra)
         name = checkpoint_name(loop, stage)
         local = common.save_checkpoint_dir(
             session, name, state.model, meta,
             optimizers={"text": state.text_opt.state_dict(), "image": state.image_opt.state_dict()},
             extra_tensors=_rng_tensors(state),
         )
-        session.mlflow.MlflowClient().log_artifacts(parent_id, str(local), f"checkpoints/{name}")
+        session.mlflow.MlflowClient().log_artifacts(parent_id, str(local), Artifact.checkpoint(name))
     distributed.barrier()

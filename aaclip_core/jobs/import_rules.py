@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from aaclip_core.errors import ConfigError
+from aaclip_core.record import Tag
 
 
 def check_import_sources(text_adapter: Path | None, image_adapter: Path | None, allow_image_only: bool) -> None:
@@ -18,5 +19,5 @@ def check_import_sources(text_adapter: Path | None, image_adapter: Path | None, 
         raise ConfigError(
             "--image-adapter without --text-adapter would leave the text anchors to untrained text "
             "adapters. Pass the matching text_adapter.pth with --text-adapter, or --allow-image-only "
-            "if that is what you want (the run is then tagged aaclip.text_adapter=untrained)."
+            f"if that is what you want (the run is then tagged {Tag.adapter('text_adapter')}=untrained)."
         )

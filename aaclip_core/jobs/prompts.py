@@ -9,9 +9,10 @@ from pathlib import Path
 
 from aaclip_core.checkpoints.from_run import run_recipe
 from aaclip_core.errors import ConfigError, TrackingError
-from aaclip_core.prompts.names import PROMPT_NAMES_ARTIFACT, PromptName, PromptNamer, training_namer
+from aaclip_core.prompts.names import PromptName, PromptNamer, training_namer
 from aaclip_core.prompts.templates import split_prompts
 from aaclip_core.recipe import DatasetRef, Recipe
+from aaclip_core.record import Artifact
 from aaclip_core.registry.tracking import connect, download, get_run
 
 
@@ -37,7 +38,7 @@ def run_prompts(run_id: str, class_name: str | None = None, tracking_uri: str | 
     with tempfile.TemporaryDirectory(prefix="aaclip-prompts-") as tmp:
         workdir = Path(tmp)
         try:
-            doc = json.loads(download(mlflow, run_id, PROMPT_NAMES_ARTIFACT, workdir).read_text(encoding="utf-8"))
+            doc = json.loads(download(mlflow, run_id, Artifact.PROMPT_NAMES, workdir).read_text(encoding="utf-8"))
             dataset, logged = doc["dataset"], True
             cards = {c: {"dataset": dataset, "class": c, **v} for c, v in doc["classes"].items()}
         except TrackingError:
@@ -60,11 +61,11 @@ def _unlogged_classes(mlflow, run, workdir: Path) -> tuple[str, list[str]]:
     params = run.data.params
     try:
         if "test.dataset" in params:
-            path = download(mlflow, run_id, "results/per_class.csv", workdir)
+            path = download(mlflow, run_id, Artifact.result(Artifact.PER_CLASS), workdir)
             with open(path, newline="", encoding="utf-8") as f:
                 return params["test.dataset"], sorted({row["class_name"] for row in csv.DictReader(f)})
         recipe = run_recipe(mlflow, run_id, workdir)
-        path = download(mlflow, run_id, "data/train.jsonl", workdir)
+        path = download(mlflow, run_id, Artifact.data(Artifact.TRAIN_SAMPLES), workdir)
         lines = path.read_text(encoding="utf-8").splitlines()
         return recipe.data.train.name, sorted({json.loads(line)["class_name"] for line in lines if line.strip()})
     except TrackingError:

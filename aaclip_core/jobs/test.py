@@ -26,7 +26,8 @@ from aaclip_core.evaluation.protocol import METRIC_NAMES, EvalReport, evaluate
 from aaclip_core.jobs import common
 from aaclip_core.prompts.names import checkpoint_namer
 from aaclip_core.recipe import DatasetRef, Recipe, apply_overrides, flatten, recipe_from_dict
-from aaclip_core.registry.tracking import TAG, connect, get_run, log_json_artifact, tracked_run
+from aaclip_core.record import Artifact, Stage, Tag
+from aaclip_core.registry.tracking import connect, get_run, log_json_artifact, tracked_run
 from aaclip_core.reporter import Reporter
 from aaclip_core.training.data import load_samples, make_dataset, make_loader
 
@@ -128,21 +129,21 @@ def _subject(run_id, model_dir, checkpoint, tracking_uri, overrides, workdir: Pa
         if checkpoint is not None:
             raise ConfigError("--checkpoint / --loop pick a checkpoint of a run; a model folder holds one model.")
         folder = read_model_folder(model_dir)
-        name = folder.source["checkpoint"] or str(folder.manifest.get("stage"))
+        name = folder.source["checkpoint"] or str(folder.manifest.stage)
         subject = _Subject(folder.recipe, folder.checkpoint, name, folder.source["run_id"], folder=folder.path)
     else:
         mlflow = connect(tracking_uri, write=True)
         source = get_run(mlflow, run_id)
         run_id = source.info.run_id  # the full id, when given a prefix
-        if source.data.tags.get(f"{TAG}stage") == "test":
-            trained = source.data.tags.get(f"{TAG}source_run", "unknown")
+        if source.data.tags.get(Tag.STAGE) == Stage.TEST:
+            trained = source.data.tags.get(Tag.SOURCE_RUN, "unknown")
             raise ConfigError(
                 f"Run {run_id} is a test run (it evaluated the training run {trained}); `test --run` takes a "
                 f"training run. Pass --run {trained} to evaluate that run again."
             )
         name = checkpoint or common.default_checkpoint(mlflow, run_id)
         subject = _Subject(common.run_recipe(mlflow, run_id, workdir), common.run_checkpoint(mlflow, run_id, name, workdir),
-                           name, run_id, source.data.tags.get(f"{TAG}stage", "unknown"))
+                           name, run_id, source.data.tags.get(Tag.STAGE, "unknown"))
     if overrides:
         subject.recipe = recipe_from_dict(apply_overrides(subject.recipe.model_dump(mode="json"), overrides),
                                           "with --set")
@@ -173,7 +174,7 @@ def _check_dataset(subject: _Subject, ref: DatasetRef, same_dataset: bool) -> _S
             f"{who} was trained on '{recipe.data.train.name}' at {recipe.data.train.root} and would be "
             f"tested on the same data: {reason}. The zero-shot protocol does not allow that. Test on another "
             "dataset (--dataset NAME --data-root DIR) or say so explicitly with --same-dataset (the test run "
-            "is tagged aaclip.same_dataset=true and `compare` marks it)."
+            f"is tagged {Tag.SAME_DATASET}=true and `compare` marks it)."
         )
     return _SameDataset(reason, declared_by)
 
@@ -191,13 +192,13 @@ def _log_test(mlflow, report: EvalReport, ref: DatasetRef, subject: _Subject, se
     mlflow.log_metrics(metrics)
     mlflow.log_params({"test.dataset": ref.name, "test.root": ref.root, "test.checkpoint": subject.checkpoint_name})
     mlflow.log_params({f"protocol.{k}": v for k, v in test_protocol(subject.recipe).items()})
-    mlflow.log_text(_csv([asdict(r) for r in report.classes]), "results/per_class.csv")
-    mlflow.log_text(_csv(report.image_scores), "results/image_scores.csv")
-    log_json_artifact(mlflow, report.as_dict(), "results/report.json")
+    mlflow.log_text(_csv([asdict(r) for r in report.classes]), Artifact.result(Artifact.PER_CLASS))
+    mlflow.log_text(_csv(report.image_scores), Artifact.result(Artifact.IMAGE_SCORES))
+    log_json_artifact(mlflow, report.as_dict(), Artifact.result(Artifact.REPORT))
     if report.pixel_pairs:
-        pairs_file = workdir / "pixel_pairs.npz"
+        pairs_file = workdir / Artifact.PIXEL_PAIRS
         save_pixel_pairs(pairs_file, report.pixel_pairs)
-        mlflow.log_artifact(str(pairs_file), "results")
+        mlflow.log_artifact(str(pairs_file), Artifact.RESULTS)
 
 
 def test_run(
@@ -232,11 +233,11 @@ def _evaluate(session: common.Session, subject: _Subject, ref: DatasetRef, mlflo
     recipe = subject.recipe
     model = common.model_from_checkpoint(recipe, subject.checkpoint, session.device)
     samples = load_samples(ref, recipe.runtime.seed, field="data.test")
-    meta = subject.checkpoint.manifest
+    meta = subject.checkpoint.info
     what = f"run {subject.run_id}" if subject.folder is None else f"model folder {subject.folder}"
     session.reporter.info(
-        f"testing {what} checkpoint '{subject.checkpoint_name}' (stage {meta.get('stage')}, epoch "
-        f"{meta.get('epoch')}, loop {meta.get('loop')}) on {ref.name}: {len(samples)} images"
+        f"testing {what} checkpoint '{subject.checkpoint_name}' (stage {meta.stage}, epoch "
+        f"{meta.epoch}, loop {meta.loop}) on {ref.name}: {len(samples)} images"
     )
     bank = common.anchor_bank(model, samples, checkpoint_namer(recipe, ref, meta))
     loader = make_loader(make_dataset(samples, recipe, "none"), recipe.eval.batch_size, False, recipe, None)
@@ -247,9 +248,9 @@ def _evaluate(session: common.Session, subject: _Subject, ref: DatasetRef, mlflo
         "source_run_id": subject.run_id,
         "model_dir": str(subject.folder) if subject.folder else None,
         "checkpoint": subject.checkpoint_name,
-        "checkpoint_stage": meta.get("stage"),
-        "checkpoint_epoch": meta.get("epoch"),
-        "checkpoint_loop": meta.get("loop"),
+        "checkpoint_stage": meta.stage,
+        "checkpoint_epoch": meta.epoch,
+        "checkpoint_loop": meta.loop,
         "dataset": ref.name,
         "same_dataset": same,
         "same_dataset_reason": judged.reason,
@@ -269,15 +270,15 @@ def _evaluate(session: common.Session, subject: _Subject, ref: DatasetRef, mlflo
             return {**result, "rank": distributed.rank()}
         add_calibration(subject.folder, _calibration(report, ref, None, subject.checkpoint_name, training_data))
         return {**result, "eval_seconds": time.perf_counter() - started, **report.as_dict()}
-    tags = common.run_tags(recipe, "test", ref.name)
+    tags = common.run_tags(recipe, Stage.TEST, ref.name)
     tags.update({
-        f"{TAG}source_run": subject.run_id,
-        f"{TAG}source_stage": subject.source_stage,
-        f"{TAG}checkpoint": subject.checkpoint_name,
-        f"{TAG}train_dataset": recipe.data.train.name,
-        f"{TAG}same_dataset": str(same).lower(),
-        f"{TAG}training_data": str(training_data).lower(),
-        **({f"{TAG}same_dataset_declared_by": judged.declared_by} if same else {}),
+        Tag.SOURCE_RUN: subject.run_id,
+        Tag.SOURCE_STAGE: subject.source_stage,
+        Tag.CHECKPOINT: subject.checkpoint_name,
+        Tag.TRAIN_DATASET: recipe.data.train.name,
+        Tag.SAME_DATASET: str(same).lower(),
+        Tag.TRAINING_DATA: str(training_data).lower(),
+        **({Tag.SAME_DATASET_DECLARED_BY: judged.declared_by} if same else {}),
         "mlflow.parentRunId": subject.run_id,
     })
     with tracked_run(mlflow, recipe.tracking.experiment, f"test-{ref.name}-{subject.run_id[:8]}", tags) as run:

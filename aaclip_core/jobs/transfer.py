@@ -21,7 +21,6 @@ from pathlib import Path
 
 from aaclip_core.checkpoints.checkpoint import (
     FINAL,
-    STAGE1,
     ReferenceFile,
     export_reference,
     map_reference,
@@ -35,7 +34,8 @@ from aaclip_core.model import build_model
 from aaclip_core.model.backbone import backbone_id
 from aaclip_core.prompts.names import training_namer
 from aaclip_core.recipe import Recipe, apply_overrides, recipe_from_dict
-from aaclip_core.registry.tracking import TAG, connect, get_run, log_json_artifact, tracked_run
+from aaclip_core.record import Artifact, CheckpointStage, Manifest, Stage, Tag
+from aaclip_core.registry.tracking import connect, get_run, log_json_artifact, tracked_run
 from aaclip_core.reporter import Reporter
 
 ADAPTER_PREFIXES = ("text_adapter.", "image_adapter.")
@@ -76,13 +76,13 @@ def _import_warnings(text: ReferenceFile | None, image: ReferenceFile | None, se
         warnings.append(
             "No --image-adapter: the image adapters keep their untrained Xavier initialisation (seeded "
             f"with runtime.seed = {seed}); pixel maps and image scores come from untrained adapters. "
-            "The run is tagged aaclip.image_adapter=untrained."
+            f"The run is tagged {Tag.adapter('image_adapter')}=untrained."
         )
     if text is None:
         warnings.append(
             "No --text-adapter: the text anchors come from untrained text adapters (Xavier "
             f"initialisation seeded with runtime.seed = {seed}). The run is tagged "
-            "aaclip.text_adapter=untrained."
+            f"{Tag.adapter('text_adapter')}=untrained."
         )
     for ref in (text, image):
         if ref is not None and ref.extra_keys:
@@ -112,10 +112,10 @@ def _imported_model(session: common.Session, recipe: Recipe, files: tuple[Refere
 
 def _import_tags_and_params(recipe: Recipe, status: dict, sources: dict, relu_adopted: bool
                             ) -> tuple[dict[str, str], dict[str, str]]:
-    tags = common.run_tags(recipe, "imported", recipe.data.train.name)
-    tags.update({f"{TAG}{part}": s for part, s in status.items()})
-    tags[f"{TAG}selected_checkpoint"] = FINAL
-    tags[f"{TAG}relu"] = str(recipe.model.relu).lower()
+    tags = common.run_tags(recipe, Stage.IMPORTED, recipe.data.train.name)
+    tags.update({Tag.adapter(part): s for part, s in status.items()})
+    tags[Tag.SELECTED_CHECKPOINT] = FINAL
+    tags[Tag.RELU] = str(recipe.model.relu).lower()
     params: dict[str, str] = {
         "import.backbone": backbone_id(recipe),
         "import.fidelity": recipe.fidelity,
@@ -125,8 +125,8 @@ def _import_tags_and_params(recipe: Recipe, status: dict, sources: dict, relu_ad
     for part, info in sources.items():
         params[f"import.{part}.status"] = status[part]
         if info is not None:
-            tags[f"{TAG}{part}.sha256"] = info["sha256"]
-            tags[f"{TAG}{part}.epoch"] = str(info["epoch"])
+            tags[Tag.adapter_sha256(part)] = info["sha256"]
+            tags[Tag.adapter_epoch(part)] = str(info["epoch"])
             params[f"import.{part}.sha256"] = info["sha256"]
             params[f"import.{part}.epoch"] = str(info["epoch"])
             params[f"import.{part}.file"] = Path(info["path"]).name
@@ -184,18 +184,18 @@ def import_reference_run(
                 "seed": seed,
                 "warnings": warnings,
             }
-            log_json_artifact(mlflow, provenance, "import.json")
+            log_json_artifact(mlflow, provenance, Artifact.IMPORT)
             meta = common.manifest(
-                recipe, model, "imported", image_epoch, text_epoch=text_epoch, image_epoch=image_epoch,
+                recipe, model, CheckpointStage.IMPORTED, image_epoch, text_epoch=text_epoch, image_epoch=image_epoch,
                 imported=provenance,
                 # The reference trained these files with its own table: what this recipe names by default.
                 prompt_names=training_namer(recipe, recipe.data.train).record([]),
             )
             common.save_and_log(session, FINAL, model, meta)
-            mlflow.set_tag(f"{TAG}selected_checkpoint", FINAL)
+            mlflow.set_tag(Tag.SELECTED_CHECKPOINT, FINAL)
             return {
                 "run_id": run.info.run_id,
-                "stage": "imported",
+                "stage": Stage.IMPORTED,
                 "checkpoint": FINAL,
                 "text_adapter": sources["text_adapter"],
                 "image_adapter": sources["image_adapter"],
@@ -215,13 +215,13 @@ def import_reference_run(
 # ------------------------------------------------------------------------------------------ export
 
 
-def _export_epochs(manifest: dict) -> tuple[int, int]:
+def _export_epochs(manifest: Manifest) -> tuple[int, int]:
     """(text epoch, image epoch) of a checkpoint, as the reference files record them."""
-    epoch = manifest.get("epoch")
-    if manifest.get("stage") == STAGE1:
+    epoch = manifest.epoch
+    if manifest.stage == CheckpointStage.STAGE1:
         return int(epoch or 0), 0  # image adapters not trained yet
-    text_epoch = manifest.get("text_epoch", epoch)
-    image_epoch = manifest.get("image_epoch", epoch)
+    text_epoch = manifest.text_epoch if manifest.text_epoch is not None else epoch
+    image_epoch = manifest.image_epoch if manifest.image_epoch is not None else epoch
     return int(text_epoch or 0), int(image_epoch or 0)
 
 
@@ -243,9 +243,9 @@ def export_run(
     name = checkpoint or common.default_checkpoint(mlflow, run_id)
     with tempfile.TemporaryDirectory(prefix="aaclip-export-") as tmp:
         ckpt = common.run_checkpoint(mlflow, run_id, name, Path(tmp))
-    meta = ckpt.manifest
+    meta = ckpt.info
     foreign = sorted(k for k in ckpt.adapters if not k.startswith(ADAPTER_PREFIXES))
-    if meta.get("cross_attention") or foreign:
+    if meta.cross_attention or foreign:
         modules = sorted({k.split(".", 1)[0] for k in foreign}) or ["text_cross_attn", "image_cross_attn"]
         raise CheckpointError(
             f"Run {run_id} checkpoint '{name}' holds cross-attention modules ({', '.join(modules)}), "
@@ -255,33 +255,33 @@ def export_run(
             "format (its checkpoints/ artifacts)."
         )
     text_epoch, image_epoch = _export_epochs(meta)
-    reporter.info(f"exporting run {run_id} checkpoint '{name}' (stage {meta.get('stage')}) to {directory}")
+    reporter.info(f"exporting run {run_id} checkpoint '{name}' (stage {meta.stage}) to {directory}")
     try:
         written = export_reference(ckpt.adapters, directory, text_epoch, image_epoch)
     except OSError as exc:
         raise ConfigError(f"Cannot write into '{directory}': {exc.strerror or exc}.") from None
-    relu = bool((meta.get("recipe") or {}).get("model", {}).get("relu", False))
+    relu = bool((meta.recipe or {}).get("model", {}).get("relu", False))
     notes = [
         "No optimiser state: the files hold only the adapters and the epoch (no text_optimizer / "
         "image_optimizer), enough to evaluate or import them, but resuming the reference training "
         "from them starts a fresh optimiser.",
         f"Projections are in the relu={'on' if relu else 'off'} variant (keys "
         f"'seg_proj.N.fc{'.0' if relu else ''}.weight'); load them with the matching relu setting, "
-        f"backbone {meta.get('backbone')} and fidelity {meta.get('fidelity')}.",
+        f"backbone {meta.backbone} and fidelity {meta.fidelity}.",
     ]
-    if meta.get("stage") == STAGE1:
+    if meta.stage == CheckpointStage.STAGE1:
         notes.append("This is a stage-1 checkpoint: the image adapters in the image file are untrained.")
     return {
         "run_id": run_id,
         "checkpoint": name,
-        "stage": meta.get("stage"),
+        "stage": meta.stage,
         "directory": str(directory.resolve()),
         "files": [{"path": str(p.resolve()), "sha256": sha256_of(p)} for p in written],
         "text_epoch": text_epoch,
         "image_epoch": image_epoch,
         "relu": relu,
-        "backbone": meta.get("backbone"),
-        "fidelity": meta.get("fidelity"),
+        "backbone": meta.backbone,
+        "fidelity": meta.fidelity,
         "optimizer_state": False,
         "notes": notes,
     }

@@ -8,6 +8,7 @@ DPAM features, which reproduce the reference's batch mixing (SPEC §9).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from aaclip_core.model.blocks import block_forward
 from aaclip_core.model.cross_attention import CrossAttention, ScaledCrossAttention
 from aaclip_core.model.dpam import dpam_block_forward
 from aaclip_core.recipe import CrossAttentionConfig, ModelConfig
+from aaclip_core.record import Manifest, read_manifest
 
 FROZEN_PREFIX = "clip."
 
@@ -75,15 +77,10 @@ class ModelModes:
         return {"text_cross": self.text_cross, "image_cross": self.image_cross, "context_source": self.context_source}
 
     @classmethod
-    def from_manifest(cls, meta: dict[str, Any]) -> ModelModes:
-        """The modes a checkpoint manifest records (``modes``; older manifests: ``cross_attention_on``
-        and ``context_source``, with the switches following ``cross_attention`` when absent)."""
-        if isinstance(meta.get("modes"), dict):
-            m = meta["modes"]
-            return cls(bool(m.get("text_cross")), bool(m.get("image_cross")), str(m.get("context_source", "dpam")))
-        present = bool(meta.get("cross_attention"))
-        switches = meta.get("cross_attention_on") or {"text": present, "image": present}
-        return cls(bool(switches["text"]), bool(switches["image"]), str(meta.get("context_source") or "dpam"))
+    def from_manifest(cls, meta: Mapping[str, Any] | Manifest) -> ModelModes:
+        """The modes a checkpoint manifest records (older manifests too: :func:`~aaclip_core.record.read_manifest`)."""
+        m = read_manifest(meta).model_modes()
+        return cls(m["text_cross"], m["image_cross"], m["context_source"])
 
 
 class AACLIP(nn.Module):

@@ -42,7 +42,7 @@ class ModelSource:
 
 def from_folder(directory: Path) -> ModelSource:
     folder = read_model_folder(directory)
-    name = folder.source["checkpoint"] or folder.manifest.get("stage") or "?"
+    name = folder.source["checkpoint"] or folder.manifest.stage or "?"
     return ModelSource(
         label=f"model folder {folder.path}",
         recipe=folder.recipe,

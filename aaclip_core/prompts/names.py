@@ -27,13 +27,12 @@ from typing import Any
 
 from aaclip_core.prompts.legacy_names import legacy_name
 from aaclip_core.recipe import DatasetRef, Recipe
+from aaclip_core.record import Manifest, read_manifest
 
 REFERENCE_TABLE_FILE = "reference_prompt_names.json"
-# The checkpoint manifest's entry: {"table", "dataset", "names": {class: name}}.
-MANIFEST_KEY = "prompt_names"
 TABLES = ("reference", "folder", "legacy")
-# Where a run logs the names it used: the document with the sentences, and a param per class.
-PROMPT_NAMES_ARTIFACT = "prompts/names.json"
+# A run logs the names it used as a document with the sentences (record.Artifact.PROMPT_NAMES) and
+# a param per class.
 PROMPT_PARAM = "prompt."
 
 # Names people give these datasets besides the table's own key (compared after `_normalise`).
@@ -131,11 +130,11 @@ def training_namer(recipe: Recipe, ref: DatasetRef) -> PromptNamer:
     return PromptNamer(ref.name, recipe.prompts.table, ref.layout, dict(recipe.prompts.names))
 
 
-def checkpoint_namer(recipe: Recipe, ref: DatasetRef, manifest: Mapping[str, Any]) -> PromptNamer:
+def checkpoint_namer(recipe: Recipe, ref: DatasetRef, manifest: Mapping[str, Any] | Manifest) -> PromptNamer:
     """Names for evaluating a checkpoint on ``ref``: as it was trained. A checkpoint that records no
     names predates them and was trained with aaclip's old table, which it keeps."""
     overrides = dict(recipe.prompts.names)
-    record = manifest.get(MANIFEST_KEY)
+    record = read_manifest(manifest).prompt_names
     if not isinstance(record, Mapping):
         table = "legacy" if recipe.prompts.table == "reference" else recipe.prompts.table
         return PromptNamer(ref.name, table, ref.layout, overrides)
@@ -144,7 +143,7 @@ def checkpoint_namer(recipe: Recipe, ref: DatasetRef, manifest: Mapping[str, Any
     return PromptNamer(ref.name, recipe.prompts.table, ref.layout, overrides, recorded)
 
 
-def scoring_namer(recipe: Recipe, dataset: str, manifest: Mapping[str, Any],
+def scoring_namer(recipe: Recipe, dataset: str, manifest: Mapping[str, Any] | Manifest,
                   test_names: Mapping[str, str] | None = None) -> PromptNamer:
     """Names for scoring images with a checkpoint (`predict`, exported detectors) as its test run on
     ``dataset`` did: that run's logged names where there are any, else what `test` would choose."""

@@ -14,12 +14,13 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 from aaclip_core.errors import ConfigError, TrackingError
+from aaclip_core.names import PIXEL_AUROC
+from aaclip_core.record import Stage, Tag
 from aaclip_core.registry.tracking import (
     HEARTBEAT_TAG,
     HOST_TAG,
     PID_TAG,
     STALE_AFTER_SECONDS,
-    TAG,
     all_runs,
     connect,
     get_run,
@@ -29,7 +30,7 @@ from aaclip_core.registry.tracking import (
 # The number a row shows: a test run's mean pixel AUROC (the protocol's headline metric); a finished
 # feedback job's held-out (validation) value of its selection metric at the loop it selected; another
 # training run's last epoch loss of its last stage.
-_TEST_METRIC = "pixel_auroc"
+_TEST_METRIC = PIXEL_AUROC
 _LOSS_METRICS = ("stage2/loss", "stage1/loss")
 
 
@@ -82,7 +83,7 @@ def end_stale_run(mlflow, run, status: str = "KILLED") -> list[str]:
         )
         ended = [c.info.run_id for c in children] + [run_id]
         for rid in ended:
-            client.set_tag(rid, f"{TAG}ended_by", "mark-dead")
+            client.set_tag(rid, Tag.ENDED_BY, "mark-dead")
             client.set_terminated(rid, status)
     return ended
 
@@ -108,7 +109,7 @@ class RunRow:
 
 def _main_metric(run) -> tuple[str | None, float | None]:
     metrics = run.data.metrics
-    names = (_TEST_METRIC,) if run.data.tags.get(f"{TAG}stage") == "test" else _LOSS_METRICS
+    names = (_TEST_METRIC,) if run.data.tags.get(Tag.STAGE) == Stage.TEST else _LOSS_METRICS
     for name in names:
         if name in metrics:
             return name, float(metrics[name])
@@ -119,8 +120,8 @@ def _selected_value(mlflow, run) -> tuple[str, float, int] | None:
     """A feedback job's held-out ``val/<selection metric>`` at the loop it selected (the job logs
     it per loop, step = loop), with that loop; None before a selection, or when it fell back."""
     tags, metric = run.data.tags, run.data.params.get("feedback.selection_metric")
-    loop = tags.get(f"{TAG}selected_loop")
-    if not (metric and loop and loop.isdigit()) or tags.get(f"{TAG}selection_fallback") == "true":
+    loop = tags.get(Tag.SELECTED_LOOP)
+    if not (metric and loop and loop.isdigit()) or tags.get(Tag.SELECTION_FALLBACK) == "true":
         return None
     key = f"val/{metric}"
     with store_call(mlflow, f"reading the held-out {metric} of run {run.info.run_id}"):
@@ -131,17 +132,17 @@ def _selected_value(mlflow, run) -> tuple[str, float, int] | None:
 def _row(run, experiments: dict[str, str], mlflow) -> RunRow:
     tags = run.data.tags
     metric, value = _main_metric(run)
-    selected = _selected_value(mlflow, run) if tags.get(f"{TAG}stage") == "feedback" else None
+    selected = _selected_value(mlflow, run) if tags.get(Tag.STAGE) == Stage.FEEDBACK else None
     if selected is not None:
         metric, value, loop = selected
     started = datetime.fromtimestamp(run.info.start_time / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
     return RunRow(
         run_id=run.info.run_id,
-        stage=tags.get(f"{TAG}stage", "-"),
+        stage=tags.get(Tag.STAGE, "-"),
         name=run.info.run_name or "",
         status=run.info.status,
         stale=run_liveness(run) == "stale",
-        dataset=tags.get(f"{TAG}dataset", "-"),
+        dataset=tags.get(Tag.DATASET, "-"),
         metric=metric,
         value=value,
         parent=tags.get("mlflow.parentRunId"),
@@ -166,7 +167,7 @@ def list_runs(tracking_uri: str | None, experiment: str | None = None, stage: st
         if not ids:
             known = ", ".join(sorted(experiments.values())) or "none"
             raise ConfigError(f"--experiment '{experiment}': no such experiment in the store (it has: {known}).")
-    stage_filter = f"tags.`{TAG}stage` = '{stage}'" if stage else ""
+    stage_filter = f"tags.`{Tag.STAGE}` = '{stage}'" if stage else ""
     if stage and not stage.replace("-", "").isalnum():
         raise ConfigError(f"--stage '{stage}' is not a stage name (base, cross, feedback, feedback-loop, test, ...).")
     runs = all_runs(mlflow, stage_filter, experiment_ids=ids, max_results=limit)

@@ -29,13 +29,13 @@ from typing import Any
 
 from aaclip_core import distributed, signals
 from aaclip_core.errors import AaclipError, JobFailed, LocalFileError, RankStopped, StoreError, TrackingError
+from aaclip_core.record import Tag
 from aaclip_core.registry.failures import classify_store_failure, is_transient, store_call, store_failure
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-TAG = "aaclip."  # prefix of every tag aaclip writes
 # The experiment tag the MLflow 3 UI reads to pick its page: model training, not the GenAI overview.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
-HOST_TAG, PID_TAG, HEARTBEAT_TAG = f"{TAG}host", f"{TAG}pid", f"{TAG}heartbeat"
+HOST_TAG, PID_TAG, HEARTBEAT_TAG = Tag.HOST, Tag.PID, Tag.HEARTBEAT
 HEARTBEAT_SECONDS = 30.0
 # A RUNNING run whose heartbeat is older than this is stale: ten missed beats, so a loaded machine or
 # a slow store does not make a live run look dead.
@@ -298,7 +298,7 @@ def tracked_run(
             raise
         if summary:
             with contextlib.suppress(Exception):
-                mlflow.set_tag(f"{TAG}failure", summary[:5000])
+                mlflow.set_tag(Tag.FAILURE, summary[:5000])
         _end_run(mlflow, "FAILED")
         if summary and not isinstance(exc, (JobFailed, AaclipError)):
             raise JobFailed(f"The {distributed.world_size()}-process job failed: {summary}. Run {opened} is "
@@ -474,7 +474,7 @@ def loop_runs(client, run) -> dict[int, Any]:
     children = client.search_runs(
         [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'", max_results=1000
     )
-    return {int(c.data.tags[f"{TAG}loop"]): c for c in children if f"{TAG}loop" in c.data.tags}
+    return {int(c.data.tags[Tag.LOOP]): c for c in children if Tag.LOOP in c.data.tags}
 
 
 def list_artifacts(mlflow, run_id: str, path: str | None = None) -> list[str]:
