@@ -32,7 +32,13 @@ def main() -> None:  # pragma: no cover - entry point
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     install()  # SIGTERM/SIGHUP end a run KILLED, like Ctrl-C
-    app(prog_name="aaclip")
+    try:
+        app(prog_name="aaclip")
+    except KeyboardInterrupt as exc:
+        # Arrived outside a command: after it ended (its run already closed) or before it began.
+        from aaclip_core.signals import exit_code
+
+        raise SystemExit(exit_code(exc)) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

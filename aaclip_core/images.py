@@ -58,22 +58,22 @@ def _fail(path: Path, exc: BaseException) -> UnreadableImage:
     return UnreadableImage(path, _reason(exc))
 
 
-def read_rgb(path: Path) -> Image.Image:
-    """The decoded image as 8-bit RGB, exactly ``Image.open(path).convert("RGB")``."""
+def _read(path: Path, mode: str) -> Image.Image:
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return image.convert(mode)
     except READ_ERRORS as exc:
         raise _fail(path, exc) from exc
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """The decoded image as 8-bit RGB, exactly ``Image.open(path).convert("RGB")``."""
+    return _read(path, "RGB")
 
 
 def read_grey(path: Path) -> Image.Image:
     """The decoded mask as 8-bit greyscale, exactly ``Image.open(path).convert("L")``."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("L")
-    except READ_ERRORS as exc:
-        raise _fail(path, exc) from exc
+    return _read(path, "L")
 
 
 def read_size(path: Path) -> tuple[int, int]:

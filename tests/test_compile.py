@@ -21,14 +21,34 @@ def _forward_and_grads(model, images):
     return [s.detach() for s in seg], det.detach(), grads
 
 
+def _recording(backend: str, graphs: list):
+    """``backend`` as torch.compile runs it, keeping each graph dynamo hands it: a compile that fell
+    back to eager (dynamo gave up on the function) hands over none."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    compile_graph = lookup_backend(backend)
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return compile_graph(gm, example_inputs)
+
+    return record
+
+
 def _assert_same_as_eager(make_model, backend: str) -> None:
     images = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(3))
     eager = make_model()
     compiled = make_model()
-    compiled.compile_image_path(backend)
+    graphs: list = []
+    torch._dynamo.reset()
+    compiled.compile_image_path(_recording(backend, graphs))
     assert compiled.compiled and not eager.compiled
     seg_e, det_e, grads_e = _forward_and_grads(eager, images)
     seg_c, det_c, grads_c = _forward_and_grads(compiled, images)
+    # A graph was compiled, and it holds the adapter's work (its linear layers), not a stub.
+    assert graphs, "torch.compile ran the forward eagerly: no graph reached the backend"
+    ops = [str(n.target) for g in graphs for n in g.graph.nodes if n.op in ("call_function", "call_module", "call_method")]
+    assert sum("linear" in op for op in ops) >= 4, ops[:40]
     for a, b in zip(seg_e, seg_c, strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(det_c, det_e, atol=1e-5, rtol=1e-5)

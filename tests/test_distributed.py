@@ -22,7 +22,11 @@ import pytest
 import torch
 
 from aaclip_core.checkpoints.checkpoint import load_checkpoint
+from aaclip_core.record import FINAL, STAGE1, Artifact
 from aaclip_core.training.sharding import RankShareBatches, StridedBatches, share_bounds
+
+# Real processes and servers, minutes long: CI's second step (`pytest -m integration`).
+pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
 SMALL = [
@@ -72,9 +76,9 @@ def _runs(uri: str) -> list:
     return mlflow.search_runs(search_all_experiments=True, output_format="list")
 
 
-def _adapters(uri: str, run_id: str) -> dict[str, torch.Tensor]:
+def _adapters(uri: str, run_id: str, checkpoint: str = FINAL) -> dict[str, torch.Tensor]:
     mlflow.set_tracking_uri(uri)
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/final",
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=Artifact.checkpoint(checkpoint),
                                                 dst_path=tempfile.mkdtemp())
     return load_checkpoint(Path(local)).adapters
 
@@ -132,7 +136,14 @@ def test_two_processes_train_the_adapters_of_one(jobs):
     assert one.keys() == two.keys()
     worst = max(float((one[k] - two[k]).abs().max()) for k in one)
     assert worst <= 1e-5, worst
-    # Not two untrained models: training moved the weights away from their (shared) initialisation.
+    # Not two untrained models: stage 2 moved the image adapter of both away from where stage 1 left it
+    # (stage 1 trains the text adapter only, so its checkpoint holds the image adapter as initialised).
+    for n in (1, 2):
+        before, after = _adapters(jobs[n]["uri"], jobs[n]["run_id"], STAGE1), _adapters(jobs[n]["uri"], jobs[n]["run_id"])
+        image = [k for k in after if k.startswith("image_adapter.")]
+        assert image, sorted(after)[:10]
+        moved = max(float((after[k] - before[k]).abs().max()) for k in image)
+        assert moved > 1e-4, (n, moved)
     losses = json.loads(jobs[2]["train_stdout"])["stage2_loss"]
     assert len(losses) == 2 and losses == pytest.approx(json.loads(jobs[1]["train_stdout"])["stage2_loss"], rel=1e-5)
 

@@ -108,8 +108,8 @@ def test_the_images_in_docs_are_shown_and_the_test_command_is_in_the_readme():
     assert {p.name for p in (ROOT / "docs").glob("*.png")} <= shown
     # .ci/run runs the README's test command; keep them the same.
     readme_bash = _blocks((ROOT / "README.md").read_text(), "bash")
-    assert '.venv/bin/python -m pytest -m "not slow" -q' in readme_bash
-    assert '.venv/bin/python -m pytest -m "not slow" -q' in (ROOT / ".ci" / "run").read_text()
+    assert '.venv/bin/python -m pytest -m "not slow and not integration" -q' in readme_bash
+    assert '.venv/bin/python -m pytest -m "not slow and not integration" -q' in (ROOT / ".ci" / "run").read_text()
 
 
 # ---------------------------------------------------------------------------------------- commands

@@ -32,7 +32,9 @@ def _doctor(*args, uri: str | None = None):
 
 def _checks(out) -> dict[str, dict]:
     doc = json.loads(out.stdout)
-    assert set(doc) == {"run_id", "checks", "summary"}
+    assert set(doc) == {"run_id", "checks", "summary", "notes"}
+    for note in doc["notes"]:  # a caveat said once, naming the checks it covers
+        assert note["text"] and set(note["covers"]) <= {c["name"] for c in doc["checks"]}
     for c in doc["checks"]:
         assert set(c) == CHECK_KEYS and c["status"] in ("pass", "warn", "fail", "skip")
     assert sum(doc["summary"].values()) == len(doc["checks"])

@@ -21,6 +21,9 @@ from typer.testing import CliRunner
 
 from aaclip_cli.main import app
 
+# Real processes and servers, minutes long: CI's second step (`pytest -m integration`).
+pytestmark = pytest.mark.integration
+
 CLASS = "fabric"
 EPOCH_LINE = re.compile(
     r"^(?:loop \d+/\d+ )?stage(?P<stage>[12]) epoch (?P<epoch>\d+)/(?P<epochs>\d+) loss \d+\.\d{4} "
