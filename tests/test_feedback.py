@@ -149,13 +149,18 @@ def test_interrupted_job_resumes_to_the_same_weights(fast_recipe, tmp_path, monk
     assert any(not torch.equal(loop1[k], a[k]) for k in a)
 
 
-def test_feedback_cli_logs_children_selection_and_tests_selected_loop(demo_overrides, tmp_path, monkeypatch):
+def _train_feedback_cli(demo_overrides, tmp_path, monkeypatch) -> tuple[str, list[str], dict]:
+    """`aaclip train feedback --json` on the demo in a fresh store: (store URI, the --set flags, its result)."""
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sets = [x for s in demo_overrides + FAST for x in ("--set", s)]
     out = runner.invoke(app, ["train", "feedback", "--recipe", "feedback-demo", "--json", "--tracking-uri", uri, *sets])
     assert out.exit_code == 0, out.output
-    result = json.loads(out.stdout)
+    return uri, sets, json.loads(out.stdout)
+
+
+def test_feedback_cli_logs_children_selection_and_tests_selected_loop(demo_overrides, tmp_path, monkeypatch):
+    uri, sets, result = _train_feedback_cli(demo_overrides, tmp_path, monkeypatch)
     parent_id = result["run_id"]
     assert set(result["val_per_loop"]) == {"1", "2"}
 
@@ -197,12 +202,7 @@ def test_feedback_cli_logs_children_selection_and_tests_selected_loop(demo_overr
 def test_feedback_job_reads_well_in_doctor_and_runs(demo_overrides, tmp_path, monkeypatch):
     """`doctor` says the gradient-norm caveat once, under the checks it covers (and once in --json);
     `runs` shows a finished job's selected loop's held-out value, labelled as held-out."""
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sets = [x for s in demo_overrides + FAST for x in ("--set", s)]
-    out = runner.invoke(app, ["train", "feedback", "--recipe", "feedback-demo", "--json", "--tracking-uri", uri, *sets])
-    assert out.exit_code == 0, out.output
-    result = json.loads(out.stdout)
+    uri, sets, result = _train_feedback_cli(demo_overrides, tmp_path, monkeypatch)
     run_id, loop = result["run_id"], result["selected_loop"]
 
     doc = json.loads(runner.invoke(app, ["doctor", run_id, "--json", "--tracking-uri", uri]).stdout)
