@@ -135,7 +135,9 @@ def test_two_processes_train_the_adapters_of_one(jobs):
     two = _adapters(jobs[2]["uri"], jobs[2]["run_id"])
     assert one.keys() == two.keys()
     worst = max(float((one[k] - two[k]).abs().max()) for k in one)
-    assert worst <= 1e-5, worst
+    # Two ranks sum the gradient in another order than one process: 1.7e-5 measured here after two
+    # epochs (the landed code gave the same), so the bound leaves room for that and no more.
+    assert worst <= 5e-5, worst
     # Not two untrained models: stage 2 moved the image adapter of both away from where stage 1 left it
     # (stage 1 trains the text adapter only, so its checkpoint holds the image adapter as initialised).
     for n in (1, 2):
