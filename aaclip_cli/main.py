@@ -10,17 +10,17 @@ import os
 
 # Each command module registers its commands on `app` when imported; the help lists them in
 # workflow order (app.WORKFLOW_ORDER) whatever the import order.
-from aaclip_cli import (
-    compare_cmd,  # noqa: E402,F401
-    data_cmd,  # noqa: E402,F401
-    doctor_cmd,  # noqa: E402,F401
-    predict_cmd,  # noqa: E402,F401
-    prompts_cmd,  # noqa: E402,F401
-    recipes_cmd,  # noqa: E402,F401
-    runs_cmd,  # noqa: E402,F401
-    test_cmd,  # noqa: E402,F401
-    train_cmd,  # noqa: E402,F401
-    transfer_cmd,  # noqa: E402,F401
+from aaclip_cli import (  # noqa: F401
+    compare_cmd,
+    data_cmd,
+    doctor_cmd,
+    predict_cmd,
+    prompts_cmd,
+    recipes_cmd,
+    runs_cmd,
+    test_cmd,
+    train_cmd,
+    transfer_cmd,
 )
 from aaclip_cli.app import app
 

@@ -6,7 +6,7 @@ interrupted (Ctrl-C, SIGTERM, SIGHUP) ends KILLED; never RUNNING. A running run 
 process id and a heartbeat, so a run whose process died can be told from one still training.
 
 Every failure of the store itself (unreachable, read-only, locked, wrong schema version) goes through
-``store_failures``: one paragraph naming the URI and the cause, never the driver's traceback text.
+``registry.failures``: one paragraph naming the URI and the cause, never the driver's traceback text.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def connect(cli_uri: str | None, write: bool = False):
                 raise store_failure(uri, exc, "opening it") from None
     # Exactly one run per job: under torchrun only rank 0 writes; the others may read (recipes,
     # checkpoints) but their writes go nowhere.
-    return ShieldedTracking(mlflow) if distributed.is_main() else ReadOnlyTracking(mlflow)
+    return shielded_tracking(mlflow) if distributed.is_main() else read_only_tracking(mlflow)
 
 
 # What writes to the store, as functions of the mlflow module and methods of MlflowClient.
@@ -160,20 +160,20 @@ _WRITES = frozenset({
 })
 
 
-class ShieldedTracking:
-    """MLflow as rank 0 sees it: every write runs shielded from SIGTERM, SIGHUP and Ctrl-C
-    (``signals.shielded``). An interrupt raised inside a write leaves SQLite's write lock held by an
-    open transaction, and ending the run KILLED then fails with "database is locked"."""
+class _Writes:
+    """MLflow (the module, or a client it makes) with every write passed through ``on_write``: the
+    one wrapper behind both views of the store below, so a write method named in _WRITES is
+    treated alike by both."""
 
-    def __init__(self, target) -> None:
-        self._target = target
+    def __init__(self, target, on_write) -> None:
+        self._target, self._on_write = target, on_write
 
     def __getattr__(self, name: str):
         attr = getattr(self._target, name)
         if name in _WRITES:
-            return _shielded_call(attr)
+            return self._on_write(attr)
         if name == "MlflowClient":
-            return lambda *a, **k: ShieldedTracking(attr(*a, **k))
+            return lambda *a, **k: _Writes(attr(*a, **k), self._on_write)
         return attr
 
 
@@ -189,18 +189,16 @@ def _ignore(*args, **kwargs) -> None:
     return None
 
 
-class ReadOnlyTracking:
+def shielded_tracking(mlflow) -> _Writes:
+    """MLflow as rank 0 sees it: every write runs shielded from SIGTERM, SIGHUP and Ctrl-C
+    (``signals.shielded``). An interrupt raised inside a write leaves SQLite's write lock held by an
+    open transaction, and ending the run KILLED then fails with "database is locked"."""
+    return _Writes(mlflow, _shielded_call)
+
+
+def read_only_tracking(mlflow) -> _Writes:
     """MLflow as ranks other than 0 see it: reads pass through, writes do nothing."""
-
-    def __init__(self, mlflow) -> None:
-        self._mlflow = mlflow
-
-    def __getattr__(self, name: str):
-        if name in _WRITES:
-            return _ignore
-        if name == "MlflowClient":
-            return lambda *a, **k: ReadOnlyTracking(self._mlflow.MlflowClient(*a, **k))
-        return getattr(self._mlflow, name)
+    return _Writes(mlflow, lambda fn: _ignore)
 
 
 class _FollowerRun:
