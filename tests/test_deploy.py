@@ -161,10 +161,10 @@ def test_scorer_imports_no_training_stack(make_model, demo_recipe, demo_root, tm
 import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'open_clip', 'mlflow', 'torchvision'):
+        if name.split('.')[0] in ('torch', 'open_clip', 'mlflow', 'torchvision', 'aaclip_core', 'matplotlib'):
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
-from aaclip_core.deploy.scorer import load_detector
+from aaclip_score.detector import load_detector
 d = load_detector({str(path)!r})
 x, _ = d.preprocess({str(image)!r})
 print(float(d.score(x[None], ['fabric'])['score'][0]))

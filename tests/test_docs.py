@@ -79,8 +79,8 @@ def test_every_relative_link_resolves(page):
     assert not broken, f"{page.name}: {broken}"
 
 
-_REPO_PATH = re.compile(r"`((?:aaclip_core|aaclip_cli|benchmarks|tests|recipes|docs)/[\w./-]*)`")
-_MODULE = re.compile(r"`(aaclip_core(?:\.\w+)+)`")
+_REPO_PATH = re.compile(r"`((?:aaclip_core|aaclip_cli|benchmarks|tests|recipes|docs|scorer)/[\w./-]*)`")
+_MODULE = re.compile(r"`((?:aaclip_core|aaclip_score)(?:\.\w+)+)`")
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
@@ -97,7 +97,8 @@ def test_every_repository_path_named_exists(page):
     for dotted in _MODULE.findall(text):
         parts = dotted.split(".")
         # a module, a package, or a name inside a module (aaclip_core.model.blocks.block_forward)
-        candidates = [ROOT.joinpath(*parts[:n]) for n in range(len(parts), 1, -1)]
+        base = ROOT / "scorer" if parts[0] == "aaclip_score" else ROOT  # the scorer's package lives in scorer/
+        candidates = [base.joinpath(*parts[:n]) for n in range(len(parts), 1, -1)]
         if not any(c.with_suffix(".py").exists() or (c / "__init__.py").exists() for c in candidates):
             missing.append(dotted)
     assert not missing, f"{page.name} names paths that do not exist: {missing}"

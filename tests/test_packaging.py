@@ -25,15 +25,21 @@ def _pyproject() -> dict:
 
 
 def test_every_package_folder_is_listed_in_pyproject():
-    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    setuptools_cfg = _pyproject()["tool"]["setuptools"]
+    listed = set(setuptools_cfg["packages"])
     on_disk = {
-        ".".join(p.parent.relative_to(ROOT).parts)
-        for top in ("aaclip_core", "aaclip_cli")
-        for p in (ROOT / top).rglob("__init__.py")
+        ".".join(p.parent.relative_to(base).parts)
+        for top, base in (("aaclip_core", ROOT), ("aaclip_cli", ROOT), ("aaclip_score", ROOT / "scorer"))
+        for p in (base / top).rglob("__init__.py")
         if "__pycache__" not in p.parts
     }
     assert on_disk - listed == set(), "add these packages to [tool.setuptools] packages in pyproject.toml"
     assert listed - on_disk == {"aaclip_core.recipes"}
+    # The scorer is one package (its wheel lists it alone) that the full install maps from scorer/.
+    assert setuptools_cfg["package-dir"]["aaclip_score"] == "scorer/aaclip_score"
+    scorer_cfg = tomllib.loads((ROOT / "scorer" / "pyproject.toml").read_text())
+    assert scorer_cfg["tool"]["setuptools"]["packages"] == ["aaclip_score"]
+    assert {p for p in on_disk if p.startswith("aaclip_score")} == {"aaclip_score"}
 
 
 def test_pyproject_takes_a_torch_range_and_ci_pins_the_tested_set():
@@ -56,16 +62,90 @@ def wheel(tmp_path_factory) -> Path:
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    for name in ("aaclip_core", "aaclip_cli", "recipes"):
-        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    dist = tmp_path / "dist"
+    _copy_sources(src)
+    return _build(src, tmp_path / "dist", "aaclip-*.whl")
+
+
+def _copy_sources(src: Path) -> None:
+    for name in ("aaclip_core", "aaclip_cli", "recipes", "scorer"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
+
+
+def _build(src: Path, dist: Path, pattern: str) -> Path:
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-w", str(dist), "-q"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=dist.parent, capture_output=True, text=True, timeout=300,
     )
     assert build.returncode == 0, build.stderr
-    (built,) = dist.glob("aaclip-*.whl")
+    (built,) = dist.glob(pattern)
     return built
+
+
+@pytest.fixture(scope="module")
+def scorer_wheel(tmp_path_factory) -> Path:
+    """The aaclip-score wheel, built offline (pip wheel --no-deps) from a copy of scorer/."""
+    pytest.importorskip("setuptools", reason="building a wheel offline needs setuptools (in the test extra)")
+    tmp_path = tmp_path_factory.mktemp("scorer-wheel")
+    shutil.copytree(ROOT / "scorer", tmp_path / "scorer", ignore=shutil.ignore_patterns("__pycache__", "build",
+                                                                                        "*.egg-info"))
+    return _build(tmp_path / "scorer", tmp_path / "dist", "aaclip_score-*.whl")
+
+
+def test_the_scorer_wheel_holds_the_scorer_alone_and_requires_no_torch(scorer_wheel):
+    names = zipfile.ZipFile(scorer_wheel).namelist()
+    outside = [n for n in names if not n.startswith(("aaclip_score/", "aaclip_score-"))]
+    assert not outside, outside
+    assert {"aaclip_score/detector.py", "aaclip_score/cli.py", "aaclip_score/fonts/DejaVuSans.ttf",
+            "aaclip_score/fonts/LICENSE_DEJAVU"} <= set(names)
+    shipped = {Path(n).name for n in names if n.startswith("aaclip_score/") and n.endswith(".py")}
+    assert shipped == {p.name for p in (ROOT / "scorer" / "aaclip_score").glob("*.py")}
+    requires = sorted(line.split(":", 1)[1].strip().split(">")[0].split("<")[0].split("=")[0].strip().lower()
+                      for line in _metadata(scorer_wheel) if line.startswith("Requires-Dist:"))
+    assert requires == ["numpy", "onnxruntime", "pillow"]
+    with zipfile.ZipFile(scorer_wheel) as z:
+        (entry,) = [n for n in z.namelist() if n.endswith(".dist-info/entry_points.txt")]
+        assert "aaclip-score = aaclip_score.cli:main" in z.read(entry).decode()
+
+
+def test_the_full_wheel_ships_the_scorer_too(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"aaclip_score/detector.py", "aaclip_score/fonts/DejaVuSans.ttf"} <= names
+    with zipfile.ZipFile(wheel) as z:
+        (entry,) = [n for n in z.namelist() if n.endswith(".dist-info/entry_points.txt")]
+        assert "aaclip-score = aaclip_score.cli:main" in z.read(entry).decode()
+
+
+def test_an_editable_install_maps_the_scorer_from_scorer_folder(tmp_path):
+    """`pip install -e .` (offline, into a fresh environment that borrows this one's packages)
+    makes `aaclip_score` importable from anywhere, from the checkout's scorer/ folder."""
+    pytest.importorskip("setuptools", reason="an offline editable install needs setuptools (in the test extra)")
+    import sysconfig
+    import venv
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    _copy_sources(src)
+    env_dir = tmp_path / "env"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    # pip and setuptools from this environment (a path line: its own .pth files, editable finders
+    # among them, are not run there).
+    Path(site, "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                           "--no-index", "-e", str(src)], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    shown = subprocess.run([str(python), "-c", "import aaclip_score, aaclip_score.options as o; "
+                            "print(aaclip_score.__file__, o.__file__)"],
+                           capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.split() == [str(src / "scorer" / "aaclip_score" / "__init__.py"),
+                                    str(src / "scorer" / "aaclip_score" / "options.py")]
 
 
 def _metadata(wheel: Path) -> list[str]:
