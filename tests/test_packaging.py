@@ -115,6 +115,7 @@ def test_the_full_wheel_ships_the_scorer_too(wheel):
         assert "aaclip-score = aaclip_score.cli:main" in z.read(entry).decode()
 
 
+@pytest.mark.integration  # a real pip install into a fresh environment: CI's second step
 def test_an_editable_install_maps_the_scorer_from_scorer_folder(tmp_path):
     """`pip install -e .` (offline, into a fresh environment that borrows this one's packages)
     makes `aaclip_score` importable from anywhere, from the checkout's scorer/ folder."""

@@ -22,22 +22,22 @@ PROG = "aaclip-score"
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's usage errors as one paragraph, exit 2
-        self.exit(options.EXIT_USAGE, f"error: {message} (usage: {self.format_usage().strip()[7:]}; "
-                                      f"{self.prog} -h for help)\n")
+        usage = " ".join(self.format_usage().split()[1:])  # one line, without "usage:"
+        self.exit(options.EXIT_USAGE, f"error: {message} (usage: {usage}; {self.prog} -h for help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Score images with an exported aaclip detector (`aaclip export --format onnx`), "
                 "as `aaclip predict --model FILE` does: per image a score, threshold and verdict, an overlay PNG, "
                 "and predictions.jsonl under --out.")
-    p.add_argument("model", type=Path, help="The .onnx file `aaclip export` wrote (its .onnx.json beside it).")
+    p.add_argument("model", type=Path, metavar="MODEL", help="The .onnx file `aaclip export` wrote (its .onnx.json beside it).")
     p.add_argument("inputs", type=Path, nargs="+", metavar="IMAGES", help=options.INPUTS_HELP)
-    p.add_argument("--out", type=Path, default=None, help=options.OUT_HELP.replace("run id[:8] or ", ""))
-    p.add_argument("--threshold", default=None, help=options.FILE_THRESHOLD_HELP)
-    p.add_argument("--class", dest="class_name", default=None, help=options.CLASS_HELP)
+    p.add_argument("--out", type=Path, default=None, metavar="DIR", help=options.OUT_HELP.replace("run id[:8] or ", ""))
+    p.add_argument("--threshold", default=None, metavar="T|auto", help=options.FILE_THRESHOLD_HELP)
+    p.add_argument("--class", dest="class_name", default=None, metavar="NAME", help=options.CLASS_HELP)
     p.add_argument("--save-maps", action="store_true", help=options.SAVE_MAPS_HELP)
-    p.add_argument("--batch-size", type=int, default=None, help=options.FILE_BATCH_SIZE_HELP)
-    p.add_argument("--threads", type=int, default=None, help=options.THREADS_HELP)
+    p.add_argument("--batch-size", type=int, default=None, metavar="N", help=options.FILE_BATCH_SIZE_HELP)
+    p.add_argument("--threads", type=int, default=None, metavar="N", help=options.THREADS_HELP)
     p.add_argument("--json", action="store_true", help="Print the summary with every row as JSON on stdout.")
     p.add_argument("-q", "--quiet", action="store_true", help="No progress or notes on stderr.")
     return p
