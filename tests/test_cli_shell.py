@@ -140,6 +140,9 @@ def test_recipe_to_toml_omits_nulls_and_keeps_lineage_as_a_comment():
     assert "extends" not in data and "quick_gelu" not in data["model"]
 
 
+_ROOT = Path(__file__).resolve().parent.parent  # the checkout: its packages, the scorer's in scorer/
+
+
 def test_help_and_usage_errors_do_not_import_torch_or_mlflow():
     code = (
         "import sys\n"
@@ -151,7 +154,7 @@ def test_help_and_usage_errors_do_not_import_torch_or_mlflow():
         "print(sorted(m for m in ('torch', 'open_clip', 'mlflow') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(_ROOT), str(_ROOT / "scorer")])})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
