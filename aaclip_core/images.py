@@ -19,6 +19,7 @@ Imports only PIL and the standard library, so the exported-file scorer can use i
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -34,7 +35,7 @@ class UnreadableImage(DataError):
 
     def __init__(self, path: Path, reason: str) -> None:
         super().__init__(f"{path} cannot be read ({reason}).")
-        self.path = Path(path)
+        self.path = Path(path) if isinstance(path, (str, os.PathLike)) else path  # or bytes in memory
         self.reason = reason
 
 
