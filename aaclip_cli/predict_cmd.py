@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from aaclip_score import options  # the option texts `aaclip-score` shares (standard library only)
 from rich.table import Table
 
 from aaclip_cli.app import AaclipCommand, JsonOpt, QuietOpt, UriOpt, app, examples, handle_errors
 from aaclip_cli.display import RichReporter, err, escape, print_json, print_result
 
-EXIT_IMAGE_ERRORS = 1
+EXIT_IMAGE_ERRORS = options.EXIT_IMAGE_ERRORS
 MAX_TABLE_ROWS = 50
 
 
@@ -32,7 +33,7 @@ def _fmt(x) -> str:
 @handle_errors
 def predict_cmd(
     inputs: Annotated[
-        list[Path], typer.Argument(exists=True, help="Image files and/or folders (searched recursively).")
+        list[Path], typer.Argument(exists=True, help=options.INPUTS_HELP)
     ],
     run: Annotated[Optional[str], typer.Option("--run", help="Run id whose model scores the images.")] = None,
     model: Annotated[
@@ -48,31 +49,27 @@ def predict_cmd(
                                            "dataset's name). Needed when the images' dataset is ambiguous."),
     ] = None,
     out: Annotated[
-        Optional[Path], typer.Option("--out", help="Output folder (default: ./aaclip-predict-<run id[:8] or model>).")
+        Optional[Path], typer.Option("--out", help=options.OUT_HELP)
     ] = None,
     threshold: Annotated[
         Optional[str],
         typer.Option(
             "--threshold",
-            help="Image-score threshold for the verdict: a number, or 'auto' for the F1-optimal threshold of the "
-            "calibration: the test on the images' own dataset (default: auto when that test is unambiguous, else "
-            "no verdict).",
+            help=options.THRESHOLD_HELP,
         ),
     ] = None,
     class_name: Annotated[
         Optional[str],
-        typer.Option("--class", help="Class of the images whose path does not tell it (a class is read from the "
-                     "dataset layout an image sits in - MVTec AD, VisA, BTAD, MPDD, <class>/normal|anomaly - or "
-                     "from a parent folder named after a known class)."),
+        typer.Option("--class", help=options.CLASS_HELP),
     ] = None,
     checkpoint: Annotated[
         Optional[str], typer.Option("--checkpoint", help="Checkpoint of the run (default: its selected one).")
     ] = None,
     save_maps: Annotated[
-        bool, typer.Option("--save-maps", help="Also save each raw anomaly map (float32 .npy, as `test` scores it).")
+        bool, typer.Option("--save-maps", help=options.SAVE_MAPS_HELP)
     ] = False,
     batch_size: Annotated[
-        Optional[int], typer.Option("--batch-size", help="Images per forward pass (default: the recipe's eval.batch_size).")
+        Optional[int], typer.Option("--batch-size", help=options.BATCH_SIZE_HELP)
     ] = None,
     tracking_uri: UriOpt = None,
     json_: JsonOpt = False,

@@ -3,27 +3,22 @@
 Every error a user can cause (bad recipe, missing file, wrong shape) is raised as an
 ``AaclipError`` whose message is one paragraph naming the file, field or flag and what to do.
 The CLI prints the message and exits non-zero without a traceback; anything else is a bug.
+
+The base classes and the ones scoring raises live in `aaclip_score.errors` (the torch-free scorer
+raises them too, and aaclip's CLI must recognise them); this module re-exports them and adds the
+training stack's own.
 """
 
+from aaclip_score.errors import AaclipError, CheckpointError, ConfigError, DataError, LocalFileError, UnknownClass
 
-class AaclipError(Exception):
-    """Base class for errors caused by user input or the user's environment."""
-
-
-class ConfigError(AaclipError):
-    """A recipe, override or flag is invalid."""
-
-
-class DataError(AaclipError):
-    """A dataset, image, mask or metadata file is missing or inconsistent."""
+__all__ = [
+    "AaclipError", "CheckpointError", "ConfigError", "DataError", "JobFailed", "LocalFileError", "RankStopped",
+    "StoreError", "TrackingError", "TrainingDiverged", "UnknownClass", "WeightsError",
+]
 
 
 class WeightsError(AaclipError):
     """Backbone weights are missing or do not fit the model."""
-
-
-class CheckpointError(AaclipError):
-    """A checkpoint cannot be read, is unsafe, or does not fit the model."""
 
 
 class TrainingDiverged(AaclipError):
@@ -51,8 +46,3 @@ class StoreError(TrackingError):
     """The MLflow store cannot be used: unreachable, read-only, locked, refused our credentials, or
     written by another MLflow version. Raised only by ``tracking.store_failure``, which names the
     store URI and the cause in one paragraph without the driver's traceback text."""
-
-
-class LocalFileError(AaclipError):
-    """A local file or folder cannot be written or read (a full disk, a permission, a path through a
-    regular file): the message names the path and the operating system's cause."""

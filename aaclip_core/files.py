@@ -14,41 +14,28 @@ if writing fails, so a reader or an interrupted run never sees a half-written fi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+# The single-file writers and the checksum are the scorer's (it writes and checks files without the
+# training stack); they are this module's too.
+from aaclip_score.files import (
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    current_umask,
+    sha256_of,
+    temp_file_beside,
+    with_umask_mode,
+)
 
-def current_umask() -> int:
-    """The process umask. Linux reports it in /proc without changing it; elsewhere it can only be
-    read by setting it, which is restored at once."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def with_umask_mode(path: Path) -> Path:
-    """Give an existing file or folder the mode an ordinary one gets (some writers, safetensors'
-    among them, create files 0600)."""
-    path.chmod((0o777 if path.is_dir() else 0o666) & ~current_umask())
-    return path
-
-
-def temp_file_beside(path: Path) -> tuple[int, str]:
-    """An open temporary file in ``path``'s folder, to be renamed onto ``path`` when complete."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~current_umask())
-    return fd, name
+__all__ = [
+    "atomic_dir", "atomic_path", "atomic_write_bytes", "atomic_write_text", "current_umask", "not_utf8",
+    "sha256_of", "temp_dir_in", "temp_file_beside", "with_umask_mode",
+]
 
 
 def temp_dir_in(parent: Path, prefix: str) -> Path:
@@ -60,36 +47,6 @@ def not_utf8(exc: UnicodeDecodeError) -> str:
     """Why a text file could not be decoded, in words: "it is not UTF-8 text (byte 0xff at offset 0)"."""
     byte = exc.object[exc.start:exc.start + 1]
     return f"it is not UTF-8 text (byte 0x{byte.hex() or '??'} at offset {exc.start})"
-
-
-@contextlib.contextmanager
-def atomic_path(dest: Path) -> Iterator[Path]:
-    """Yield a temporary file path beside ``dest`` for any writer to fill; when the block completes
-    it is renamed onto ``dest`` (with the umask's mode), and when it raises it is removed and
-    ``dest`` is left as it was."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = temp_file_beside(dest)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        # Some writers (safetensors among them) recreate the file 0600 rather than fill it.
-        os.replace(with_umask_mode(tmp), dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
 
 
 @contextlib.contextmanager
@@ -120,13 +77,3 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
                 shutil.rmtree(stale, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def sha256_of(path: Path) -> str:
-    """The SHA-256 of a file's bytes (hex), read in 1 MiB chunks so a large model file is never
-    held in memory whole."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -14,13 +14,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from aaclip_score.contract import sidecar_of
+from aaclip_score.detector import preprocess
 from torchvision.transforms.functional import gaussian_blur as tv_blur
 
 from aaclip_core.data.dataset import load_image_tensor
-from aaclip_core.deploy.contract import sidecar_of
 from aaclip_core.deploy.export import export_onnx, export_torchscript, quantize_int8, write_sidecar
 from aaclip_core.deploy.graph import DetectorGraph
-from aaclip_core.deploy.scorer import load_detector, preprocess
+from aaclip_core.deploy.scorer import load_detector
 from aaclip_core.errors import AaclipError
 from aaclip_core.evaluation.protocol import predict_batch
 from aaclip_core.model.similarity import gaussian_blur

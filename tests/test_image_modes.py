@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from aaclip_score.detector import preprocess
+from aaclip_score.images import UnreadableImage, read_grey, read_rgb, read_size
+from aaclip_score.inputs import collect_images
 from clirun import aaclip, one_paragraph
 from PIL import Image
 
 from aaclip_core.data import AnomalyDataset, Sample, index_dataset, load_image_tensor, validate_samples
-from aaclip_core.deploy.scorer import preprocess
 from aaclip_core.errors import DataError
-from aaclip_core.images import UnreadableImage, read_grey, read_rgb, read_size
-from aaclip_core.predict.inputs import collect_images
 
 SIZE = 24
 ZERO, ONE = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from aaclip_core.data.synthetic import render_sample, sample_entropy
-from aaclip_core.pictures.overlay import (
+from aaclip_score.overlay import (
     GT_COLOUR,
     PRED_COLOUR,
     mask_boundary,
@@ -15,6 +12,9 @@ from aaclip_core.pictures.overlay import (
     overlay_picture,
     verdict_line,
 )
+from PIL import Image
+
+from aaclip_core.data.synthetic import render_sample, sample_entropy
 
 
 def _crop(picture: Image.Image, box) -> np.ndarray:

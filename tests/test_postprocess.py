@@ -1,4 +1,4 @@
-"""The post-processor (aaclip_core.evaluation.postprocess): the same numbers from torch tensors and
+"""The post-processor (aaclip_score.postprocess): the same numbers from torch tensors and
 numpy arrays, from one class's ranges and from the exported graph's per-image rows; empty ranges give
 zeros; the medical and industrial image scores; the display map clipped; no torch imported."""
 
@@ -11,8 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
-from aaclip_core.evaluation.postprocess import (
+from aaclip_score.postprocess import (
     RANGE_KEYS,
     UNCALIBRATED,
     ClassCalibration,
@@ -125,7 +124,7 @@ class Block:
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
 import numpy as np
-from aaclip_core.evaluation.postprocess import ClassCalibration, display_map
+from aaclip_score.postprocess import ClassCalibration, display_map
 cal = ClassCalibration(0.0, 2.0, 0.0, 1.0)
 raw = np.array([[[0.0, 1.0], [2.0, 4.0]]], dtype=np.float32)
 print(float(cal.apply(raw, np.array([0.5], dtype=np.float32), 'industrial')[1][0]), float(display_map(raw[0], cal).max()))

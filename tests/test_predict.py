@@ -180,7 +180,7 @@ def test_anomalous_images_score_higher(tested):
 
 
 def test_overlays_have_the_titled_panel_layout(env, demo_recipe, tested):
-    from aaclip_core.pictures.overlay import overlay_layout
+    from aaclip_score.overlay import overlay_layout
 
     layout = overlay_layout(demo_recipe.model.image_size, with_ground_truth=False)  # predict has no masks
     assert list(layout.panels) == ["image", "anomaly map", "prediction"]

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from aaclip_score.detector import read_sidecar
+from aaclip_score.outputs import check_out_dir, make_out_dir
 from clirun import aaclip, one_paragraph
 from PIL import Image
 
 from aaclip_core.data import index_dataset
-from aaclip_core.deploy.scorer import read_sidecar
 from aaclip_core.errors import ConfigError, DataError
-from aaclip_core.predict.outputs import check_out_dir, make_out_dir
 from aaclip_core.recipe import load_recipe
 
 NOT_UTF8 = b"\xff\xfe\x00"

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from aaclip_score.images import UnreadableImage, read_grey, read_rgb
 from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from aaclip_core.data.samples import Sample
 from aaclip_core.errors import ConfigError, DataError
-from aaclip_core.images import UnreadableImage, read_grey, read_rgb
 
 AUGMENT_MODES = ("none", "geometric", "geometric+colour")
 

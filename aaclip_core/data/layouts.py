@@ -15,17 +15,16 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+# Image suffixes, the train/test split folders, the mask folders and an image's class by its path are
+# facts the scorer needs too: their home is aaclip_score.layouts.
+from aaclip_score.layouts import IMAGE_EXTENSIONS, MASK_FOLDERS, SPLITS, class_of_image  # noqa: F401
+
 from aaclip_core.data.samples import ANOMALOUS, NORMAL, NORMAL_DEFECT, Sample, sort_samples
 from aaclip_core.errors import ConfigError, DataError
 from aaclip_core.files import atomic_write_text, not_utf8
 from aaclip_core.names import INDEX_LAYOUTS, LAYOUTS
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
-SPLITS = ("train", "test")
 JSONL_DEFAULT_NAME = "full-shot.jsonl"
-# Folders that hold masks, not images to score: MVTec/MPDD/BTAD ground_truth/, VisA Data/Masks/,
-# the plain folder layout's masks/.
-MASK_FOLDERS = frozenset({"ground_truth", "Masks", "masks"})
 VISA_CSV = Path("split_csv") / "1cls.csv"
 
 # One line per layout: used in error messages so the user sees what was expected.
@@ -374,26 +373,6 @@ def looks_like(root: Path, layout: str = "auto") -> bool:
         return bool(_class_dirs(root, looks[layout])) if layout in looks else False
     except (DataError, OSError):
         return False
-
-
-def class_of_image(path: Path) -> str | None:
-    """The class an image belongs to, read from where it sits in one of the indexed layouts; None
-    when the path follows none of them. Each pattern is matched exactly (folder depth included), so
-    a plain folder that happens to be called ``test`` is not mistaken for a layout:
-
-    * MVTec AD, MPDD, BTAD: ``<class>/train|test/<defect, good, ok or ko>/<image>``
-    * VisA: ``<class>/Data/Images/Normal|Anomaly/<image>``
-    * plain folder layout: ``<class>/normal|anomaly/<image>``
-    """
-    parts = Path(path).parts[:-1]
-    n = len(parts)
-    if n >= 3 and parts[-2] in SPLITS:
-        return parts[-3]
-    if n >= 4 and parts[-3] == "Data" and parts[-2] == "Images" and parts[-1] in ("Normal", "Anomaly"):
-        return parts[-4]
-    if n >= 2 and parts[-1] in ("normal", "anomaly"):
-        return parts[-2]
-    return None
 
 
 _INDEXERS: dict[str, Callable[[Path, str], list[Sample]]] = {

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from aaclip_score.images import UnreadableImage, read_grey, read_size
 
 from aaclip_core.errors import DataError
-from aaclip_core.images import UnreadableImage, read_grey, read_size
 
 NORMAL = 0
 ANOMALOUS = 1

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from aaclip_score.contract import INPUT_NAMES, OUTPUT_NAMES, SIDECAR_SCHEMA, sidecar_of
 
-from aaclip_core.deploy.contract import INPUT_NAMES, OUTPUT_NAMES, SIDECAR_SCHEMA, sidecar_of
 from aaclip_core.deploy.graph import DetectorGraph
 from aaclip_core.errors import ConfigError
 from aaclip_core.files import atomic_path, sha256_of

@@ -13,7 +13,7 @@ tables that the graph indexes:
 - the image cross-attention's text context [C, 16*77, D], when that module is on;
 - the calibration: each class's map and detection ranges from its `test` run, which put a single
   image on the scale `test` reports (see `aaclip_core.predict`), applied by the post-processor
-  (:mod:`aaclip_core.evaluation.postprocess`). A class without calibration gets the identity ranges
+  (:mod:`aaclip_score.postprocess`). A class without calibration gets the identity ranges
   (0, 1), which turn the formula into the uncalibrated score of `predict`.
 
 Every image is scored independently of its batch-mates, so the batch dimension is free.
@@ -24,9 +24,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from aaclip_score.postprocess import normalise, ranges_rows
 from torch import nn
 
-from aaclip_core.evaluation.postprocess import normalise, ranges_rows
 from aaclip_core.evaluation.protocol import raw_scores
 from aaclip_core.model import AACLIP
 from aaclip_core.prompts.anchors import AnchorBank

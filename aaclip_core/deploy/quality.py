@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from aaclip_score.detector import Detector
 
 from aaclip_core.data import Sample
-from aaclip_core.deploy.scorer import Detector
 from aaclip_core.evaluation.protocol import METRIC_NAMES, ClassMaps, mean_over_classes, score_class
 from aaclip_core.recipe import Recipe
 from aaclip_core.training.data import make_dataset

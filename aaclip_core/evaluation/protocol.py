@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from aaclip_score.postprocess import ClassCalibration
 from torch.utils.data import DataLoader
 
 from aaclip_core import distributed
@@ -21,7 +22,6 @@ from aaclip_core.compute import autocast
 from aaclip_core.evaluation import metrics
 from aaclip_core.evaluation.calibration import fit_class_calibration
 from aaclip_core.evaluation.pixel_pairs import PixelPairs, pixel_pairs
-from aaclip_core.evaluation.postprocess import ClassCalibration
 from aaclip_core.model import AACLIP
 from aaclip_core.model.similarity import test_map
 from aaclip_core.names import METRIC_NAMES
@@ -173,7 +173,7 @@ def _detection(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 def image_scores(cm: ClassMaps, domain: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(normalised pixel maps, image scores) of a class under the reference protocol: min-max over
-    the class's test set (:mod:`aaclip_core.evaluation.postprocess`)."""
+    the class's test set (:mod:`aaclip_score.postprocess`)."""
     return ClassCalibration.ranges_of(cm.maps, cm.det).apply(cm.maps, cm.det, domain)
 
 

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from aaclip_score.contract import INPUT_NAMES, OUTPUT_NAMES
 
 from aaclip_core.checkpoints.from_run import (
     chosen_calibration,
@@ -24,7 +25,6 @@ from aaclip_core.checkpoints.from_run import (
     run_recipe,
     training_classes,
 )
-from aaclip_core.deploy.contract import INPUT_NAMES, OUTPUT_NAMES
 from aaclip_core.deploy.export import FORMATS, OPSET, SUFFIX, export_graph, quantize_int8, write_sidecar
 from aaclip_core.deploy.graph import DetectorGraph
 from aaclip_core.errors import ConfigError

@@ -1,6 +1,6 @@
 """Anomaly-map pictures of a model: `test --visualize`, and the image tensors `predict` draws.
 
-The drawing itself (panels, colours, contours) is `aaclip_core.pictures.overlay`, which needs no torch.
+The drawing itself (panels, colours, contours) is `aaclip_score.overlay`, which needs no torch.
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from aaclip_score.overlay import save_overlay, verdict_line
+from aaclip_score.postprocess import ClassCalibration, display_map
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-from aaclip_core.evaluation.postprocess import ClassCalibration, display_map
-from aaclip_core.pictures.overlay import save_overlay, verdict_line
 
 # The CLIP normalisation `load_image_tensor` and the dataset apply (OpenAI statistics).
 CLIP_MEAN = tuple(OPENAI_DATASET_MEAN)

@@ -27,13 +27,11 @@ independently, so results do not depend on the batch size.
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aaclip_core.errors import ConfigError
-from aaclip_core.predict.inputs import (
+from aaclip_score.inputs import (
     CLASS_SEARCH_DEPTH,
     ROW_KEYS,
     SKIP_DIRS,
@@ -42,10 +40,18 @@ from aaclip_core.predict.inputs import (
     collect_images,
     resolve_class,
 )
-from aaclip_core.predict.outputs import PREDICTIONS_FILE, ImageOutputs, Thresholds, check_out_dir, write_summary
+from aaclip_score.outputs import (
+    PREDICTIONS_FILE,
+    ImageOutputs,
+    Thresholds,
+    check_out_dir,
+    parse_threshold,
+    write_summary,
+)
 
-if TYPE_CHECKING:  # the scorer of exported files (aaclip_core.deploy.predict) imports this package without
-    # open_clip or mlflow: the model-side modules load only where a model is scored.
+from aaclip_core.errors import ConfigError
+
+if TYPE_CHECKING:  # the model-side modules load only where a model is scored
     from aaclip_core.evaluation.calibration import Calibration
     from aaclip_core.predict.source import ModelSource
     from aaclip_core.reporter import Reporter
@@ -56,21 +62,6 @@ __all__ = [
     "run_calibrations", "write_summary",
 ]
 
-
-def parse_threshold(value: str | float | None) -> float | str | None:
-    """None, the string 'auto', or a finite number; anything else is a usage error."""
-    if value is None or isinstance(value, float | int):
-        return None if value is None else float(value)
-    text = str(value).strip()
-    if text.lower() == "auto":
-        return "auto"
-    try:
-        x = float(text)
-    except ValueError:
-        x = math.nan
-    if not math.isfinite(x):
-        raise ConfigError(f"--threshold must be a number or 'auto', got {value!r}.")
-    return x
 
 
 def _load_source(run_id: str | None, model_dir: Path | None, checkpoint: str | None, tracking_uri: str | None,

@@ -8,15 +8,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from aaclip_score.batches import score_in_batches
+from aaclip_score.inputs import ImageJob
+from aaclip_score.outputs import ImageOutputs
+from aaclip_score.postprocess import UNCALIBRATED, ClassCalibration, display_map
 
 from aaclip_core.compute import autocast
 from aaclip_core.data.dataset import load_image_tensor
-from aaclip_core.evaluation.postprocess import UNCALIBRATED, ClassCalibration, display_map
 from aaclip_core.evaluation.protocol import predict_batch
 from aaclip_core.pictures.visualize import CLIP_MEAN, CLIP_STD, denormalise
-from aaclip_core.predict.batches import score_in_batches
-from aaclip_core.predict.inputs import ImageJob
-from aaclip_core.predict.outputs import ImageOutputs
 from aaclip_core.recipe import Recipe
 
 

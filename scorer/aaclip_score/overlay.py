@@ -8,7 +8,7 @@ with the image score, the threshold and the verdict written underneath.
   whole factor (nearest neighbour for masks, so a drawn pixel is exactly one scored pixel) until
   they are at least `MIN_PANEL` pixels wide.
 * The anomaly map comes in as the post-processor's display map
-  (:func:`aaclip_core.evaluation.postprocess.display_map`: min-max normalised on the scale of its
+  (:func:`aaclip_score.postprocess.display_map`: min-max normalised on the scale of its
   class's test set when calibrated, clipped to [0, 1]) and is coloured with matplotlib's ``jet``;
   the colour bar marks the pixel level.
 * Ground truth and prediction are drawn the same unambiguous way: a translucent fill over exactly
@@ -18,9 +18,10 @@ with the image score, the threshold and the verdict written underneath.
 * The prediction is ``map >= level`` (default 0.5 on the normalised scale): the pixel level, not
   the image threshold, which decides the verdict from the image score.
 
-numpy, PIL, matplotlib's colormaps and its bundled DejaVu font only (no pyplot, so no GUI backend
-is ever loaded; no torch), so the scorer of exported models (`aaclip_core.deploy`) draws the same
-pictures without the training stack. `aaclip_core.pictures.visualize` adds what needs the model
+numpy and PIL only: the ``jet`` colormap is matplotlib's table computed here from its segment data
+(a test holds the two equal), and the font is matplotlib's DejaVu Sans, shipped in ``fonts/`` with
+its licence. So the scorer (`aaclip_score`) draws the same pictures, byte for byte, without
+matplotlib or the training stack; `aaclip_score.overlay` imports this module. `aaclip_core.pictures.visualize` adds what needs the model
 (`test --visualize`).
 """
 
@@ -34,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from aaclip_score.files import atomic_path
 
 CONTOUR_LEVEL = 0.5
 HEAT_ALPHA = 0.5
@@ -72,12 +75,45 @@ def mask_boundary(mask: np.ndarray, width: int = 1) -> np.ndarray:
     return edge
 
 
-def heat_rgb(heat: np.ndarray) -> np.ndarray:
-    """[H, W] in [0, 1] -> uint8 [H, W, 3] through the colormap."""
-    from matplotlib import colormaps
+# matplotlib's ``jet``: (x, value below x, value above x) per channel, its ``_jet_data``.
+_JET_SEGMENTS = {
+    "red": ((0.0, 0, 0), (0.35, 0, 0), (0.66, 1, 1), (0.89, 1, 1), (1.0, 0.5, 0.5)),
+    "green": ((0.0, 0, 0), (0.125, 0, 0), (0.375, 1, 1), (0.64, 1, 1), (0.91, 0, 0), (1.0, 0, 0)),
+    "blue": ((0.0, 0.5, 0.5), (0.11, 1, 1), (0.34, 1, 1), (0.65, 0, 0), (1.0, 0, 0)),
+}
+_LUT_SIZE = 256  # matplotlib's default number of colours
 
-    rgba = colormaps[COLORMAP](np.clip(heat, 0.0, 1.0))
-    return (rgba[..., :3] * 255.0).round().astype(np.uint8)
+
+def _segment_lut(data, n: int) -> np.ndarray:
+    """One channel's n-entry table, as matplotlib's ``LinearSegmentedColormap`` computes it."""
+    a = np.asarray(data, dtype=np.float64)
+    x, y0, y1 = a[:, 0] * (n - 1), a[:, 1], a[:, 2]
+    xind = (n - 1) * np.linspace(0, 1, n)
+    ind = np.searchsorted(x, xind)[1:-1]
+    distance = (xind[1:-1] - x[ind - 1]) / (x[ind] - x[ind - 1])
+    lut = np.concatenate([[y1[0]], distance * (y0[ind] - y1[ind - 1]) + y1[ind - 1], [y0[-1]]])
+    return np.clip(lut, 0.0, 1.0)
+
+
+@lru_cache(maxsize=1)
+def _jet_rgb() -> np.ndarray:
+    """uint8 [256, 3]: the colours of matplotlib's ``jet`` (each channel * 255, rounded)."""
+    lut = np.stack([_segment_lut(_JET_SEGMENTS[c], _LUT_SIZE) for c in ("red", "green", "blue")], axis=1)
+    return (lut * 255.0).round().astype(np.uint8)
+
+
+def heat_rgb(heat: np.ndarray) -> np.ndarray:
+    """[H, W] in [0, 1] -> uint8 [H, W, 3] through the colormap, picking the table's entry as
+    matplotlib does (``x * N`` truncated, 1.0 the last entry; NaN black)."""
+    x = np.asarray(heat)
+    x = np.clip(x if x.dtype.kind == "f" else x.astype(np.float64), 0.0, 1.0)
+    x = x * x.dtype.type(_LUT_SIZE)  # in the map's own precision, as matplotlib multiplies
+    bad = np.isnan(x)
+    with np.errstate(invalid="ignore"):
+        index = np.where(bad, 0, np.minimum(x, _LUT_SIZE - 1)).astype(int)
+    rgb = _jet_rgb()[index]
+    rgb[bad] = 0
+    return rgb
 
 
 def draw_region(image: np.ndarray, region: np.ndarray, colour: tuple[int, int, int], width: int = 2) -> np.ndarray:
@@ -91,14 +127,12 @@ def draw_region(image: np.ndarray, region: np.ndarray, colour: tuple[int, int, i
     return out
 
 
+FONT_FILE = Path(__file__).with_name("fonts") / "DejaVuSans.ttf"  # matplotlib's, with its licence beside it
+
+
 @lru_cache(maxsize=4)
 def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont:
-    try:
-        from matplotlib import font_manager
-
-        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
-    except (OSError, ImportError, ValueError):  # a matplotlib without its bundled font
-        return ImageFont.load_default()
+    return ImageFont.truetype(str(FONT_FILE), size)
 
 
 @dataclass(frozen=True)
@@ -238,6 +272,7 @@ def _draw_colour_bar(canvas: Image.Image, draw: ImageDraw.ImageDraw, box: Box, l
 def save_overlay(path: Path, image: np.ndarray, heat: np.ndarray, level: float = CONTOUR_LEVEL,
                  gt_mask: np.ndarray | None = None, footer: str = "") -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    overlay_picture(image, heat, level, gt_mask, footer).save(path, format="PNG", optimize=True)
+    picture = overlay_picture(image, heat, level, gt_mask, footer)
+    with atomic_path(path) as tmp:  # creates the folder; a reader never sees half a picture
+        picture.save(tmp, format="PNG", optimize=True)
     return path

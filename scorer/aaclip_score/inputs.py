@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from aaclip_core.data.layouts import IMAGE_EXTENSIONS, MASK_FOLDERS
-from aaclip_core.errors import DataError
+from aaclip_score.errors import DataError
+from aaclip_score.layouts import IMAGE_EXTENSIONS, MASK_FOLDERS, class_of_image
 
 SKIP_DIRS = MASK_FOLDERS
 # The columns of predictions.jsonl, in order (the same for a model and for an exported file).
@@ -86,8 +86,6 @@ def resolve_class(path: Path, fallback: str | None, known: set[str]) -> str:
     BTAD, VisA, the plain folder layout), else the nearest of its parent folders that is a known class
     of the model, else ``fallback`` (``--class``). Each image is resolved on its own, so one call scores a
     folder of several classes."""
-    from aaclip_core.data.layouts import class_of_image
-
     resolved = Path(path).resolve()
     by_layout = class_of_image(resolved)
     if by_layout is not None:

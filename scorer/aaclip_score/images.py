@@ -14,18 +14,19 @@ PIL raises OSError for a missing, unidentified or truncated file, SyntaxError or
 corrupt chunks and unconvertible modes, and ``Image.DecompressionBombError`` (not an OSError) when
 the header declares more pixels than PIL agrees to decode.
 
-Imports only PIL and the standard library, so the exported-file scorer can use it without torch.
+Imports only PIL and the standard library, so the scorer (`aaclip_score`) uses it without torch;
+`aaclip_score.images` imports it from here.
 """
 
 from __future__ import annotations
 
-import os
+import io
 import re
 from pathlib import Path
 
 from PIL import Image
 
-from aaclip_core.errors import DataError
+from aaclip_score.errors import DataError
 
 READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
@@ -35,7 +36,7 @@ class UnreadableImage(DataError):
 
     def __init__(self, path: Path, reason: str) -> None:
         super().__init__(f"{path} cannot be read ({reason}).")
-        self.path = Path(path) if isinstance(path, (str, os.PathLike)) else path  # or bytes in memory
+        self.path = Path(path)
         self.reason = reason
 
 
@@ -59,9 +60,10 @@ def _fail(path: Path, exc: BaseException) -> UnreadableImage:
     return UnreadableImage(path, _reason(exc))
 
 
-def _read(path: Path, mode: str) -> Image.Image:
+def _read(path: Path, mode: str, source=None) -> Image.Image:
+    """``source`` (a file object) is read in place of ``path``, which then only names it."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path if source is None else source) as image:
             return image.convert(mode)
     except READ_ERRORS as exc:
         raise _fail(path, exc) from exc
@@ -70,6 +72,11 @@ def _read(path: Path, mode: str) -> Image.Image:
 def read_rgb(path: Path) -> Image.Image:
     """The decoded image as 8-bit RGB, exactly ``Image.open(path).convert("RGB")``."""
     return _read(path, "RGB")
+
+
+def read_rgb_bytes(data: bytes, name: str) -> Image.Image:
+    """`read_rgb` of an encoded image held in memory; ``name`` is how an error names it."""
+    return _read(Path(name), "RGB", io.BytesIO(bytes(data)))
 
 
 def read_grey(path: Path) -> Image.Image:

@@ -13,13 +13,14 @@ so a new image can score below 0 or above 1; only the map the pictures show is c
 
 Everything here works alike on torch tensors and numpy arrays, and the exported graph traces these
 same functions into ONNX. It imports no torch (a tensor's own module is looked up only when one is
-passed), so the pictures and the torch-free scorer of exported models (`aaclip_core.deploy`) use it
-too. Fitting a calibration to a test set (the F1-optimal threshold) needs the metrics and is
-:func:`aaclip_core.evaluation.calibration.fit_class_calibration`.
+passed), so the pictures and the torch-free scorer (`aaclip_score`, this module's home) use it too;
+`aaclip_score.postprocess` imports it from here. Fitting a calibration to a test set (the
+F1-optimal threshold) needs the metrics and is `aaclip_core.evaluation.calibration.fit_class_calibration`.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -35,12 +36,11 @@ def _is_numpy(x) -> bool:
 
 
 def _array_module(x):
-    """numpy for arrays, torch for tensors (imported already by whoever made the tensor)."""
+    """numpy for arrays, torch for tensors: the module that made the tensor, already imported by
+    whoever made it (looked up, never imported here: the scorer has no torch)."""
     if _is_numpy(x):
         return np
-    import torch
-
-    return torch
+    return sys.modules[type(x).__module__.split(".")[0]]
 
 
 def _like(x, value):

@@ -9,22 +9,37 @@ its own outputs into an image score and a heat map, then hands them here.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from aaclip_core.errors import ConfigError
-from aaclip_core.pictures.overlay import save_overlay, verdict_line
-from aaclip_core.predict.inputs import ImageJob, row
-
-if TYPE_CHECKING:  # only its fields are read here; importing it would pull torch into this module
-    from aaclip_core.evaluation.calibration import Calibration
+from aaclip_score.calibration import Calibration
+from aaclip_score.errors import ConfigError
+from aaclip_score.files import atomic_path, atomic_write_text
+from aaclip_score.inputs import ImageJob, row
+from aaclip_score.overlay import save_overlay, verdict_line
 
 PREDICTIONS_FILE = "predictions.jsonl"
 RAW_SCALE_NOTE = "raw (uncalibrated) scale"
+
+
+def parse_threshold(value: str | float | None) -> float | str | None:
+    """None, the string 'auto', or a finite number; anything else is a usage error."""
+    if value is None or isinstance(value, float | int):
+        return None if value is None else float(value)
+    text = str(value).strip()
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        x = float(text)
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x):
+        raise ConfigError(f"--threshold must be a number or 'auto', got {value!r}.")
+    return x
 
 
 def _out_dir_problem(out_dir: Path) -> str | None:
@@ -110,7 +125,8 @@ class ImageOutputs:
         map_path = None
         if self.save_maps:
             map_path = self.out_dir / "overlays" / job.key.with_suffix(".npy")
-            np.save(map_path, np.asarray(raw_map).astype(np.float32))
+            with atomic_path(map_path) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, np.asarray(raw_map).astype(np.float32))
         return row(job, image_score=score, raw_map_max=float(raw_map.max()), raw_det=float(raw_det), threshold=t,
                    threshold_source=source, verdict=verdict, overlay=str(overlay.resolve()),
                    map=str(map_path.resolve()) if map_path else None,
@@ -127,9 +143,7 @@ def write_summary(head: dict, cal: Calibration | None, note: str | None, mode, o
     """Write ``predictions.jsonl`` (one row a line, in order) and return the summary: ``head`` (which
     model: run id, label, checkpoint), then the calibration, threshold, files and counts."""
     pred_path = out_dir / PREDICTIONS_FILE
-    with open(pred_path, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, sort_keys=False) + "\n")
+    atomic_write_text(pred_path, "".join(json.dumps(r, sort_keys=False) + "\n" for r in rows))
     return {
         **head,
         "calibration": {"test_run_id": cal.test_run_id, "dataset": cal.dataset} if cal else None,

@@ -9,9 +9,9 @@ import math
 from collections.abc import Callable
 from typing import TypeVar
 
-from aaclip_core.errors import DataError
-from aaclip_core.predict.inputs import ImageJob
-from aaclip_core.predict.outputs import ImageOutputs, make_out_dir
+from aaclip_score.errors import DataError
+from aaclip_score.inputs import ImageJob
+from aaclip_score.outputs import ImageOutputs, make_out_dir
 
 Item = TypeVar("Item")
 
