@@ -3,8 +3,9 @@
 
 This file is logged as a *model from code* (``python_model=<this file>``): MLflow copies it into the
 model and executes it when the model is loaded, so nothing is pickled and the served process imports
-only what this file imports: numpy, Pillow and ONNX Runtime through the torch-free scorer, and
-``mlflow.pyfunc``. The detector file and its sidecar JSON are the model's artifacts.
+only what this file imports: the torch-free scorer `aaclip_score` (numpy, Pillow, ONNX Runtime), which
+the model ships as code (:func:`code_paths`), and ``mlflow.pyfunc``. The detector file and its
+sidecar JSON are the model's artifacts.
 
 Request: a table with a base64-encoded image column ``image`` and a class-name column ``class_name``
 (one row per image); the parameter ``maps`` (bool, default false) asks for each image's anomaly map.
@@ -20,10 +21,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 from pathlib import Path
 
-import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -41,16 +40,13 @@ MAP_FIELD = "map"
 SERVED_REQUIREMENTS = ("mlflow-skinny", "numpy", "pandas", "pillow", "onnxruntime")
 
 
-def _scorer():
-    """The torch-free scorer: numpy, Pillow and ONNX Runtime only."""
-    from aaclip_core.deploy import scorer
-
-    return scorer
-
-
 def code_paths() -> list[str]:
-    """The code the model ships beside this file (MLflow puts it on ``sys.path`` when loading)."""
-    return []
+    """The code the model ships: the torch-free scorer package (`aaclip_score`), copied into the
+    model's ``code/`` folder, which MLflow puts first on ``sys.path`` when it loads the model, so a
+    served version runs the scorer it was registered with, whatever is installed beside it."""
+    import aaclip_score
+
+    return [str(Path(aaclip_score.__file__).parent)]
 
 
 def signature():
@@ -87,54 +83,34 @@ class DetectorModel(PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
+        from aaclip_score import Detector
+
         folder = Path(context.artifacts[DETECTOR_ARTIFACT])
         files = sorted(folder.glob("*.onnx"))
         if len(files) != 1:
             raise MlflowException(f"{folder} should hold one .onnx detector file, found {len(files)}.")
-        self.detector = _scorer().load_detector(files[0])  # checks the file's sha256 against its sidecar
-
-    def _inputs(self, rows: list[tuple[str, str]]) -> np.ndarray:
-        scorer = _scorer()
-        known = self.detector.classes
-        arrays = []
-        for i, (image, class_name) in enumerate(rows):
-            if class_name not in known:
-                raise bad_request(f"Row {i}: this detector has no class {class_name!r} (it has: {', '.join(known)}); "
-                                  f"send one of these in '{CLASS_COLUMN}'.")
-            data = _decode(i, image)
-            try:
-                x, _ = self.detector.preprocess(io.BytesIO(data))
-            except scorer.DataError as exc:
-                reason = getattr(exc.__cause__, "reason", None) or str(exc)
-                raise bad_request(f"Row {i}: the image cannot be decoded ({reason}). Send the bytes of a PNG, JPEG "
-                                  "or other image file PIL reads, base64-encoded.") from None
-            arrays.append(x)
-        return np.stack(arrays)
+        self.detector = Detector.load(files[0])  # checks the file's sha256 against its sidecar
 
     def predict(self, context, model_input, params=None) -> list[dict]:
+        from aaclip_score.errors import AaclipError
+
         frame = model_input
         missing = [c for c in (IMAGE_COLUMN, CLASS_COLUMN) if c not in getattr(frame, "columns", ())]
         if missing:
             raise bad_request(f"The request has no column {', '.join(missing)}: send the columns '{IMAGE_COLUMN}' "
                               f"(base64 image bytes) and '{CLASS_COLUMN}'.")
-        rows = list(zip(frame[IMAGE_COLUMN].tolist(), frame[CLASS_COLUMN].astype(str).tolist()))
-        if not rows:
-            return []
-        classes = [c for _, c in rows]
-        out = self.detector.score(self._inputs(rows), classes)
+        images = [_decode(i, text) for i, text in enumerate(frame[IMAGE_COLUMN].tolist())]
+        classes = frame[CLASS_COLUMN].astype(str).tolist()
         maps = bool((params or {}).get(MAPS_PARAM, False))
+        try:
+            scored = self.detector.score_bytes(images, classes, with_maps=maps)
+        except AaclipError as exc:  # an image that cannot be decoded, a class the detector lacks
+            raise bad_request(str(exc)) from None
         records = []
-        for j, class_name in enumerate(classes):
-            score = float(out["score"][j])
-            threshold = self.detector.threshold(class_name)
-            record = {
-                "score": score,
-                "threshold": threshold,
-                "verdict": None if threshold is None else ("anomalous" if score >= threshold else "normal"),
-                "raw_score": float(out["raw_det"][j]),
-            }
+        for r in scored:
+            record = {"score": r.score, "threshold": r.threshold, "verdict": r.verdict, "raw_score": r.raw_det}
             if maps:
-                record[MAP_FIELD] = np.asarray(out["raw_map"][j], dtype=np.float32).tolist()
+                record[MAP_FIELD] = r.raw_map.tolist()
             records.append(record)
         return records
 

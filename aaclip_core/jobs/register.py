@@ -23,9 +23,10 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from aaclip_score.contract import sidecar_of
+from aaclip_score.detector import read_sidecar
+
 from aaclip_core.deploy import served
-from aaclip_core.deploy.contract import sidecar_of
-from aaclip_core.deploy.scorer import read_sidecar
 from aaclip_core.errors import ConfigError, TrackingError
 from aaclip_core.jobs.deploy import export_detector
 from aaclip_core.names import METRIC_NAMES
