@@ -17,6 +17,7 @@ from aaclip_cli import (  # noqa: F401
     predict_cmd,
     prompts_cmd,
     recipes_cmd,
+    register_cmd,
     runs_cmd,
     test_cmd,
     train_cmd,

@@ -27,6 +27,7 @@ def _fmt(x) -> str:
         "aaclip predict --run RUN_ID photos/",
         "aaclip predict --model ./model photos/",
         "aaclip predict --model export/detector.onnx --threshold 0.5 --save-maps img1.png img2.png",
+        "aaclip predict --model models:/bottle-detector@champion photos/",
     ),
 )
 @handle_errors
@@ -39,7 +40,8 @@ def predict_cmd(
         Optional[Path],
         typer.Option("--model", help="A model folder (`aaclip export --format aaclip`) or an exported detector (.onnx "
                                      "or .pt from `aaclip export --format onnx|torchscript`) instead of a run: no "
-                                     "tracking store needed (a detector file needs no training stack either)."),
+                                     "tracking store needed (a detector file needs no training stack either); or a "
+                                     "registered version, models:/NAME/VERSION or models:/NAME@ALIAS."),
     ] = None,
     calibration: Annotated[
         Optional[str],
@@ -94,6 +96,15 @@ def _predict(inputs, run, model, calibration, out, threshold, class_name, checkp
     Neither or both: `predict_images` says so."""
     from aaclip_core.errors import ConfigError
 
+    if run is None and model is not None and str(model).startswith("models:"):
+        if checkpoint is not None or calibration is not None:
+            raise ConfigError("--checkpoint and --calibration apply to a run or a model folder; a registered version "
+                              "holds one detector and its calibration (drop them).")
+        from aaclip_core.jobs.register import predict_registered
+
+        with RichReporter(quiet) as rep:
+            return predict_registered(str(model), inputs, out, tracking_uri, threshold=threshold,
+                                      class_name=class_name, save_maps=save_maps, batch_size=batch_size, reporter=rep)
     if run is None and model is not None and not model.is_dir():
         if checkpoint is not None or calibration is not None:
             raise ConfigError("--checkpoint and --calibration apply to a run or a model folder; an exported file holds "

@@ -23,10 +23,10 @@ def _metric_cell(row) -> str:
 
 def _lines(rows) -> list[str]:
     """Plain aligned columns (like `docker ps`): readable at any width, greppable, no markup."""
-    head = ("ID", "STAGE", "NAME", "STATUS", "DATASET", "MAIN METRIC", "PARENT", "STARTED (UTC)")
+    head = ("ID", "STAGE", "NAME", "STATUS", "DATASET", "MAIN METRIC", "PARENT", "STARTED (UTC)", "REGISTERED")
     cells = [head] + [
         (r.run_id, r.stage, r.name, f"{r.status} stale" if r.stale else r.status, r.dataset, _metric_cell(r),
-         r.parent or "-", r.started)
+         r.parent or "-", r.started, ", ".join(r.registered) or "-")
         for r in rows
     ]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
@@ -52,7 +52,8 @@ def runs_cmd(
     tracking_uri: UriOpt = None,
     json_: JsonOpt = False,
 ):
-    """List runs: id, stage, name, status (stale when its process died), dataset, main metric, parent."""
+    """List runs: id, stage, name, status (stale when its process died), dataset, main metric, parent and the
+    Model Registry versions registered from it (NAME/VERSION @alias)."""
     from aaclip_core.registry.runs import list_runs
     from aaclip_core.registry.runs import mark_dead as end_run
 

@@ -94,6 +94,27 @@ class Tag:
 # ------------------------------------------------------------------------------------------ stages
 
 
+class VersionTag:
+    """The tags `aaclip register` sets on a registered model version (MLflow Model Registry)."""
+
+    SOURCE_RUN = "aaclip.source_run"  # the training run the detector was exported from
+    CHECKPOINT = "aaclip.checkpoint"
+    STAGE = "aaclip.stage"
+    RECIPE_HASH = "aaclip.recipe_hash"
+    VERSION = "aaclip.version"  # the aaclip version that exported it
+    PRECISION = "aaclip.precision"  # fp32 or int8
+    CALIBRATED = "aaclip.calibrated"  # "true", or "false": raw scores, no verdicts
+    CALIBRATION_RUN = "aaclip.calibration_run"  # the test run whose calibration is baked in
+    CALIBRATION_DATASET = "aaclip.calibration_dataset"
+    CLASSES = "aaclip.classes"  # the classes baked into the detector, comma-separated
+    CALIBRATED_CLASSES = "aaclip.calibrated_classes"
+
+    @staticmethod
+    def test_metric(name: str) -> str:
+        """The calibration test run's metric ``name`` (aaclip_core.names), e.g. aaclip.test.pixel_auroc."""
+        return f"aaclip.test.{name}"
+
+
 class _Word(str, Enum):
     """A str-valued enum that prints, formats and serialises as its bare value, so that tags, MLflow
     filters and JSON stay byte-identical to the plain strings older versions wrote."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from aaclip_core.errors import ConfigError, TrackingError
 from aaclip_core.names import PIXEL_AUROC
 from aaclip_core.record import Stage, Tag
+from aaclip_core.registry.models import versions_by_run
 from aaclip_core.registry.tracking import (
     HEARTBEAT_TAG,
     HOST_TAG,
@@ -102,6 +103,7 @@ class RunRow:
     experiment: str
     started: str
     metric_loop: int | None = None  # the loop whose value ``value`` is (a feedback job's selected loop)
+    registered: list[str] = field(default_factory=list)  # "NAME/VERSION @alias" of versions registered from it
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -171,7 +173,11 @@ def list_runs(tracking_uri: str | None, experiment: str | None = None, stage: st
     if stage and not stage.replace("-", "").isalnum():
         raise ConfigError(f"--stage '{stage}' is not a stage name (base, cross, feedback, feedback-loop, test, ...).")
     runs = all_runs(mlflow, stage_filter, experiment_ids=ids, max_results=limit)
-    return [_row(r, experiments, mlflow) for r in runs]
+    rows = [_row(r, experiments, mlflow) for r in runs]
+    registered = versions_by_run(mlflow)
+    for row in rows:
+        row.registered = registered.get(row.run_id, [])
+    return rows
 
 
 def mark_dead(tracking_uri: str | None, run_id: str) -> list[str]:
