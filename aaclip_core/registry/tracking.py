@@ -64,6 +64,9 @@ _OPEN_ATTEMPTS = 5
 def _quiet_mlflow() -> None:
     for name in ("mlflow", "alembic", "alembic.runtime.migration", "urllib3.connectionpool"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # MLflow's SQL store logs every database error with its traceback at ERROR, then raises it: the
+    # raised error is what aaclip reports (one paragraph, e.g. a full disk), so the log line is dropped.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module="mlflow")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Against a tracking server MLflow writes "View run/experiment at: URL" lines to stdout when a
@@ -136,15 +139,15 @@ def _atomic_local_repository():
     writes, registered in place of MLflow's own for those schemes.
 
     MLflow copies a folder (``log_artifacts``: every checkpoint) file by file straight into the
-    store with shutil, so a full disk leaves a half-written ``adapters.safetensors`` there; and
-    before 3.17 ``log_artifact`` did the same for one file. A failed copy cannot be made atomic from
+    store with shutil, so a full disk leaves a half-written ``adapters.safetensors`` there (releases
+    older than the 3.17 aaclip is tested with did the same for one file, ``log_artifact``). A failed copy cannot be made atomic from
     outside (MLflow's copy has already written the partial file when it raises), so the copy itself is
     ours, through the repository hook MLflow offers artifact stores (its registry, the same one its
     ``mlflow.artifact_repository`` plug-ins use): a new folder is filled beside its destination and
     renamed into place, a file is written beside its destination and renamed, and what a failed copy
     left is removed (``files.copy_tree_atomic``). The failure is one paragraph naming the file in the
     store and the operating system's cause. Reading, listing and downloading stay MLflow's. Stores
-    behind an HTTP server upload instead; the server writes (MLflow >= 3.17 stages uploads itself)."""
+    behind an HTTP server upload instead, and the server writes them."""
     from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 
     class AtomicLocalArtifactRepository(LocalArtifactRepository):
