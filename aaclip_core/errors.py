@@ -42,6 +42,21 @@ class RankStopped(Exception):
     a scheduler stops them all). Not a user error: no AaclipError."""
 
 
+class RunNotMarked(TrackingError):
+    """A job failed and its run could not be ended FAILED either (the store could not be written: a
+    full disk, a lost server), so it still shows RUNNING. The message is the job's own error, then
+    which runs were left RUNNING and how to end them once the store can be written."""
+
+    def __init__(self, cause: str, run_ids: list[str], why: str) -> None:
+        self.cause, self.run_ids, self.why = cause, run_ids, why
+        which = f"Run {run_ids[0]}" if len(run_ids) == 1 else "Runs " + " and ".join(run_ids)
+        mark = "; ".join(f"`aaclip runs --mark-dead {r}`" for r in run_ids)
+        super().__init__(
+            f"{cause.rstrip()} {which} could not be marked FAILED either ({why}), so it still shows RUNNING; once "
+            f"the store can be written again, end it with {mark}."
+        )
+
+
 class StoreError(TrackingError):
     """The MLflow store cannot be used: unreachable, read-only, locked, refused our credentials, or
     written by another MLflow version. Raised only by ``tracking.store_failure``, which names the

@@ -14,6 +14,7 @@ if writing fails, so a reader or an interrupted run never sees a half-written fi
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -41,6 +42,42 @@ __all__ = [
 def temp_dir_in(parent: Path, prefix: str) -> Path:
     """A new folder in ``parent``, to be filled and then renamed into place."""
     return with_umask_mode(Path(tempfile.mkdtemp(dir=parent, prefix=prefix)))
+
+
+def os_cause(exc: OSError) -> str:
+    """The operating system's words for a failed file operation, with its errno name:
+    "No space left on device (ENOSPC)", "File too large (EFBIG)", "Permission denied (EACCES)"."""
+    name = errno.errorcode.get(exc.errno, type(exc).__name__) if exc.errno else type(exc).__name__
+    return f"{exc.strerror or exc} ({name})"
+
+
+def copy_file_atomic(src: Path, dest: Path) -> None:
+    """Copy ``src`` onto ``dest`` atomically (``atomic_path``): a copy that fails part-way (a full
+    disk, a file-size limit) leaves ``dest`` as it was and nothing beside it."""
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def copy_tree_atomic(src: Path, dest: Path) -> None:
+    """Copy the folder ``src`` into ``dest``. A new ``dest`` appears whole or not at all
+    (``atomic_dir``); into an existing one each file is copied atomically, so no file is ever
+    half-written there, whatever fails. A failure is the first file's own OSError (its errno and
+    file name), not shutil.copytree's list of them."""
+    src, dest = Path(src), Path(dest)
+    if dest.exists():
+        _copy_files(src, dest, copy_file_atomic)
+        return
+    with atomic_dir(dest) as staging:
+        _copy_files(src, staging, shutil.copyfile)
+
+
+def _copy_files(src: Path, dest: Path, copy) -> None:
+    for path in sorted(src.rglob("*")):
+        target = dest / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            copy(path, target)
 
 
 def not_utf8(exc: UnicodeDecodeError) -> str:

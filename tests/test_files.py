@@ -113,3 +113,45 @@ def test_sha256_of_matches_hashlib_across_chunks(tmp_path):
     data = os.urandom((1 << 20) + 123)  # more than one 1 MiB chunk
     (tmp_path / "f").write_bytes(data)
     assert sha256_of(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+
+
+# A copy stopped part-way by the operating system: a process whose file-size limit (RLIMIT_FSIZE) is
+# below the file's size gets EFBIG after the first bytes, as a full disk gives ENOSPC.
+COPY_UNDER_A_SIZE_LIMIT = """
+import errno, resource, signal, sys
+from pathlib import Path
+from aaclip_core.files import copy_file_atomic, copy_tree_atomic
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+copy = copy_tree_atomic if sys.argv[1] == "tree" else copy_file_atomic
+try:
+    copy(Path(sys.argv[2]), Path(sys.argv[3]))
+except OSError as exc:
+    print(errno.errorcode[exc.errno], Path(exc.filename).name)
+"""
+
+
+@pytest.mark.parametrize("kind", ["tree", "file"])
+def test_a_copy_stopped_part_way_leaves_nothing_in_the_destination(kind, tmp_path):
+    import subprocess
+    import sys
+
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    (src / "a_manifest.json").write_text("{}")
+    (src / "b_adapters.safetensors").write_bytes(os.urandom(300_000))
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "old.json").write_text("kept")
+    source, dest = (src, store / "ckpt") if kind == "tree" else (src / "b_adapters.safetensors", store / "b.bin")
+    out = subprocess.run([sys.executable, "-c", COPY_UNDER_A_SIZE_LIMIT, kind, str(source), str(dest)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["EFBIG", "b_adapters.safetensors"]  # it failed in the large file, part-way
+    assert _entries(store) == ["old.json"]  # no half-written file or folder, nothing hidden beside it
+    if kind == "tree":  # an existing folder gets whole files or none: the small one copied, the large one not
+        dest.mkdir()
+        out = subprocess.run([sys.executable, "-c", COPY_UNDER_A_SIZE_LIMIT, kind, str(source), str(dest)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.stdout.split() == ["EFBIG", "b_adapters.safetensors"]
+        assert _entries(dest) == ["a_manifest.json"]

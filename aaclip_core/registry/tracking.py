@@ -12,7 +12,7 @@ Every failure of the store itself (unreachable, read-only, locked, wrong schema 
 from __future__ import annotations
 
 import contextlib
-import errno
+import functools
 import json
 import logging
 import os
@@ -28,7 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from aaclip_core import distributed, signals
-from aaclip_core.errors import AaclipError, JobFailed, LocalFileError, RankStopped, StoreError, TrackingError
+from aaclip_core.errors import (
+    AaclipError,
+    JobFailed,
+    LocalFileError,
+    RankStopped,
+    RunNotMarked,
+    StoreError,
+    TrackingError,
+)
+from aaclip_core.files import copy_file_atomic, copy_tree_atomic, os_cause
 from aaclip_core.record import Tag
 from aaclip_core.registry.failures import classify_store_failure, is_transient, store_call, store_failure
 
@@ -55,6 +64,9 @@ _OPEN_ATTEMPTS = 5
 def _quiet_mlflow() -> None:
     for name in ("mlflow", "alembic", "alembic.runtime.migration", "urllib3.connectionpool"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # MLflow's SQL store logs every database error with its traceback at ERROR, then raises it: the
+    # raised error is what aaclip reports (one paragraph, e.g. a full disk), so the log line is dropped.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module="mlflow")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Against a tracking server MLflow writes "View run/experiment at: URL" lines to stdout when a
@@ -119,6 +131,69 @@ def _check_writable(uri: str, db: Path | None) -> None:
         )
 
 
+# ------------------------------------------------------------------------------------------ artifacts
+
+
+def _atomic_local_repository():
+    """MLflow's local artifact repository (a ``file:`` or plain-path artifact root) with atomic
+    writes, registered in place of MLflow's own for those schemes.
+
+    MLflow copies a folder (``log_artifacts``: every checkpoint) file by file straight into the
+    store with shutil, so a full disk leaves a half-written ``adapters.safetensors`` there (releases
+    older than the 3.17 aaclip is tested with did the same for one file, ``log_artifact``). A failed copy cannot be made atomic from
+    outside (MLflow's copy has already written the partial file when it raises), so the copy itself is
+    ours, through the repository hook MLflow offers artifact stores (its registry, the same one its
+    ``mlflow.artifact_repository`` plug-ins use): a new folder is filled beside its destination and
+    renamed into place, a file is written beside its destination and renamed, and what a failed copy
+    left is removed (``files.copy_tree_atomic``). The failure is one paragraph naming the file in the
+    store and the operating system's cause. Reading, listing and downloading stay MLflow's. Stores
+    behind an HTTP server upload instead, and the server writes them."""
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    class AtomicLocalArtifactRepository(LocalArtifactRepository):
+        def log_artifact(self, local_file, artifact_path=None):
+            dest = Path(self.artifact_dir, os.path.normpath(artifact_path or "."), Path(local_file).name)
+            with _store_write(dest):
+                self._get_or_create_artifact_dir(artifact_path)
+                if not (dest.exists() and os.path.samefile(local_file, dest)):
+                    copy_file_atomic(Path(local_file), dest)
+
+        def log_artifacts(self, local_dir, artifact_path=None):
+            if not artifact_path:
+                folder = Path(self._get_or_create_artifact_dir(None))
+            else:
+                path = Path(os.path.normpath(artifact_path))
+                parent = self._get_or_create_artifact_dir(None if str(path.parent) == "." else str(path.parent))
+                folder = Path(parent) / path.name
+            with _store_write(folder):
+                copy_tree_atomic(Path(local_dir), folder)
+
+    return AtomicLocalArtifactRepository
+
+
+@contextlib.contextmanager
+def _store_write(dest: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        # A failed copy names its source file (shutil: filename; the file it wrote, a hidden temporary one, is filename2).
+        name = Path(os.fsdecode(exc.filename)).name if isinstance(exc.filename, (str, bytes, os.PathLike)) else ""
+        copying = f" while copying {name}" if name and name != dest.name else ""
+        raise LocalFileError(
+            f"Cannot write {dest} into the run's artifact store: {os_cause(exc)}{copying}. Nothing half-written was "
+            "left in the store. Free space there (or make it writable) and run again."
+        ) from None
+
+
+@functools.cache
+def _register_atomic_artifacts() -> None:
+    from mlflow.store.artifact.artifact_repository_registry import _artifact_repository_registry as registry
+
+    repository = _atomic_local_repository()
+    for scheme in ("", "file"):
+        registry.register(scheme, repository)
+
+
 def connect(cli_uri: str | None, write: bool = False):
     """Point MLflow at the store, make sure it opens (creating/migrating a new SQLite store under a
     file lock, retrying while another process holds it) and return the module (imported lazily: it is
@@ -126,6 +201,7 @@ def connect(cli_uri: str | None, write: bool = False):
     import mlflow
 
     _quiet_mlflow()  # after the import: mlflow sets up its own loggers when imported
+    _register_atomic_artifacts()
     uri = resolve_tracking_uri(cli_uri)
     mlflow.set_tracking_uri(uri)
     db = sqlite_path(uri)
@@ -297,7 +373,9 @@ def tracked_run(
         if summary:
             with contextlib.suppress(Exception):
                 mlflow.set_tag(Tag.FAILURE, summary[:5000])
-        _end_run(mlflow, "FAILED")
+        unmarked = _end_run(mlflow, "FAILED")
+        if unmarked is not None:  # the store cannot be written (a full disk): say so, and how to end it later
+            raise _not_marked(exc, opened, unmarked) from exc
         if summary and not isinstance(exc, (JobFailed, AaclipError)):
             raise JobFailed(f"The {distributed.world_size()}-process job failed: {summary}. Run {opened} is "
                             "marked FAILED.", summary) from exc
@@ -308,10 +386,29 @@ def tracked_run(
             mlflow.end_run(status="FINISHED")
 
 
-def _end_run(mlflow, status: str) -> None:
-    """End the active run while another error is on its way out: a store failure here must not hide it."""
-    with contextlib.suppress(Exception):
+def _end_run(mlflow, status: str) -> Exception | None:
+    """End the active run while another error is on its way out: a store failure here must not hide
+    it, so it is returned (None when the run was ended)."""
+    try:
         mlflow.end_run(status=status)
+    except Exception as failure:
+        return failure
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def _not_marked(exc: BaseException, run_id: str, failure: Exception) -> RunNotMarked:
+    """The job's error ``exc`` and the store's ``failure`` to end run ``run_id`` FAILED, as one
+    paragraph. A feedback loop's run that could not be ended makes its job fail the same way: the
+    job's run id is added to the loop's."""
+    if isinstance(exc, RunNotMarked):
+        return RunNotMarked(exc.cause, [*exc.run_ids, run_id], exc.why)
+    cause = str(exc) if isinstance(exc, AaclipError) else f"The job failed ({type(exc).__name__}: {_first_line(exc)})."
+    why = classify_store_failure(failure)
+    return RunNotMarked(cause, [run_id], f"the store {why}" if why else f"{type(failure).__name__}: {_first_line(failure)}")
 
 
 class _Heartbeat:
@@ -448,9 +545,8 @@ def _local_os_cause(exc: BaseException, dst: Path) -> str | None:
     message (it collects each file's failure as text). None when there is none."""
     for e in [exc, exc.__cause__, exc.__context__]:
         if isinstance(e, OSError) and type(e).__module__ == "builtins":
-            name = errno.errorcode.get(e.errno, type(e).__name__) if e.errno else type(e).__name__
             where = f": {e.filename}" if getattr(e, "filename", None) not in (None, str(dst)) else ""
-            return f"{e.strerror or e} ({name}){where}"
+            return f"{os_cause(e)}{where}"
     quoted = re.search(r"\[Errno (\d+)\] ([^\n]+)", str(exc))
     if quoted:
         return f"{quoted.group(2).strip()} (errno {quoted.group(1)})"
