@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_layout import reference_layout, reference_tensors
 from typer.testing import CliRunner
 
 from aaclip_cli.main import app
@@ -50,31 +51,30 @@ def run_id_of(result) -> str:
 
 @pytest.fixture(scope="module")
 def own_shapes() -> dict[str, tuple[int, ...]]:
-    """The demo model's adapter keys (relu off) and shapes."""
+    """The demo model's adapter keys (relu off) and shapes: what aaclip has, to check against."""
     recipe, _ = load_recipe("demo")
     model = build_model(recipe, "cpu")
     return {k: tuple(v.shape) for k, v in model.adapter_state_dict().items()}
 
 
-def reference_state(own_shapes, kind: str, relu: bool, seed: int) -> dict[str, torch.Tensor]:
-    """Random tensors under the reference key names of a ``kind`` adapter file."""
-    g = torch.Generator().manual_seed(seed)
-    prefix = f"{kind}_adapter."
-    state = {}
-    for k, shape in own_shapes.items():
-        if not k.startswith(prefix):
-            continue
-        key = k[len(prefix):]
-        if relu and key.startswith(("seg_proj.", "det_proj.")):
-            key = key.replace(".fc.weight", ".fc.0.weight")
-        state[key] = torch.randn(shape, generator=g)
-    return state
+@pytest.fixture(scope="module")
+def demo_layout() -> dict:
+    """The demo backbone's depths and widths, for the reference's key list (never aaclip's keys)."""
+    recipe, _ = load_recipe("demo")
+    d = build_model(recipe, "cpu").dims
+    return {"image_adapt_until": recipe.model.image_adapt_until, "text_adapt_until": recipe.model.text_adapt_until,
+            "vision_width": d.vision_width, "text_width": d.text_width, "embed_dim": d.embed_dim}
 
 
-def write_reference(directory: Path, own_shapes, relu: bool = False, epoch: int = 7, text_epoch: int = 5):
+def reference_state(demo_layout, kind: str, relu: bool, seed: int) -> dict[str, torch.Tensor]:
+    """Random tensors under the key names the reference's code writes (tests/reference_layout.py)."""
+    return reference_tensors(reference_layout(kind, relu, **demo_layout), seed)
+
+
+def write_reference(directory: Path, demo_layout, relu: bool = False, epoch: int = 7, text_epoch: int = 5):
     directory.mkdir(parents=True, exist_ok=True)
-    text = reference_state(own_shapes, "text", relu, 1)
-    image = reference_state(own_shapes, "image", relu, 2)
+    text = reference_state(demo_layout, "text", relu, 1)
+    image = reference_state(demo_layout, "image", relu, 2)
     # Optimiser entries as the reference writes them (tensors and plain values only).
     torch.save(
         {"text_adapter": text, "text_optimizer": {"state": {}, "param_groups": [{"lr": 1e-5}]}, "epoch": text_epoch},
@@ -103,9 +103,9 @@ def sha(path: Path) -> str:
 
 
 @pytest.mark.parametrize("relu", [False, True])
-def test_import_both_relu_variants_exactly(relu, own_shapes, tmp_path, monkeypatch, tracking_uri, demo_overrides):
+def test_import_both_relu_variants_exactly(relu, demo_layout, tmp_path, monkeypatch, tracking_uri, demo_overrides):
     monkeypatch.chdir(tmp_path)
-    text_file, image_file, text, image = write_reference(tmp_path / "ref", own_shapes, relu=relu)
+    text_file, image_file, text, image = write_reference(tmp_path / "ref", demo_layout, relu=relu)
     res = invoke("import", "--text-adapter", text_file, "--image-adapter", image_file, "--recipe", "demo",
                  *sets(demo_overrides), "--tracking-uri", tracking_uri, "--name", "imp")
     run_id = run_id_of(res)
@@ -148,12 +148,12 @@ def test_import_both_relu_variants_exactly(relu, own_shapes, tmp_path, monkeypat
     assert all(torch.equal(i["image_adapter"][k], v) for k, v in image.items())
 
 
-def test_import_refuses_recipe_variant_only_by_library_call(own_shapes, tmp_path):
+def test_import_refuses_recipe_variant_only_by_library_call(own_shapes, demo_layout, tmp_path):
     """`import_reference` (the library's strict path) keeps refusing a variant mismatch with the --set."""
     from aaclip_core.checkpoints.checkpoint import import_reference
     from aaclip_core.errors import CheckpointError
 
-    _, image_file, _, image = write_reference(tmp_path, own_shapes, relu=True)
+    _, image_file, _, image = write_reference(tmp_path, demo_layout, relu=True)
     own = {k: torch.zeros(s) for k, s in own_shapes.items()}
     with pytest.raises(CheckpointError, match="--set model.relu=true"):
         import_reference(image_file, "image", own, relu=False)
@@ -163,10 +163,10 @@ def test_import_refuses_recipe_variant_only_by_library_call(own_shapes, tmp_path
     assert all(torch.equal(got.adapters[f"image_adapter.{k}"], v) for k, v in image.items())
 
 
-def test_pickled_object_refused_without_running(own_shapes, tmp_path, monkeypatch, tracking_uri, demo_overrides):
+def test_pickled_object_refused_without_running(demo_layout, tmp_path, monkeypatch, tracking_uri, demo_overrides):
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "MARKER"
-    text = reference_state(own_shapes, "text", False, 1)
+    text = reference_state(demo_layout, "text", False, 1)
     evil = tmp_path / "text_adapter.pth"
     torch.save({"text_adapter": text, "text_optimizer": MarkerOnLoad(marker), "epoch": 1}, evil)
     res = invoke("import", "--text-adapter", evil, "--recipe", "demo", *sets(demo_overrides),
@@ -180,9 +180,9 @@ def test_pickled_object_refused_without_running(own_shapes, tmp_path, monkeypatc
     assert connect(tracking_uri).search_runs(search_all_experiments=True).empty
 
 
-def test_wrong_shape_refused_naming_key(own_shapes, tmp_path, monkeypatch, tracking_uri, demo_overrides):
+def test_wrong_shape_refused_naming_key(demo_layout, tmp_path, monkeypatch, tracking_uri, demo_overrides):
     monkeypatch.chdir(tmp_path)
-    text_file, image_file, text, image = write_reference(tmp_path / "ref", own_shapes)
+    text_file, image_file, text, image = write_reference(tmp_path / "ref", demo_layout)
     image["seg_proj.2.fc.weight"] = torch.randn(64, 96)  # expected (64, 128)
     torch.save({"image_adapter": image, "epoch": 7}, image_file)
     res = invoke("import", "--text-adapter", text_file, "--image-adapter", image_file, "--recipe", "demo",
@@ -193,9 +193,9 @@ def test_wrong_shape_refused_naming_key(own_shapes, tmp_path, monkeypatch, track
     assert connect(tracking_uri).search_runs(search_all_experiments=True).empty
 
 
-def test_text_only_allowed_and_tagged(own_shapes, tmp_path, monkeypatch, tracking_uri, demo_overrides, demo_recipe):
+def test_text_only_allowed_and_tagged(demo_layout, tmp_path, monkeypatch, tracking_uri, demo_overrides, demo_recipe):
     monkeypatch.chdir(tmp_path)
-    text_file, _, text, _ = write_reference(tmp_path / "ref", own_shapes)
+    text_file, _, text, _ = write_reference(tmp_path / "ref", demo_layout)
     res = invoke("import", "--text-adapter", text_file, "--recipe", "demo", *sets(demo_overrides),
                  "--tracking-uri", tracking_uri)
     run_id = run_id_of(res)
@@ -213,10 +213,10 @@ def test_text_only_allowed_and_tagged(own_shapes, tmp_path, monkeypatch, trackin
     assert image_keys and all(torch.equal(ckpt.adapters[k], fresh[k]) for k in image_keys)
 
 
-def test_image_only_needs_flag_and_nothing_is_a_usage_error(own_shapes, tmp_path, monkeypatch, tracking_uri,
+def test_image_only_needs_flag_and_nothing_is_a_usage_error(demo_layout, tmp_path, monkeypatch, tracking_uri,
                                                               demo_overrides):
     monkeypatch.chdir(tmp_path)
-    _, image_file, _, image = write_reference(tmp_path / "ref", own_shapes)
+    _, image_file, _, image = write_reference(tmp_path / "ref", demo_layout)
     common = ["--recipe", "demo", *sets(demo_overrides), "--tracking-uri", tracking_uri]
     res = invoke("import", *common)
     assert res.exit_code == 2 and "Nothing to import" in res.stderr
@@ -233,18 +233,45 @@ def test_image_only_needs_flag_and_nothing_is_a_usage_error(own_shapes, tmp_path
     assert all(torch.equal(ckpt.adapters[f"image_adapter.{k}"], v) for k, v in image.items())
 
 
-def test_wrong_kind_of_file_refused(own_shapes, tmp_path, monkeypatch, tracking_uri, demo_overrides):
+def test_wrong_kind_of_file_refused(demo_layout, tmp_path, monkeypatch, tracking_uri, demo_overrides):
     monkeypatch.chdir(tmp_path)
-    text_file, image_file, _, _ = write_reference(tmp_path / "ref", own_shapes)
+    text_file, image_file, _, _ = write_reference(tmp_path / "ref", demo_layout)
     res = invoke("import", "--text-adapter", image_file, "--recipe", "demo", *sets(demo_overrides),
                  "--tracking-uri", tracking_uri)
     assert res.exit_code == 2 and "no 'text_adapter' entry" in res.stderr
 
 
+@pytest.mark.parametrize("relu", [False, True])
+def test_vit_l_adapters_are_the_reference_layout(relu, tmp_path):
+    """ViT-L-14-336 with the reference's settings (built on the meta device: shapes, no weights): aaclip's
+    adapters map onto the reference's literal key list both ways, nothing missing and nothing extra."""
+    from reference_layout import REFERENCE_IMAGE_ADAPTER, REFERENCE_IMAGE_ADAPTER_RELU, REFERENCE_TEXT_ADAPTER
+
+    from aaclip_core.checkpoints.checkpoint import map_reference, read_reference
+    from aaclip_core.model.aaclip import AACLIP
+
+    recipe, _ = load_recipe("base", [f"model.relu={str(relu).lower()}"])
+    import open_clip
+
+    with torch.device("meta"):
+        clip = open_clip.create_model(recipe.model.name, pretrained=None, device="meta",
+                                         force_image_size=recipe.model.image_size)
+        own = AACLIP(clip, recipe.model).adapter_state_dict()
+    image_ref = REFERENCE_IMAGE_ADAPTER_RELU if relu else REFERENCE_IMAGE_ADAPTER
+    for kind, ref in (("text", REFERENCE_TEXT_ADAPTER), ("image", image_ref)):
+        prefix = f"{kind}_adapter."
+        assert {k[len(prefix):]: tuple(v.shape) for k, v in own.items() if k.startswith(prefix)} == ref, kind
+        # The import path reads a file with exactly these keys onto the model.
+        path = tmp_path / f"{kind}.pth"
+        torch.save({f"{kind}_adapter": {k: torch.zeros(0).new_empty(v) for k, v in ref.items()}, "epoch": 1}, path)
+        mapped = map_reference(read_reference(path, kind), own)
+        assert sorted(mapped) == sorted(k for k in own if k.startswith(prefix))
+
+
 # ------------------------------------------------------------------------------------------ round trip
 
 
-def test_imported_run_tests_like_the_exported_run(tmp_path, monkeypatch, tracking_uri, demo_overrides):
+def test_imported_run_tests_like_the_exported_run(demo_layout, tmp_path, monkeypatch, tracking_uri, demo_overrides):
     monkeypatch.chdir(tmp_path)
     train = ["--set", "stage1.epochs=1", "--set", "stage2.epochs=1", "--set", "data.train.shot=4"]
     res = invoke("train", "base", "--recipe", "demo", *sets(demo_overrides), *train,
@@ -255,6 +282,10 @@ def test_imported_run_tests_like_the_exported_run(tmp_path, monkeypatch, trackin
     assert res.exit_code == 0, res.output
     files = sorted(p.name for p in (tmp_path / "ref").iterdir())
     assert files == ["image_adapter_1.pth", "text_adapter.pth"]
+    # A trained run's files carry exactly the keys and shapes the reference's code writes.
+    for name, kind in (("text_adapter.pth", "text"), ("image_adapter_1.pth", "image")):
+        state = torch.load(tmp_path / "ref" / name, weights_only=True)[f"{kind}_adapter"]
+        assert {k: tuple(v.shape) for k, v in state.items()} == reference_layout(kind, **demo_layout), name
 
     res = invoke("import", "--text-adapter", tmp_path / "ref" / "text_adapter.pth",
                  "--image-adapter", tmp_path / "ref" / "image_adapter_1.pth",
