@@ -18,6 +18,7 @@ from aaclip_cli import (  # noqa: F401
     prompts_cmd,
     recipes_cmd,
     runs_cmd,
+    sweep_cmd,
     test_cmd,
     train_cmd,
     transfer_cmd,
