@@ -55,6 +55,9 @@ def sweep_cmd(
 ):
     """Search settings on held-out validation data (never data.test): each trial a training run, one sweep run."""
     r, path = load_recipe_with_flags(recipe, set_, None, experiment)
+    from aaclip_core.recipe import require_sweep
+
+    require_sweep(r)  # before the job (and torch) is imported
     from aaclip_core.jobs.sweep import run_sweep
 
     with RichReporter(quiet or json_) as rep:

@@ -343,6 +343,16 @@ class Recipe(_Strict):
         return self.fidelity == "corrected" and self.openai_weights
 
 
+def require_sweep(recipe: Recipe) -> SweepConfig:
+    """The recipe's [sweep], or one paragraph saying it has none."""
+    if recipe.sweep is None:
+        raise ConfigError(
+            f"Recipe '{recipe.name}' has no [sweep] section, so there is nothing to search. Add one (trials, sampler, "
+            "objective and [sweep.space]; `aaclip recipes show sweep-demo` shows one) or use a recipe that has it."
+        )
+    return recipe.sweep
+
+
 def sweep_settings(key: str) -> tuple[str, ...]:
     """The settings a ``sweep.space`` key sets: itself, or those a reference/fork name stands for."""
     alias = aliases().get(key)

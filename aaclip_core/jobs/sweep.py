@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from aaclip_core.errors import ConfigError
 from aaclip_core.jobs import common
-from aaclip_core.recipe import Recipe, flatten, with_settings
+from aaclip_core.recipe import Recipe, flatten, require_sweep, with_settings
 from aaclip_core.record import Artifact, Stage, Tag
 from aaclip_core.registry.tracking import all_runs, connect, get_run
 from aaclip_core.reporter import Reporter
@@ -41,12 +41,7 @@ class _Surplus(Exception):
 def run_sweep(recipe: Recipe, recipe_path: Path | None = None, trials: int | None = None, study_name: str | None = None,
               storage: str | None = None, tracking_uri: str | None = None, reporter: Reporter | None = None) -> dict:
     """Work on the study until it has its trials (finished or pruned); returns the sweep's summary."""
-    sweep = recipe.sweep
-    if sweep is None:
-        raise ConfigError(
-            f"Recipe '{recipe.name}' has no [sweep] section, so there is nothing to search. Add one (trials, sampler, "
-            "objective and [sweep.space]; `aaclip recipes show sweep-demo` shows one) or use a recipe that has it."
-        )
+    sweep = require_sweep(recipe)
     if trials is not None and trials < 1:
         raise ConfigError(f"--trials {trials}: a sweep needs at least one trial.")
     common.check_trainable(recipe)
