@@ -192,6 +192,25 @@ def test_the_pruner_stops_a_hopeless_feedback_trial_before_its_last_loop(demo_ro
     kept = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
     assert kept == ["checkpoints/loop_1_stage_1", "checkpoints/loop_1_stage_2"]  # its checkpoints kept
 
+    # The sweep in the other commands: runs lists it, compare shows its trials best first (and draws
+    # them), doctor checks it, test --run SWEEP tests its best trial.
+    sweep_id, store = result["run_id"], ["--tracking-uri", uri]
+    listed = aaclip("runs", "--stage", "sweep", *store, cwd=tmp_path)
+    assert listed.returncode == 0 and sweep_id in listed.stdout and "best_pixel_auroc" in listed.stdout
+    shown = aaclip("compare", sweep_id, "--json", "--plot", str(tmp_path / "sweep.png"), *store, cwd=tmp_path)
+    doc = json.loads(shown.stdout)
+    assert [(t["number"], t["state"]) for t in doc["trials"]] == [(0, "COMPLETE"), (1, "PRUNED")]
+    assert doc["best_trial"] == 0 and (tmp_path / "sweep.png").stat().st_size > 5000
+    table = aaclip("compare", sweep_id, *store, cwd=tmp_path)
+    assert "best: trial 0" in table.stdout and "pruned" in table.stdout
+    doctor = json.loads(aaclip("doctor", sweep_id, "--json", *store, cwd=tmp_path).stdout)
+    verdicts = {c["name"]: (c["status"], c["value"]) for c in doctor["checks"]}
+    assert verdicts["sweep trials"] == ("pass", 2) and verdicts["diverged trials"] == ("pass", 0)
+    tested = aaclip("test", "--run", sweep_id, "--data-root", str(demo_root / "test"), "--json", *store, cwd=tmp_path)
+    assert tested.returncode == 0, tested.stderr[-2000:]
+    test_run = client.get_run(json.loads(tested.stdout)["run_id"])
+    assert test_run.data.tags[Tag.SOURCE_RUN] == result["best_run"]
+
 
 def test_a_recipe_without_a_sweep_is_refused_in_one_paragraph(tmp_path):
     res = aaclip("sweep", "--recipe", "demo", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path)
