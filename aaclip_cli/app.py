@@ -20,7 +20,8 @@ from aaclip_cli.display import err, escape
 # The command list in the order a user works: get data and a recipe, train, evaluate, use, inspect.
 # Names not registered (yet) are skipped; a command missing here is listed after these.
 WORKFLOW_ORDER = (
-    "data", "recipes", "prompts", "train", "test", "predict", "runs", "compare", "doctor", "import", "export", "register",
+    "data", "recipes", "prompts", "train", "sweep", "test", "predict", "runs", "compare", "doctor", "import",
+    "export", "register",
 )
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 

@@ -139,6 +139,33 @@ def print_comparison(result, metrics: list[str] | None = None, wide: bool = Fals
         err.print(f"[yellow]note:[/yellow] {escape(n)}", soft_wrap=True)
 
 
+def _print_sweep(view) -> None:
+    """A sweep's trials, best first: number, state, held-out value, settings, run; then the best."""
+    keys = sorted({k for t in view.trials for k in t["params"]})
+    t = Table(title=f"Sweep {escape(view.run_id)} (study {escape(view.study)})", box=box.SIMPLE_HEAD,
+              caption=f"held-out {escape(view.objective)} x100 (validation split of the training data, never test); "
+                      "pruned: its last loop's value.")
+    for col in ("trial", "state", f"held-out\n{_SHORT.get(view.objective, view.objective)}", *keys, "run"):
+        t.add_column(escape(col), justify="right" if col != "run" else "left", no_wrap=col == "run")
+    for tr in view.trials:
+        mark = " [bold]best[/bold]" if tr["number"] == view.best_trial else ""
+        value = pct(tr["value"]) if tr["value"] is not None else "-"
+        settings = [escape(f"{tr['params'][k]:.4g}" if isinstance(tr["params"].get(k), float) else
+                           str(tr["params"].get(k, "-"))) for k in keys]
+        t.add_row(f"{tr['number']}{mark}", tr["state"].lower(), value, *settings, escape(tr["run_id"] or "-"))
+    console = result_console(t)
+    console.print(t, soft_wrap=True)
+    finished = sum(tr["state"] == "COMPLETE" for tr in view.trials)
+    if view.best_trial is None:
+        console.print("No finished trial.")
+    else:
+        console.print(f"best: trial {view.best_trial}, held-out {escape(view.objective)} {pct(view.best_value)} "
+                      f"({finished} finished of {view.target_trials} asked)", soft_wrap=True)
+    if view.importances:
+        console.print("importance: " + ", ".join(f"{escape(k)} {v:.2f}" for k, v in view.importances.items()),
+                      soft_wrap=True)
+
+
 @app.command(
     "compare",
     cls=AaclipCommand,
@@ -164,7 +191,8 @@ def compare_cmd(
     wide: Annotated[bool, typer.Option("--wide", help="Every metric in the table (wider than a terminal).")] = False,
     json_: JsonOpt = False,
     plot: Annotated[
-        Optional[Path], typer.Option("--plot", help="Write a PNG: the metric per feedback loop, base runs as lines.")
+        Optional[Path], typer.Option("--plot", help="Write a PNG: the metric per feedback loop, base runs as lines "
+                                                    "(a sweep: its objective per trial and per setting).")
     ] = None,
     reference: Annotated[
         Optional[str],
@@ -175,8 +203,24 @@ def compare_cmd(
     ] = 1000,
     tracking_uri: UriOpt = None,
 ):
-    """Compare runs on their test results: fairness checked, bootstrap CIs on differences, mean ± std over seeds."""
+    """Compare runs on their test results: fairness checked, bootstrap CIs on differences, mean ± std over seeds.
+    Given one sweep run: its trials, best first, with their held-out values."""
     from aaclip_core.compare import compare_runs, plot_loops
+
+    if run_ids and len(run_ids) == 1:
+        from aaclip_core.compare.sweep import plot_sweep
+        from aaclip_core.registry.sweeps import sweep_view
+
+        view = sweep_view(tracking_uri, run_ids[0])
+        if view is not None:
+            written = plot_sweep(view, plot) if plot is not None else None
+            if json_:
+                print_json({**view.as_dict(), "plot": str(written) if written else None})
+            else:
+                _print_sweep(view)
+                if written:
+                    err.print(f"plot written to {escape(str(written))}", soft_wrap=True)
+            return
 
     metrics = table_metrics(metric, wide=False)
     result = compare_runs(run_ids or None, experiment or None, metrics[0], reference, bootstrap, tracking_uri)

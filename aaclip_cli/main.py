@@ -19,6 +19,7 @@ from aaclip_cli import (  # noqa: F401
     recipes_cmd,
     register_cmd,
     runs_cmd,
+    sweep_cmd,
     test_cmd,
     train_cmd,
     transfer_cmd,

@@ -42,7 +42,7 @@ def _lines(rows) -> list[str]:
 def runs_cmd(
     experiment: Annotated[Optional[str], typer.Option("--experiment", help="Only runs of this experiment.")] = None,
     stage: Annotated[
-        Optional[str], typer.Option("--stage", help="Only runs of this stage: base, cross, feedback, feedback-loop, test, imported.")
+        Optional[str], typer.Option("--stage", help="Only runs of this stage: base, cross, feedback, feedback-loop, test, imported, sweep.")
     ] = None,
     limit: Annotated[int, typer.Option("--limit", help="Show at most N runs (newest first).")] = 50,
     mark_dead: Annotated[

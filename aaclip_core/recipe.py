@@ -10,7 +10,16 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from aaclip_core.errors import ConfigError
 from aaclip_core.files import not_utf8
@@ -180,6 +189,94 @@ class TrackingConfig(_Strict):
     experiment: str = "aaclip"
 
 
+class SweepRange(_Strict):
+    """A numeric range of one setting in a sweep's search space: ``{ low, high, log, step }``."""
+
+    low: int | float
+    high: int | float
+    log: bool = False  # sample on a log scale (low must be above 0; no step)
+    step: int | float | None = None  # sample on a grid low, low + step, ... (no log)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> SweepRange:
+        if not self.low < self.high:
+            raise ValueError(f"the range is empty (low = {self.low} is not below high = {self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log = true needs low above 0 (low = {self.low})")
+        if self.log and self.step is not None:
+            raise ValueError("log = true and a step cannot be combined (Optuna samples one or the other)")
+        if self.step is not None and not 0 < self.step <= self.high - self.low:
+            raise ValueError(f"step = {self.step} must be above 0 and at most high - low")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        return all(isinstance(v, int) for v in (self.low, self.high, self.step or 1))
+
+
+SWEEP_TRAININGS = ("base", "cross", "feedback")
+SWEEP_SAMPLERS = ("tpe", "random", "grid")
+SWEEP_PRUNERS = ("median", "successive-halving", "none")
+
+
+class SweepConfig(_Strict):
+    """A hyperparameter search (``aaclip sweep``): each trial trains the recipe with settings drawn
+    from ``space`` and is scored on the held-out validation split of its training data, never on
+    ``data.test``. ``space`` keys are setting names (``stage2.lr``) or the reference's/fork's names
+    (``image_cross_attn_weight``); a value is a range ``{ low, high, log, step }`` or a list of choices."""
+
+    trials: int = Field(20, ge=1, le=10000)  # trials that end with a result (finished or pruned)
+    train: Literal[SWEEP_TRAININGS] = "feedback"  # what each trial trains (cross needs from_run)
+    from_run: str | None = None  # cross trials: the base run they start from
+    sampler: Literal[SWEEP_SAMPLERS] = "tpe"
+    # None: runtime.seed. Seeds the sampler (a study joined by several workers is not reproducible).
+    seed: int | None = None
+    pruner: Literal[SWEEP_PRUNERS] = "median"
+    # Trials that finish before the pruner may stop any, and loops a feedback trial runs before it may be stopped.
+    pruner_startup_trials: int = Field(2, ge=0)
+    pruner_warmup_loops: int = Field(0, ge=0)
+    # A held-out validation metric (maximised): one of the reported metrics.
+    objective: Literal[METRIC_NAMES] = PIXEL_AUROC
+    # A worker proves it is alive this often; its trial counts as dead (FAILED) after grace_seconds without it.
+    heartbeat_seconds: int = Field(30, ge=1)
+    grace_seconds: int = Field(120, ge=2)
+    space: dict[str, SweepRange | list[Any]] = Field(default_factory=dict)
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _dimensions(cls, v: Any) -> Any:
+        """Each value a range table or a list of choices; a bad one is named by its key."""
+        if not isinstance(v, dict):
+            return v
+        out: dict[str, SweepRange | list[Any]] = {}
+        for key, dim in v.items():
+            if isinstance(dim, list):
+                if not dim:
+                    raise ValueError(f"sweep.space '{key}' has an empty list of choices")
+                out[key] = dim
+            elif isinstance(dim, (dict, SweepRange)):
+                try:
+                    out[key] = dim if isinstance(dim, SweepRange) else SweepRange.model_validate(dim)
+                except ValidationError as exc:
+                    first = exc.errors()[0]
+                    where = ".".join(str(p) for p in first["loc"])
+                    msg = first["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"sweep.space '{key}'{f' {where}' if where else ''}: {msg}") from None
+            else:
+                raise ValueError(f"sweep.space '{key}' must be a range {{ low = ..., high = ... }} or a list of "
+                                 f"choices, not {dim!r}")
+        return out
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SweepConfig:
+        if self.grace_seconds <= self.heartbeat_seconds:
+            raise ValueError(f"sweep.grace_seconds ({self.grace_seconds}) must exceed sweep.heartbeat_seconds "
+                             f"({self.heartbeat_seconds}), or a live worker's trial would be failed")
+        if self.train == "cross" and not self.from_run:
+            raise ValueError("sweep.train = 'cross' needs sweep.from_run, the base run the cross trials start from")
+        return self
+
+
 class Recipe(_Strict):
     name: str = "custom"
     extends: str | None = None  # the recipe this one was layered on (resolved at load time)
@@ -195,6 +292,8 @@ class Recipe(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    # `aaclip sweep`'s search; None (the default) for a recipe that is not a sweep.
+    sweep: SweepConfig | None = None
     # Dotted keys the recipe file itself or --set states (not those it takes through `extends`);
     # None for a recipe built in code. A run derived from another (`--from`) keeps these and takes
     # the parent's data and model settings for the rest.
@@ -204,8 +303,18 @@ class Recipe(_Strict):
     def stated_keys(self) -> frozenset[str] | None:
         return self._stated
 
+    @model_serializer(mode="wrap")
+    def _without_absent_sweep(self, handler) -> dict[str, Any]:
+        # A recipe that is not a sweep dumps as it did before sweeps existed: same params, same hash.
+        data = handler(self)
+        if self.sweep is None:
+            data.pop("sweep", None)
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
+        if self.sweep is not None:
+            check_sweep_space(self)
         m = self.model
         if m.custom_config is not None:
             layers = m.custom_config.get("vision_cfg", {}).get("layers")
@@ -232,6 +341,86 @@ class Recipe(_Strict):
         if self.model.quick_gelu is not None:
             return self.model.quick_gelu
         return self.fidelity == "corrected" and self.openai_weights
+
+
+def require_sweep(recipe: Recipe) -> SweepConfig:
+    """The recipe's [sweep], or one paragraph saying it has none."""
+    if recipe.sweep is None:
+        raise ConfigError(
+            f"Recipe '{recipe.name}' has no [sweep] section, so there is nothing to search. Add one (trials, sampler, "
+            "objective and [sweep.space]; `aaclip recipes show sweep-demo` shows one) or use a recipe that has it."
+        )
+    return recipe.sweep
+
+
+def sweep_settings(key: str) -> tuple[str, ...]:
+    """The settings a ``sweep.space`` key sets: itself, or those a reference/fork name stands for."""
+    alias = aliases().get(key)
+    return alias.settings if alias is not None and alias.settings else (key,)
+
+
+def with_settings(recipe: Recipe, values: dict[str, Any]) -> Recipe:
+    """``recipe`` with settings (dotted keys or reference/fork names) replaced, validated, its
+    ``sweep`` dropped: one trial's recipe. Raises ValidationError for a value the setting refuses."""
+    data = recipe.model_dump(mode="python", exclude={"sweep"})
+    for key, value in values.items():
+        for setting in sweep_settings(key):
+            node = data
+            *parents, leaf = setting.split(".")
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+    return Recipe.model_validate(data)
+
+
+def _sweep_problem(key: str, exc: ValidationError, value: Any) -> str:
+    first = exc.errors()[0]
+    return f"sweep.space '{key}': the value {value!r} is refused by the setting ({first['msg']})"
+
+
+def check_sweep_space(recipe: Recipe) -> None:
+    """Every ``sweep.space`` key names a setting (or a reference/fork name of one) that holds a single
+    value, and every end of a range and every choice is a value that setting accepts (the right type,
+    inside its bounds). Raises ValueError naming the key."""
+    plain = flatten(recipe.model_copy(update={"sweep": None}))
+    for key, dim in recipe.sweep.space.items():
+        alias = aliases().get(key)
+        if alias is not None and not alias.settings:
+            raise ValueError(f"sweep.space '{key}': the reference/fork setting '{key}' has no aaclip counterpart: "
+                             f"{alias.instead}")
+        for setting in sweep_settings(key):
+            if setting not in plain or setting.startswith("sweep."):
+                raise ValueError(f"sweep.space '{key}' is not a setting (`aaclip recipes show NAME` lists every "
+                                 "setting; `--aliases` the reference/fork names)")
+        values = [dim.low, dim.high] if isinstance(dim, SweepRange) else list(dim)
+        if isinstance(dim, SweepRange):
+            current = recipe.model_dump(mode="python")
+            for part in sweep_settings(key)[0].split("."):
+                current = current[part]
+            if isinstance(current, bool) or not isinstance(current, (int, float)):
+                raise ValueError(f"sweep.space '{key}': a range needs a numeric setting, and this one holds "
+                                 f"{type(current).__name__} values; give a list of choices instead")
+            if isinstance(current, int) and not dim.is_int:
+                raise ValueError(f"sweep.space '{key}' is a whole-number setting: give low, high and step as "
+                                 "whole numbers")
+        for value in values:
+            try:
+                trial = with_settings(recipe, {key: value})
+            except ValidationError as exc:
+                raise ValueError(_sweep_problem(key, exc, value)) from None
+            got = flatten(trial)[sweep_settings(key)[0]]
+            if isinstance(dim, list) and got != str(value) and not (isinstance(value, (int, float))
+                                                                    and not isinstance(value, bool)
+                                                                    and _same_number(got, value)):
+                raise ValueError(f"sweep.space '{key}': the choice {value!r} is of the wrong type for the setting "
+                                 f"(it would be read as {got})")
+
+
+def _same_number(text: str, value: float) -> bool:
+    try:
+        return float(text) == float(value)
+    except ValueError:
+        return False
 
 
 def _check_depth(field: str, value: int, layers: int) -> None:
@@ -344,7 +533,7 @@ def recipe_from_dict(data: dict[str, Any], source: str) -> Recipe:
         problems = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
-            msg = _unknown_key(loc) if err["type"] == "extra_forbidden" else err["msg"]
+            msg = _unknown_key(loc) if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
             problems.append(f"'{loc}': {msg}" if loc else msg)
         raise ConfigError(
             f"Recipe {source} is invalid: {'; '.join(problems)}. Fix the key in the file or with "

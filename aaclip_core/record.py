@@ -56,6 +56,14 @@ class Tag:
     # A cross run: the run and checkpoint it started from
     PARENT_RUN = "aaclip.parent_run"
     PARENT_CHECKPOINT = "aaclip.parent_checkpoint"
+    # A sweep (its parent run) and its trials (each a training run, the sweep's MLflow child)
+    STUDY = "aaclip.study"  # the Optuna study's name, on the sweep and on its trials
+    STUDY_STORAGE = "aaclip.study_storage"  # where the study lives (an Optuna storage URL, no password)
+    SWEEP = "aaclip.sweep"  # a trial: its sweep's run id
+    TRIAL = "aaclip.trial"  # a trial: its number in the study
+    PRUNED = "aaclip.pruned"  # a trial the pruner stopped: "true", and why
+    BEST_TRIAL = "aaclip.best_trial"  # a sweep: the number and run id of its best trial
+    BEST_RUN = "aaclip.best_run"
     # An imported run
     RELU = "aaclip.relu"
     # A test run: what it tested and whether that model had seen the data
@@ -66,6 +74,11 @@ class Tag:
     SAME_DATASET = "aaclip.same_dataset"
     SAME_DATASET_DECLARED_BY = "aaclip.same_dataset_declared_by"
     TRAINING_DATA = "aaclip.training_data"
+
+    # A sweep: one of its best trial's settings (a space key, as written in the recipe)
+    @staticmethod
+    def best_setting(key: str) -> str:
+        return f"{TAG_PREFIX}best.{key}"
 
     # An imported run, per adapter part ("text_adapter" / "image_adapter"): imported or untrained,
     # and the reference file's digest and epoch.
@@ -135,6 +148,7 @@ class Stage(_Word):
     FEEDBACK_LOOP = "feedback-loop"  # a feedback run's child, one per loop (metrics only)
     TEST = "test"
     IMPORTED = "imported"
+    SWEEP = "sweep"  # a hyperparameter search: the parent of its trials (training runs)
 
 
 # The runs that hold checkpoints (what compare, test and export take).
@@ -192,6 +206,8 @@ class Artifact:
     PER_CLASS = "per_class.csv"
     IMAGE_SCORES = "image_scores.csv"
     PIXEL_PAIRS = "pixel_pairs.npz"
+    # A sweep's summary: every trial (number, state, value, settings, run), the best, the importances
+    SWEEP_TRIALS = "sweep/trials.json"
     # A training run's checkpoints, one folder each
     CHECKPOINTS = "checkpoints"
 

@@ -34,6 +34,15 @@ class Terminated(KeyboardInterrupt):
         super().__init__(f"received {signal.Signals(signum).name}")
 
 
+class Stopped(KeyboardInterrupt):
+    """A job stopped on purpose by its own caller (a sweep's pruner): like an interrupt, its run
+    ends KILLED and its finished checkpoints stay; the caller catches it, the user never sees it."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
 _received: list[int] = []
 # How deep the main thread is in shielded blocks, and the interrupt held back until it leaves them.
 _shield_depth = 0

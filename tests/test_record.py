@@ -37,7 +37,7 @@ OLD_MANIFEST = {
 
 
 def test_stage_values_are_the_strings_existing_runs_carry():
-    assert [s.value for s in Stage] == ["base", "cross", "feedback", "feedback-loop", "test", "imported"]
+    assert [s.value for s in Stage] == ["base", "cross", "feedback", "feedback-loop", "test", "imported", "sweep"]
     assert [s.value for s in CheckpointStage] == ["stage1", "stage2", "imported"]
     assert TRAINING_STAGES == ("base", "cross", "feedback", "imported")
     assert CheckpointStage.after(2) is CheckpointStage.STAGE2

@@ -50,6 +50,8 @@ def diagnose(
     client = mlflow.MlflowClient()
     checks = [tracking]
     stage = run.data.tags.get(Tag.STAGE)
+    if stage == Stage.SWEEP:
+        return _sweep_report(mlflow, run, tracking, tracking_uri)
     if stage in (Stage.TEST, Stage.FEEDBACK_LOOP):
         # A test names its training run; a feedback loop's child is a child run of it.
         target = run.data.tags.get(Tag.SOURCE_RUN if stage == Stage.TEST else "mlflow.parentRunId")
@@ -71,3 +73,18 @@ def diagnose(
         if probe:
             checks += probe_checks(mlflow, run, run_recipe, workdir)
     return DoctorReport(run.info.run_id, checks, notes)
+
+
+def _sweep_report(mlflow, run, tracking: Check, tracking_uri: str | None) -> DoctorReport:
+    """A sweep: its own checks (trials, failures, the best at a range's edge), from its summary and recipe."""
+    from aaclip_core.checkpoints.from_run import run_recipe as load_run_recipe
+    from aaclip_core.doctor.sweep import sweep_checks
+    from aaclip_core.registry.sweeps import sweep_view
+
+    view = sweep_view(tracking_uri, run.info.run_id)
+    with tempfile.TemporaryDirectory(prefix="aaclip-doctor-") as tmp:
+        try:
+            recipe = load_run_recipe(mlflow, run.info.run_id, Path(tmp))
+        except (TrackingError, ConfigError):
+            recipe = None
+    return DoctorReport(run.info.run_id, [tracking, *sweep_checks(view, recipe)])

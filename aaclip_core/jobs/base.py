@@ -25,22 +25,35 @@ def train_base(
     tracking_uri: str | None = None,
     reporter: Reporter | None = None,
     run_name: str | None = None,
+    held_out: bool = False,
+    tags: dict[str, str] | None = None,
 ) -> dict:
+    """``held_out``: train on the training images less the held-out validation split and score that
+    split at the end (what a sweep's trial is ranked by); ``tags``: more tags on the run."""
     common.check_train_samples(recipe)
     with common.open_session(recipe, recipe_path, tracking_uri, reporter) as session:
         samples = common.train_data(session, recipe)
+        held = common.held_out_split(session, recipe, samples) if held_out else None
         session.reporter.info(f"building {recipe.model.name} ({recipe.model.pretrained}) on {session.device}")
         model = build_model(recipe, session.device)
-        tags = common.run_tags(recipe, Stage.BASE, recipe.data.train.name)
+        tags = {**common.run_tags(recipe, Stage.BASE, recipe.data.train.name), **(tags or {})}
         with tracked_run(session.mlflow, recipe.tracking.experiment, run_name or f"base-{recipe.name}", tags) as run:
-            result = train_reference_stages(session, model, samples)
+            result = train_reference_stages(session, model, samples, held)
             return {"run_id": run.info.run_id, "stage": Stage.BASE, **result}
 
 
-def train_reference_stages(session: common.Session, model: AACLIP, samples: list) -> dict:
+def train_reference_stages(session: common.Session, model: AACLIP, samples: list,
+                           held: common.HeldOut | None = None) -> dict:
     """Inside an open run: log the recipe and data, train stage 1 (Adam) then stage 2 (Adam +
-    MultiStepLR), checkpoint both, select the final one. Shared by `train base` and `train cross`."""
+    MultiStepLR), checkpoint both, select the final one. Shared by `train base` and `train cross`.
+    With ``held``, train on its training part and score its held-out part at the end (``val``)."""
     recipe, mlflow = session.recipe, session.mlflow
+    if held is not None:
+        samples = held.train
+        common.log_metadata(session, held.val, Artifact.VAL_SAMPLES, recipe.data.train.root)
+        mlflow.log_param("val_images", len(held.val))
+        if held.warning:
+            mlflow.set_tag(Tag.VAL_WARNING, held.warning)
     text_loader, image_loader = common.loaders(session, samples)
     bank = common.anchor_bank(model, samples, training_namer(recipe, recipe.data.train))
     common.log_recipe(session)
@@ -70,7 +83,13 @@ def train_reference_stages(session: common.Session, model: AACLIP, samples: list
     seconds = time.perf_counter() - started
     mlflow.log_metric("train_seconds", seconds)
     mlflow.set_tag(Tag.SELECTED_CHECKPOINT, FINAL)
+    val = None
+    if held is not None:
+        val = common.validate(session, model, bank, common.val_loader(recipe, held.val))
+        mlflow.log_metrics(common.val_metrics(val))
+        session.reporter.info("held-out " + ", ".join(f"{k[4:]} {100 * v:.2f}" for k, v in common.val_metrics(val).items()))
     return {
+        "val": val,
         "stage1_loss": h1.losses,
         "stage2_loss": h2.losses,
         "final_stage1_loss": h1.losses[-1] if h1.losses else None,

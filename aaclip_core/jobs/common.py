@@ -23,8 +23,11 @@ from aaclip_core.checkpoints.from_run import (  # noqa: F401 - re-exported: the 
     run_recipe,
 )
 from aaclip_core.compute import configure_threads, seed_everything, select_device
-from aaclip_core.data import Sample, write_metadata_jsonl
+from aaclip_core.data import Sample, train_val_split, write_metadata_jsonl
+from aaclip_core.data.splits import small_split_warning
 from aaclip_core.errors import ConfigError
+from aaclip_core.evaluation.protocol import evaluate
+from aaclip_core.evaluation.selection import check_selection_metric
 from aaclip_core.model import AACLIP
 from aaclip_core.model.backbone import backbone_id
 from aaclip_core.prompts.anchors import AnchorBank
@@ -136,6 +139,51 @@ def train_data(session: Session, recipe: Recipe) -> list[Sample]:
         f"from {recipe.data.train.root}"
     )
     return samples
+
+
+@dataclass
+class HeldOut:
+    """The training images split (seeded, stratified) into the part trained on and the held-out
+    validation part every loop selection and every sweep trial is scored on."""
+
+    train: list[Sample]
+    val: list[Sample]
+    warning: str | None  # the held-out split is too small for its metrics to select on
+
+
+def held_out_split(session: Session, recipe: Recipe, samples: list[Sample]) -> HeldOut:
+    """Split by ``feedback.val_fraction`` and ``runtime.seed``; refuse a split on which the selection
+    metric is undefined; warn when it is small. The one split `train feedback` and `aaclip sweep` use."""
+    fb = recipe.feedback
+    train_s, val_s = train_val_split(samples, fb.val_fraction, recipe.runtime.seed)
+    check_selection_metric(recipe, [s.label for s in val_s])
+    session.reporter.info(f"held-out validation split: {len(val_s)} images (seed {recipe.runtime.seed})")
+    small = small_split_warning(val_s, fb.min_val_images)
+    if small:
+        small += (f". Raise feedback.val_fraction (now {fb.val_fraction})"
+                  + (f" or data.train.shot (now {recipe.data.train.shot})" if recipe.data.train.shot else "")
+                  + f", add labelled images, or lower feedback.min_val_images (now {fb.min_val_images}) to accept it")
+        session.reporter.warn(small)
+    return HeldOut(train_s, val_s, small)
+
+
+def val_loader(recipe: Recipe, val: list[Sample]):
+    return make_loader(make_dataset(val, recipe, "none"), recipe.eval.batch_size, False, recipe, None)
+
+
+def validate(session: Session, model: AACLIP, bank: AnchorBank, loader) -> dict[str, float]:
+    """The held-out split's mean report (metric -> value). Under torchrun rank 0 scores it and
+    every rank returns its numbers."""
+    report = evaluate(model, bank, loader, session.recipe, session.device)
+    mean = distributed.broadcast_object(report.mean if report is not None else None)
+    return mean
+
+
+def val_metrics(mean: dict[str, float]) -> dict[str, float]:
+    """The ``val/<metric>`` MLflow metrics of a held-out report (undefined metrics left out)."""
+    import math
+
+    return {f"val/{k}": v for k, v in mean.items() if not math.isnan(v)}
 
 
 def loaders(session: Session, samples: list[Sample]):

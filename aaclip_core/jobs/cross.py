@@ -68,7 +68,10 @@ def train_cross(
     tracking_uri: str | None = None,
     reporter: Reporter | None = None,
     run_name: str | None = None,
+    held_out: bool = False,
+    tags: dict[str, str] | None = None,
 ) -> dict:
+    """``held_out`` and ``tags``: as for `train_base`."""
     inherited: dict = {}
     if from_run:
         from_run = get_run(connect(tracking_uri), from_run).info.run_id  # the full id, when given a prefix
@@ -78,11 +81,12 @@ def train_cross(
         if from_run:
             session.reporter.info(describe_inherited(from_run, inherited))
         samples = common.train_data(session, recipe)
+        held = common.held_out_split(session, recipe, samples) if held_out else None
         model = build_model(recipe, session.device, with_cross=True)
         origin = load_base_adapters(session, model, from_run, text_file, image_file)
-        tags = {**common.run_tags(recipe, Stage.CROSS, recipe.data.train.name), **origin}
+        tags = {**common.run_tags(recipe, Stage.CROSS, recipe.data.train.name), **origin, **(tags or {})}
         with tracked_run(session.mlflow, recipe.tracking.experiment, run_name or f"cross-{recipe.name}", tags) as run:
-            result = train_reference_stages(session, model, samples)
+            result = train_reference_stages(session, model, samples, held)
             return {"run_id": run.info.run_id, "stage": Stage.CROSS, "parent_run_id": from_run, "inherited": inherited,
                     **result}
 

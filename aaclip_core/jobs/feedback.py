@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +21,7 @@ import torch
 from aaclip_core import distributed
 from aaclip_core.checkpoints.checkpoint import Checkpoint, checkpoint_name, parse_checkpoint_name
 from aaclip_core.checkpoints.from_run import loop_validation
-from aaclip_core.data import train_val_split
-from aaclip_core.data.splits import small_split_warning
 from aaclip_core.errors import ConfigError
-from aaclip_core.evaluation.protocol import evaluate
 from aaclip_core.evaluation.selection import Selection, check_selection_metric, select_loop
 from aaclip_core.jobs import common
 from aaclip_core.jobs.cross import load_base_adapters
@@ -35,10 +33,12 @@ from aaclip_core.record import Artifact, CheckpointStage, Stage, Tag
 from aaclip_core.registry.runs import describe_owner, run_liveness
 from aaclip_core.registry.tracking import connect, get_run, list_artifacts, loop_runs, tracked_run
 from aaclip_core.reporter import Reporter
-from aaclip_core.training.data import make_dataset, make_loader
 from aaclip_core.training.engine import StageSchedule, run_stage
 from aaclip_core.training.groups import count_trainable, stage_parameters
 from aaclip_core.training.schedule import WarmupCosine, loop_epochs, loop_lr
+
+# Called after each loop's checkpoint with the loop, its held-out report and the job's run id.
+LoopEnd = Callable[[int, dict, str], None]
 
 
 def latest_checkpoint(names: list[str]) -> tuple[int, int] | None:
@@ -101,8 +101,14 @@ def train_feedback(
     tracking_uri: str | None = None,
     reporter: Reporter | None = None,
     run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    loop_end: LoopEnd | None = None,
 ) -> dict:
-    """Train a feedback job, or (``resume``, with ``recipe`` None) continue one with its own recipe."""
+    """Train a feedback job, or (``resume``, with ``recipe`` None) continue one with its own recipe.
+
+    ``tags``: more tags on the job's run (a sweep's trial). ``loop_end(loop, held_out_report, run_id)``
+    is called after each loop's checkpoint; it may stop the job (a sweep's pruner raises
+    ``signals.Stopped``: the run ends KILLED, its checkpoints kept)."""
     if resume:
         if from_run or recipe is not None:
             raise ConfigError(
@@ -123,7 +129,7 @@ def train_feedback(
     with common.open_session(recipe, recipe_path, tracking_uri, reporter) as session:
         if from_run:
             session.reporter.info(describe_inherited(from_run, inherited))
-        result = _run(session, recipe, from_run, resume, run_name)
+        result = _run(session, recipe, from_run, resume, run_name, tags, loop_end)
         return {**result, "inherited": inherited} if from_run else result
 
 
@@ -165,21 +171,11 @@ class FeedbackData:
 
 def _data(session: common.Session, recipe: Recipe) -> FeedbackData:
     """Split the training images (seeded) and build the loaders; warn when the held-out split is small."""
-    fb = recipe.feedback
     samples = common.train_data(session, recipe)
-    train_s, val_s = train_val_split(samples, fb.val_fraction, recipe.runtime.seed)
-    check_selection_metric(recipe, [s.label for s in val_s])
-    session.reporter.info(f"held-out validation split: {len(val_s)} images (seed {recipe.runtime.seed})")
-    small = small_split_warning(val_s, fb.min_val_images)
-    if small:
-        small += (f". Raise feedback.val_fraction (now {fb.val_fraction})"
-                  + (f" or data.train.shot (now {recipe.data.train.shot})" if recipe.data.train.shot else "")
-                  + f", add labelled images, or lower feedback.min_val_images (now {fb.min_val_images}) to accept it")
-        session.reporter.warn(small)
-    text_loader, image_loader = common.loaders(session, train_s)
-    val_loader = make_loader(make_dataset(val_s, recipe, "none"), recipe.eval.batch_size, False, recipe, None)
-    return FeedbackData(samples, train_s, val_s, small, text_loader, image_loader, val_loader,
-                        common.probe_batch(train_s, recipe))
+    held = common.held_out_split(session, recipe, samples)
+    text_loader, image_loader = common.loaders(session, held.train)
+    return FeedbackData(samples, held.train, held.val, held.warning, text_loader, image_loader,
+                        common.val_loader(recipe, held.val), common.probe_batch(held.train, recipe))
 
 
 def _new_state(session: common.Session, recipe: Recipe) -> FeedbackState:
@@ -235,12 +231,13 @@ def _log_job(session: common.Session, recipe: Recipe, data: FeedbackData, model:
     common.log_prompt_names(mlflow, bank)
 
 
-def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: str | None, run_name: str | None) -> dict:
+def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: str | None, run_name: str | None,
+         extra_tags: dict[str, str] | None = None, loop_end: LoopEnd | None = None) -> dict:
     fb = recipe.feedback
     mlflow = session.mlflow
     data = _data(session, recipe)
     state = _new_state(session, recipe)
-    tags = common.run_tags(recipe, Stage.FEEDBACK, recipe.data.train.name)
+    tags = {**common.run_tags(recipe, Stage.FEEDBACK, recipe.data.train.name), **(extra_tags or {})}
     done, names = _start(session, recipe, state, from_run, resume, tags)
     start_loop, start_stage = next_stage(done)
     bank = common.anchor_bank(state.model, data.samples, names)
@@ -257,7 +254,7 @@ def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: 
             session.reporter.loop(loop, fb.loops)
             loop_losses[loop] = _run_loop(session, recipe, state, bank, loop, start_stage if loop == start_loop else 1,
                                           data.text_loader, data.image_loader, data.val_loader, data.probe, parent_id,
-                                          children.get(loop))
+                                          children.get(loop), loop_end)
         selection, val_per_loop = _select(session, recipe, parent_id)
         seconds = time.perf_counter() - started
         mlflow.log_metric("train_seconds", seconds)
@@ -321,6 +318,7 @@ def _run_loop(
     probe: dict,
     parent_id: str,
     child_id: str | None,
+    loop_end: LoopEnd | None = None,
 ) -> dict[str, list[float]]:
     fb = recipe.feedback
     mlflow = session.mlflow
@@ -351,11 +349,9 @@ def _run_loop(
             out[f"stage{stage}_probe"] = hist.probe_losses
             extra = {}
             if stage == 2:
-                report = evaluate(model, bank, val_loader, recipe, session.device)
-                # Rank 0 holds the report of the whole held-out split; the others the same numbers.
-                mean = distributed.broadcast_object(report.mean if report is not None else None)
+                mean = common.validate(session, model, bank, val_loader)
                 extra["val"] = mean
-                val = {f"val/{k}": v for k, v in mean.items() if not math.isnan(v)}
+                val = common.val_metrics(mean)
                 mlflow.log_metrics(val)
                 mlflow.log_metrics({**val, "loop/stage2_loss": hist.losses[-1]}, step=loop, run_id=parent_id)
                 session.reporter.info(
@@ -364,6 +360,9 @@ def _run_loop(
             else:
                 mlflow.log_metrics({"loop/stage1_loss": hist.losses[-1]}, step=loop, run_id=parent_id)
             _save(session, state, recipe, loop, stage, epochs, parent_id, extra, bank.record())
+            if stage == 2 and loop_end is not None:
+                # After the checkpoint: a caller that stops the job here (a sweep's pruner) keeps it.
+                loop_end(loop, extra["val"], parent_id)
     return out
 
 

@@ -141,6 +141,8 @@ def _subject(run_id, model_dir, checkpoint, tracking_uri, overrides, workdir: Pa
                 f"Run {run_id} is a test run (it evaluated the training run {trained}); `test --run` takes a "
                 f"training run. Pass --run {trained} to evaluate that run again."
             )
+        if source.data.tags.get(Tag.STAGE) == Stage.SWEEP:
+            source, run_id = _best_trial(mlflow, source)
         name = checkpoint or common.default_checkpoint(mlflow, run_id)
         subject = _Subject(common.run_recipe(mlflow, run_id, workdir), common.run_checkpoint(mlflow, run_id, name, workdir),
                            name, run_id, source.data.tags.get(Tag.STAGE, "unknown"))
@@ -148,6 +150,18 @@ def _subject(run_id, model_dir, checkpoint, tracking_uri, overrides, workdir: Pa
         subject.recipe = recipe_from_dict(apply_overrides(subject.recipe.model_dump(mode="json"), overrides),
                                           "with --set")
     return subject, mlflow
+
+
+def _best_trial(mlflow, sweep):
+    """A sweep stands for its best trial (the training run `aaclip sweep` tagged on it)."""
+    best = sweep.data.tags.get(Tag.BEST_RUN)
+    if best is None:
+        raise ConfigError(
+            f"Sweep {sweep.info.run_id} has no finished trial yet, so it has no best trial to test. Let the sweep "
+            "finish (`aaclip sweep --study NAME` joins it), or test one of its trial runs (`aaclip runs`)."
+        )
+    run = get_run(mlflow, best)
+    return run, run.info.run_id
 
 
 @dataclass

@@ -111,7 +111,13 @@ class RunRow:
 
 def _main_metric(run) -> tuple[str | None, float | None]:
     metrics = run.data.metrics
-    names = (_TEST_METRIC,) if run.data.tags.get(Tag.STAGE) == Stage.TEST else _LOSS_METRICS
+    stage = run.data.tags.get(Tag.STAGE)
+    if stage == Stage.SWEEP:  # its best trial's held-out value (best_<objective>)
+        names = tuple(k for k in metrics if k.startswith("best_"))
+    elif stage == Stage.TEST:
+        names = (_TEST_METRIC,)
+    else:
+        names = _LOSS_METRICS
     for name in names:
         if name in metrics:
             return name, float(metrics[name])

@@ -1,0 +1,228 @@
+"""`aaclip sweep` with real worker processes on the demo data: workers sharing one study through a
+SQLite store and through a real `mlflow server`, a worker killed with SIGKILL, the pruner stopping a
+feedback trial, and a data.test that does not exist (a sweep never reads test data)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.clirun import aaclip, one_paragraph, start_aaclip
+
+# Tiny trials: one class, four labelled images (two held out), one epoch per stage.
+TINY = [
+    'data.train.classes=["plank"]', "data.train.shot=4", "feedback.val_fraction=0.5", "feedback.min_val_images=0",
+    "eval.aupro=false", "stage1.epochs=1", "stage2.epochs=1",
+]
+# Base trials over two learning rates.
+BASE_SWEEP = [
+    'sweep.train="base"', 'sweep.sampler="random"',
+    'sweep.space={"stage2.lr"={low=1e-4, high=3e-3, log=true}, "stage1.lr"={low=1e-4, high=3e-3, log=true}}',
+]
+
+
+def _sets(*groups: list[str]) -> list[str]:
+    return [x for g in groups for o in g for x in ("--set", o)]
+
+
+def _data(demo_root: Path, tmp_path: Path) -> list[str]:
+    missing = tmp_path / "no-such-test-data"
+    assert not missing.exists()
+    return [f'data.train.root="{demo_root / "train"}"', f'data.test.root="{missing}"']
+
+
+def _wait(proc: subprocess.Popen, timeout: float = 600) -> tuple[str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, (proc.returncode, err[-3000:])
+    return out, err
+
+
+def _runs(uri: str):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client, client.search_runs(experiments, max_results=1000)
+
+
+def _study(storage: str, name: str):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _check_shared_study(uri: str, storage: str, name: str, outs: list[str], target: int) -> None:
+    """``target`` distinct finished or pruned trials, each one training run under the one sweep run."""
+    from optuna.trial import TrialState
+
+    from aaclip_core.record import Stage, Tag
+
+    sweep_ids = {o.strip() for o in outs}
+    assert len(sweep_ids) == 1, outs  # every worker printed the one sweep run
+    sweep_id = sweep_ids.pop()
+    client, runs = _runs(uri)
+    sweeps = [r for r in runs if r.data.tags.get(Tag.STAGE) == Stage.SWEEP]
+    assert [r.info.run_id for r in sweeps] == [sweep_id]
+    assert sweeps[0].info.status == "FINISHED"
+    trial_runs = [r for r in runs if r.data.tags.get(Tag.SWEEP) == sweep_id]
+    study = _study(storage, name)
+    counted = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(counted) == target, [(t.number, t.state) for t in study.trials]
+    # None duplicated or lost: one finished training run per counted trial, and no other.
+    by_number = {int(r.data.tags[Tag.TRIAL]): r for r in trial_runs}
+    assert len(by_number) == len(trial_runs) == target
+    assert sorted(by_number) == sorted(t.number for t in counted)
+    for t in counted:
+        run = by_number[t.number]
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == sweep_id
+        assert run.data.tags[Tag.STAGE] == "base"
+        assert float(run.data.params["stage2.lr"]) == pytest.approx(t.params["stage2.lr"])
+        assert run.data.metrics["val/pixel_auroc"] == pytest.approx(t.value)  # the held-out value, from the run
+        assert "data.test" not in " ".join(a.path for a in client.list_artifacts(run.info.run_id, "data"))
+    # Both workers trained: the trial runs come from two processes.
+    assert len({r.data.tags[Tag.PID] for r in trial_runs}) == 2
+    best = max(counted, key=lambda t: t.value)
+    assert sweeps[0].data.tags[Tag.BEST_TRIAL] == str(best.number)
+    assert sweeps[0].data.metrics["best_pixel_auroc"] == pytest.approx(best.value)
+
+
+def _two_workers(cwd: Path, args: list[str]) -> list[str]:
+    workers = [start_aaclip(*args, cwd=cwd) for _ in range(2)]
+    return [_wait(w)[0] for w in workers]
+
+
+@pytest.mark.integration
+def test_two_workers_share_one_study_on_a_sqlite_store_without_reading_test_data(demo_root, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["sweep", "--recipe", "sweep-demo", "--study", "shared", "--trials", "6", "--tracking-uri", uri, "-q",
+            *_sets(_data(demo_root, tmp_path), TINY, BASE_SWEEP)]
+    outs = _two_workers(tmp_path, args)
+    # The study lives beside the tracking store.
+    _check_shared_study(uri, f"sqlite:///{tmp_path / 'mlflow.optuna.db'}", "shared", outs, 6)
+
+
+@pytest.mark.integration
+def test_two_workers_share_one_study_through_a_tracking_server(mlflow_server, demo_root, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    args = ["sweep", "--recipe", "sweep-demo", "--study", "served", "--trials", "6", "--tracking-uri",
+            mlflow_server["url"], "--storage", storage, "-q", *_sets(_data(demo_root, tmp_path), TINY, BASE_SWEEP)]
+    outs = _two_workers(tmp_path, args)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    _check_shared_study(mlflow_server["url"], storage, "served", outs, 6)
+
+
+@pytest.mark.integration
+def test_a_worker_killed_leaves_its_trial_failed_and_a_new_worker_finishes_the_study(demo_root, tmp_path):
+    from optuna.trial import TrialState
+
+    from aaclip_core.record import Tag
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["sweep", "--recipe", "sweep-demo", "--study", "killed", "--trials", "3", "--tracking-uri", uri, "-q",
+            *_sets(_data(demo_root, tmp_path), TINY, BASE_SWEEP,
+                   ["sweep.heartbeat_seconds=1", "sweep.grace_seconds=4"])]
+    first = start_aaclip(*args, cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while True:  # until the first worker is training a trial
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no trial started"
+        if (tmp_path / "mlflow.db").exists():
+            running = [r for r in _runs(uri)[1] if Tag.TRIAL in r.data.tags and r.info.status == "RUNNING"]
+            if running:
+                break
+        time.sleep(0.5)
+    os.kill(first.pid, signal.SIGKILL)
+    first.communicate()
+    killed = int(running[0].data.tags[Tag.TRIAL])
+
+    out, _ = _wait(start_aaclip(*args, cwd=tmp_path))
+    study = _study(f"sqlite:///{tmp_path / 'mlflow.optuna.db'}", "killed")
+    states = {t.number: t.state for t in study.trials}
+    assert states[killed] == TrialState.FAIL  # never counted
+    assert sum(s == TrialState.COMPLETE for s in states.values()) == 3
+    client, runs = _runs(uri)
+    dead = client.get_run(running[0].info.run_id)
+    assert dead.info.status == "FAILED" and "stopped" in dead.data.tags[Tag.FAILURE]
+    assert client.get_run(out.strip()).info.status == "FINISHED"
+
+
+def _grid_seed(key: str, choices: list, first) -> int:
+    """A seed with which Optuna's grid sampler tries ``first`` first (asked of Optuna itself)."""
+    import optuna
+
+    for seed in range(200):
+        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.GridSampler({key: choices}, seed=seed))
+        if study.ask().suggest_categorical(key, choices) == first:
+            return seed
+    raise AssertionError("no seed")
+
+
+@pytest.mark.integration
+def test_the_pruner_stops_a_hopeless_feedback_trial_before_its_last_loop(demo_root, tmp_path):
+    from optuna.trial import TrialState
+
+    from aaclip_core.record import Tag
+
+    # A sane cross-attention weight, then one that drowns the image features: the second trial's first
+    # loop is far below the first's, and the median pruner (one trial to compare with) stops it.
+    seed = _grid_seed("cross.image_weight", [0.1, 1000.0], 0.1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out, _ = _wait(start_aaclip(
+        "sweep", "--recipe", "sweep-demo", "--study", "pruned", "--tracking-uri", uri, "-q", "--json",
+        *_sets(_data(demo_root, tmp_path), TINY, [
+            "feedback.loops=2", "feedback.cross_attn_start_loop=1", "sweep.trials=2", 'sweep.sampler="grid"',
+            f"sweep.seed={seed}", "sweep.pruner_startup_trials=1", 'sweep.space={"cross.image_weight"=[0.1, 1000.0]}',
+        ]), cwd=tmp_path))
+    result = json.loads(out)
+    assert (result["finished"], result["pruned"], result["best_trial"]) == (1, 1, 0)
+    study = _study(f"sqlite:///{tmp_path / 'mlflow.optuna.db'}", "pruned")
+    pruned = study.trials[1]
+    assert pruned.state == TrialState.PRUNED and pruned.params == {"cross.image_weight": 1000.0}
+    assert sorted(pruned.intermediate_values) == [1]  # stopped after loop 1 of 2
+    client, _ = _runs(uri)
+    run_id = pruned.user_attrs["aaclip.run"]
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and "pruned after loop 1 of 2" in run.data.tags[Tag.PRUNED]
+    kept = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
+    assert kept == ["checkpoints/loop_1_stage_1", "checkpoints/loop_1_stage_2"]  # its checkpoints kept
+
+    # The sweep in the other commands: runs lists it, compare shows its trials best first (and draws
+    # them), doctor checks it, test --run SWEEP tests its best trial.
+    sweep_id, store = result["run_id"], ["--tracking-uri", uri]
+    listed = aaclip("runs", "--stage", "sweep", *store, cwd=tmp_path)
+    assert listed.returncode == 0 and sweep_id in listed.stdout and "best_pixel_auroc" in listed.stdout
+    shown = aaclip("compare", sweep_id, "--json", "--plot", str(tmp_path / "sweep.png"), *store, cwd=tmp_path)
+    doc = json.loads(shown.stdout)
+    assert [(t["number"], t["state"]) for t in doc["trials"]] == [(0, "COMPLETE"), (1, "PRUNED")]
+    assert doc["best_trial"] == 0 and (tmp_path / "sweep.png").stat().st_size > 5000
+    table = aaclip("compare", sweep_id, *store, cwd=tmp_path)
+    assert "best: trial 0" in table.stdout and "pruned" in table.stdout
+    doctor = json.loads(aaclip("doctor", sweep_id, "--json", *store, cwd=tmp_path).stdout)
+    verdicts = {c["name"]: (c["status"], c["value"]) for c in doctor["checks"]}
+    assert verdicts["sweep trials"] == ("pass", 2) and verdicts["diverged trials"] == ("pass", 0)
+    tested = aaclip("test", "--run", sweep_id, "--data-root", str(demo_root / "test"), "--json", *store, cwd=tmp_path)
+    assert tested.returncode == 0, tested.stderr[-2000:]
+    test_run = client.get_run(json.loads(tested.stdout)["run_id"])
+    assert test_run.data.tags[Tag.SOURCE_RUN] == result["best_run"]
+
+
+def test_a_recipe_without_a_sweep_is_refused_in_one_paragraph(tmp_path):
+    res = aaclip("sweep", "--recipe", "demo", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path)
+    assert res.returncode == 2 and one_paragraph(res.stderr) and "no [sweep] section" in res.stderr
+    assert not (tmp_path / "m.db").exists()  # refused before anything was written
+
+
+def test_a_tracking_server_without_storage_is_refused_naming_the_flag():
+    from aaclip_core.errors import ConfigError
+    from aaclip_core.sweep.study import storage_url
+
+    with pytest.raises(ConfigError, match="--storage URL"):
+        storage_url("http://127.0.0.1:5000", None)
+    assert storage_url("sqlite:////data/team/mlflow.db", None) == "sqlite:////data/team/mlflow.optuna.db"
+    assert storage_url("http://x", "postgresql://u@h/db") == "postgresql://u@h/db"
