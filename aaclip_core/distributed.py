@@ -243,6 +243,7 @@ def failure_summary(own: BaseException) -> str:
     deadline = time.monotonic() + REPORT_GRACE_S
     failed: dict[int, str] = {}
     stopped: set[int] = set()
+    store_gone = False
     others = range(1, _setting.world_size)
     while len(failed) + len(stopped) < len(others) and time.monotonic() < deadline:
         for r in others:
@@ -254,12 +255,16 @@ def failure_summary(own: BaseException) -> str:
                 elif _store.check([f"stopped/{r}"]):
                     stopped.add(r)
             except Exception:  # the store went away with the job: report what is known
-                deadline = 0.0
+                deadline, store_gone = 0.0, True
                 break
         time.sleep(0.1)
     if failed:
         return "; ".join(f"rank {r} failed: {msg}" for r, msg in sorted(failed.items()))
     silent = [r for r in others if r not in stopped]
+    if silent and store_gone and isinstance(own, RankStopped):
+        # The store lives in the torchrun launcher: gone while rank 0 was being stopped, it is the launcher
+        # itself that is going down (SIGTERM or Ctrl-C to torchrun), not a rank that died first.
+        return ""
     if silent:
         return (
             f"rank {', '.join(map(str, silent))} ended without a report (killed by a signal such as SIGKILL, or "

@@ -62,16 +62,13 @@ REFERENCE_IMAGE_ADAPTER_RELU = {
     "det_proj.fc.0.weight": (768, 1024),
 }
 
-# The reference's widths, as its constructor hard-codes them for ViT-L-14-336.
-REFERENCE_WIDTHS = {"vision": 1024, "text": 768}
-
-
 def reference_layout(kind: str, relu: bool = False, image_adapt_until: int = 6, text_adapt_until: int = 3,
                      vision_width: int = 1024, text_width: int = 768, embed_dim: int = 768) -> dict[str, tuple]:
     """The reference's key list of a ``kind`` ("text" / "image") file as its constructor would build it
     for another depth or width (the demo's tiny backbone): the literal lists above, with the adapters
-    beyond ``*_adapt_until`` dropped (or more added by the same pattern) and 1024 / 768 read as the
-    vision width / the text width or embedding, by each module's role in ``AdaptedCLIP.__init__``."""
+    beyond ``*_adapt_until`` dropped (or more added by the same pattern), the 4 projections (4 levels) kept,
+    and 1024 / 768 read as the vision width / the text width or embedding, by each module's role in
+    ``AdaptedCLIP.__init__``."""
     if kind == "text":
         out = {f"{i}.fc.0.weight": (text_width, text_width) for i in range(text_adapt_until)}
         out[f"{text_adapt_until}.fc.0.weight"] = (embed_dim, text_width)  # the projection comes last
