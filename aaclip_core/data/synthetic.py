@@ -12,6 +12,7 @@ ground-truth mask is exactly the set of pixels that differ from the defect-free 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -19,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from aaclip_core.errors import ConfigError, DataError
-from aaclip_core.files import atomic_dir
+from aaclip_core.errors import ConfigError, DataError, LocalFileError
+from aaclip_core.files import atomic_dir, os_cause
 
 DEMO_CLASSES: tuple[str, ...] = ("plank", "fabric", "disc")
 DEFECTS: tuple[str, ...] = ("scratch", "spot", "crack")
@@ -437,8 +438,19 @@ def ensure_demo_half(target: Path, seed: int = 0, image_size: int = 128) -> Path
         n_anomalous=DEFAULT_N_ANOMALOUS,
         n_train=DEFAULT_N_TRAIN,
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _materialise(target, _marker_text(**params), partial(write_synthetic_dataset, **params))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _materialise(target, _marker_text(**params), partial(write_synthetic_dataset, **params))
+    except OSError as exc:  # a read-only or full folder: nothing was renamed into place (_materialise)
+        shown = target.absolute()  # a recipe's root is relative to the working folder: say which folder that is
+        failed = Path(os.fsdecode(exc.filename)).absolute() if exc.filename else shown
+        where = f" ({failed})" if failed != shown else ""
+        raise LocalFileError(
+            f"Cannot generate the demo data in {shown}: {os_cause(exc)}{where}; nothing was left there. The demo "
+            "data is written on first use where the recipe's data.train.root / data.test.root point (the demo "
+            "recipes: aaclip-demo-data/ in the working folder). Run from a folder you can write, or set both roots "
+            "to .../train and .../test in one (`aaclip data synth DIR` writes them)."
+        ) from None
     return target
 
 
