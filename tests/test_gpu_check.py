@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 
@@ -26,6 +28,7 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_2():
     assert len(lines) == 1 and "no CUDA device" in lines[0] and "--cpu-smoke" in lines[0], res.stderr
 
 
+@pytest.mark.integration  # ~20 s of imports and compile tracing: CI's second step
 def test_cpu_smoke_prints_one_table_of_finite_figures(demo_root):
     res = _run("--cpu-smoke", "--precisions", "bf16", "--demo-root", str(demo_root), CUDA_VISIBLE_DEVICES="")
     assert res.returncode == 0, res.stderr[-3000:]
