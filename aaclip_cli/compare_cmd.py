@@ -156,11 +156,13 @@ def _print_sweep(view) -> None:
     console = result_console(t)
     console.print(t, soft_wrap=True)
     finished = sum(tr["state"] == "COMPLETE" for tr in view.trials)
+    pruned = sum(tr["state"] == "PRUNED" for tr in view.trials)
+    counts = f"{finished} finished and {pruned} pruned of {view.target_trials} asked"
     if view.best_trial is None:
-        console.print("No finished trial.")
+        console.print(f"No finished trial ({counts}).")
     else:
         console.print(f"best: trial {view.best_trial}, held-out {escape(view.objective)} {pct(view.best_value)} "
-                      f"({finished} finished of {view.target_trials} asked)", soft_wrap=True)
+                      f"({counts})", soft_wrap=True)
     if view.importances:
         console.print("importance: " + ", ".join(f"{escape(k)} {v:.2f}" for k, v in view.importances.items()),
                       soft_wrap=True)

@@ -74,6 +74,8 @@ def _check_shared_study(uri: str, storage: str, name: str, outs: list[str], targ
     study = _study(storage, name)
     counted = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(counted) == target, [(t.number, t.state) for t in study.trials]
+    # Each worker draws its own settings (alike-seeded samplers would repeat the first worker's).
+    assert len({tuple(sorted(t.params.items())) for t in counted}) == target
     # None duplicated or lost: one finished training run per counted trial, and no other.
     by_number = {int(r.data.tags[Tag.TRIAL]): r for r in trial_runs}
     assert len(by_number) == len(trial_runs) == target
@@ -206,7 +208,9 @@ def test_the_pruner_stops_a_hopeless_feedback_trial_before_its_last_loop(demo_ro
     doctor = json.loads(aaclip("doctor", sweep_id, "--json", *store, cwd=tmp_path).stdout)
     verdicts = {c["name"]: (c["status"], c["value"]) for c in doctor["checks"]}
     assert verdicts["sweep trials"] == ("pass", 2) and verdicts["diverged trials"] == ("pass", 0)
-    tested = aaclip("test", "--run", sweep_id, "--data-root", str(demo_root / "test"), "--json", *store, cwd=tmp_path)
+    # The demo's test images are other renders of the training classes: same name, declared.
+    tested = aaclip("test", "--run", sweep_id, "--dataset", "synthetic", "--same-dataset", "--data-root",
+                    str(demo_root / "test"), "--json", *store, cwd=tmp_path)
     assert tested.returncode == 0, tested.stderr[-2000:]
     test_run = client.get_run(json.loads(tested.stdout)["run_id"])
     assert test_run.data.tags[Tag.SOURCE_RUN] == result["best_run"]

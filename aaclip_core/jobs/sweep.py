@@ -54,7 +54,8 @@ def run_sweep(recipe: Recipe, recipe_path: Path | None = None, trials: int | Non
         get_run(mlflow, sweep.from_run)  # a missing base run is refused before any trial
     storage_obj = sweep_study.open_storage(url, sweep.heartbeat_seconds, sweep.grace_seconds,
                                            on_stale=lambda study, trial: _end_dead_trial_run(mlflow, study, trial))
-    joined = sweep_study.join(storage_obj, name, recipe, sweep_space.sampler(sweep, recipe), sweep_space.pruner(sweep),
+    joined = sweep_study.join(storage_obj, name, recipe, lambda founder: sweep_space.sampler(sweep, recipe, founder),
+                              sweep_space.pruner(sweep),
                               lambda: _create_parent(mlflow, recipe, recipe_path, name, url, target))
     study, parent = joined.study, joined.parent_run
     reporter.info(f"sweep {parent}: study '{name}' in {sweep_study.shown_url(url)}, "

@@ -60,8 +60,11 @@ def target_trials(sweep: SweepConfig, trials: int | None = None) -> int:
     return min(wanted, grid_size(sweep)) if sweep.sampler == "grid" else wanted
 
 
-def sampler(sweep: SweepConfig, recipe: Recipe) -> optuna.samplers.BaseSampler:
-    seed = sweep.seed if sweep.seed is not None else recipe.runtime.seed
+def sampler(sweep: SweepConfig, recipe: Recipe, founder: bool = True) -> optuna.samplers.BaseSampler:
+    """The study's sampler, seeded by ``sweep.seed`` (default ``runtime.seed``) in the worker that
+    creates the study; a worker that joins it draws its own seed, or it would suggest the very
+    settings the first worker tried (the study is then not reproducible, whatever the seed)."""
+    seed = (sweep.seed if sweep.seed is not None else recipe.runtime.seed) if founder else None
     if sweep.sampler == "grid":
         return optuna.samplers.GridSampler(grid(sweep), seed=seed)
     if sweep.sampler == "random":

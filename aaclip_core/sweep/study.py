@@ -112,18 +112,20 @@ class Joined:
     founded: bool  # this worker created the study
 
 
-def join(storage, name: str, recipe: Recipe, sampler, pruner, create_parent: Callable[[], str]) -> Joined:
+def join(storage, name: str, recipe: Recipe, sampler: Callable[[bool], optuna.samplers.BaseSampler], pruner,
+         create_parent: Callable[[], str]) -> Joined:
     """Create the study ``name`` or join it. The worker whose ``create_study`` succeeds (the database
     refuses a second study of one name) creates the MLflow parent run and writes its id into the
     study; the others wait for it. A study aaclip did not create (or whose creator died before naming
-    its parent) gets a parent from the first worker that finds none after waiting."""
+    its parent) gets a parent from the first worker that finds none after waiting. ``sampler(founded)``
+    makes this worker's sampler: seeded alike, two workers would draw the same settings."""
     space = space_document(recipe)
     try:
-        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler,
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler(True),
                                     pruner=pruner)
         founded = True
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler(False), pruner=pruner)
         founded = False
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise ConfigError(f"Study '{name}' minimises its objective; an aaclip sweep maximises a held-out metric. "
