@@ -13,6 +13,7 @@ import atexit
 import datetime
 import os
 import signal
+import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -122,6 +123,8 @@ def setup(device: torch.device) -> torch.device:
     _object_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
     _store = dist.PrefixStore(_PREFIX, dist.distributed_c10d._get_default_store())
     _setting = Setting(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), backend)
+    # Where this rank runs, so rank 0 can tell a rank still shutting down from one that died (failure_summary).
+    _store.set(f"process/{_setting.rank}", f"{socket.gethostname()} {os.getpid()}")
     _install_sigterm()
     atexit.register(_shutdown)
     return device
@@ -227,6 +230,30 @@ def report_failure(exc: BaseException) -> None:
         pass
 
 
+def _alive_here(rank_: int) -> bool:
+    """Whether ``rank_``'s process runs on this host and is alive (unknown elsewhere: False)."""
+    key = f"process/{rank_}"
+    try:  # check first: get() would wait for a key that a rank dying early never wrote
+        host, pid = _store.get(key).decode().split() if _store.check([key]) else ("", "0")
+    except Exception:  # the store is gone
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        with open(f"/proc/{int(pid)}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has died
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc here: ask the kernel whether the process exists
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # exists, owned by someone else
+            return True
+        return True
+
+
 def failure_summary(own: BaseException) -> str:
     """On rank 0 after a failure: which rank failed and why, in one paragraph ("" when the whole
     job was stopped from outside and no rank failed).
@@ -261,10 +288,14 @@ def failure_summary(own: BaseException) -> str:
     if failed:
         return "; ".join(f"rank {r} failed: {msg}" for r, msg in sorted(failed.items()))
     silent = [r for r in others if r not in stopped]
-    if silent and store_gone and isinstance(own, RankStopped):
+    if silent and isinstance(own, RankStopped):
         # The store lives in the torchrun launcher: gone while rank 0 was being stopped, it is the launcher
-        # itself that is going down (SIGTERM or Ctrl-C to torchrun), not a rank that died first.
-        return ""
+        # itself that is going down (SIGTERM or Ctrl-C to torchrun), not a rank that died first. A silent rank
+        # whose process still lives on this host is being stopped with the job (on a busy machine, or held in
+        # a collective with rank 0, it reports later than the grace): only a dead one died first.
+        if store_gone:
+            return ""
+        silent = [r for r in silent if not _alive_here(r)]
     if silent:
         return (
             f"rank {', '.join(map(str, silent))} ended without a report (killed by a signal such as SIGKILL, or "

@@ -46,6 +46,11 @@ def _wait(proc: subprocess.Popen, timeout: float = 600) -> tuple[str, str]:
 def _runs(uri: str):
     import mlflow
 
+    from aaclip_core.registry.tracking import connect
+
+    # Opened as a worker opens it, under aaclip's creation lock: a bare client polling a store that a
+    # worker is still creating runs MLflow's migrations beside it ("duplicate column name: step").
+    connect(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     return client, client.search_runs(experiments, max_results=1000)
