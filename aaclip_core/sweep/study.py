@@ -17,6 +17,7 @@ whose heartbeat is older than ``sweep.grace_seconds`` is failed by the next work
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import time
 import warnings
@@ -68,6 +69,13 @@ def shown_url(url: str) -> str:
     return url
 
 
+# Optuna 4.9 renamed the stale-trial callback (the old name still works, with a FutureWarning users would
+# see on every sweep); the accepted range starts before the rename.
+_STALE_CALLBACK = ("heartbeat_stale_trial_callback"
+                   if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
+                   else "failed_trial_callback")
+
+
 def open_storage(url: str, heartbeat_s: int, grace_s: int,
                  on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> optuna.storages.RDBStorage:
     """The study database, created (under a file lock for SQLite: two workers creating its tables at
@@ -88,7 +96,7 @@ def open_storage(url: str, heartbeat_s: int, grace_s: int,
         with lock, warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
-                                              grace_period=grace_s, failed_trial_callback=on_stale)
+                                              grace_period=grace_s, **{_STALE_CALLBACK: on_stale})
     except (ImportError, ValueError) as exc:  # an unknown dialect or driver, a malformed URL
         raise ConfigError(f"The study storage '{shown_url(url)}' cannot be used: {exc}. Pass --storage as an "
                           "SQLAlchemy URL, e.g. sqlite:///optuna.db or postgresql://user@host/db.") from None
