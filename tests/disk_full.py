@@ -11,8 +11,16 @@ ignored, so the write fails instead of the process being killed. With FREES = 1 
 again when a file or folder under WATCHED_FOLDER is deleted (the half-written copy removed: the
 space comes back, as it would on a real disk); with 0 the disk stays full.
 
-Python's audit hooks (``sys.addaudithook``: events "open", "os.remove", "shutil.rmtree") say when;
-nothing in aaclip is replaced.
+Folders count too: creating one under WATCHED_FOLDER whose path contains MARK ("os.mkdir") fills the
+disk, since safetensors writes a checkpoint's files from Rust, where Python's "open" event is not
+raised; the checkpoint's staging folder is made first.
+
+With DISK_FULL_SIGNAL set (e.g. SIGTERM) in the environment, that signal is also sent to this process
+the moment the disk fills: a user stopping the job just as the disk fills, so the run must be ended
+KILLED while the store cannot be written.
+
+Python's audit hooks (``sys.addaudithook``: events "open", "os.mkdir", "os.remove", "shutil.rmtree")
+say when; nothing in aaclip is replaced.
 """
 
 from __future__ import annotations
@@ -43,11 +51,23 @@ def _writing(mode, flags) -> bool:
     return isinstance(flags, int) and bool(flags & WRITE_FLAGS)
 
 
+SIGNAL = os.environ.get("DISK_FULL_SIGNAL")
+_filled: list[bool] = []
+
+
+def _fill() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    if SIGNAL and not _filled:
+        os.kill(os.getpid(), getattr(signal, SIGNAL))
+    _filled.append(True)
+
+
 def _hook(event: str, event_args: tuple) -> None:
-    if event == "open" and event_args and _writing(*event_args[1:3]):
+    creating = event == "os.mkdir" or (event == "open" and len(event_args) > 2 and _writing(*event_args[1:3]))
+    if creating and event_args:
         path = _under(event_args[0])
         if path is not None and mark in path:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+            _fill()
     elif frees and event in ("os.remove", "shutil.rmtree") and event_args and _under(event_args[0]):
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 

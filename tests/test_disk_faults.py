@@ -34,11 +34,14 @@ def _sets(overrides: list[str]) -> list[str]:
     return [arg for o in overrides for arg in ("--set", o)]
 
 
-def _train_on_full_disk(tmp_path: Path, uri: str, overrides: list[str], frees: bool) -> subprocess.CompletedProcess:
-    """`aaclip train base` whose disk fills up when the first checkpoint is copied into the store."""
-    cmd = [sys.executable, str(DISK_FULL), str(LIMIT), str(tmp_path / "mlruns"), "/checkpoints/", "1" if frees else "0",
+def _train_on_full_disk(tmp_path: Path, uri: str, overrides: list[str], frees: bool, disk: Path | None = None,
+                        **env: str) -> subprocess.CompletedProcess:
+    """`aaclip train base` whose disk (the artifact store's, or ``disk``) fills up when the first
+    checkpoint is written there."""
+    disk = disk or tmp_path / "mlruns"
+    cmd = [sys.executable, str(DISK_FULL), str(LIMIT), str(disk), "/checkpoints/", "1" if frees else "0",
            "--", "train", "base", "--recipe", "demo", "--tracking-uri", uri, *_sets(overrides), *TINY]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=child_env(), cwd=tmp_path)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=child_env(**env), cwd=tmp_path)
 
 
 def _leftovers(root: Path) -> list[str]:
@@ -140,3 +143,39 @@ def test_demo_data_in_a_read_only_working_folder_is_one_paragraph(tmp_path):
     assert f"Cannot generate the demo data in {folder / 'aaclip-demo-data' / 'train'}" in out.stderr
     assert "(EACCES)" in out.stderr or "(EPERM)" in out.stderr
     assert not (folder / "aaclip-demo-data").exists()
+
+
+def test_a_full_temporary_folder_while_a_checkpoint_is_first_written_locally(tmp_path, demo_overrides):
+    """A job writes each checkpoint in its work folder (in TMPDIR) before logging it: that disk fills."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    out = _train_on_full_disk(tmp_path, uri, demo_overrides, frees=True, disk=scratch, TMPDIR=str(scratch))
+    assert out.returncode == 2, out.stderr
+    assert one_paragraph(out.stderr), out.stderr
+    assert "Cannot write the checkpoint" in out.stderr and "File too large (EFBIG)" in out.stderr
+    assert "/checkpoints/stage1" in out.stderr and "TMPDIR" in out.stderr
+    client = MlflowClient(uri)
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED"
+    assert not list(Path(run.info.artifact_uri.removeprefix("file://")).glob("checkpoints/*"))
+    assert list(scratch.iterdir()) == []  # the work folder, half-written checkpoint and all, is gone
+
+
+def test_a_run_stopped_while_the_disk_is_full_says_it_could_not_be_marked_killed(tmp_path, demo_overrides):
+    """SIGTERM the moment the store's disk fills: ending the run KILLED fails too. The interrupt's
+    paragraph says the run still shows RUNNING and how to end it; the advice works once there is room."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = _train_on_full_disk(tmp_path, uri, demo_overrides, frees=False, DISK_FULL_SIGNAL="SIGTERM")
+    assert out.returncode == 143, out.stderr
+    assert one_paragraph(out.stderr), out.stderr
+    client = MlflowClient(uri)
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "RUNNING"
+    assert "interrupted (SIGTERM)" in out.stderr
+    assert f"run {run.info.run_id} could not be marked KILLED" in out.stderr
+    assert f"`aaclip runs --mark-dead {run.info.run_id}`" in out.stderr
+    assert _leftovers(tmp_path / "mlruns") == []
+    marked = aaclip("runs", "--mark-dead", run.info.run_id, "--tracking-uri", uri, cwd=tmp_path)
+    assert marked.returncode == 0, marked.stderr
+    assert client.get_run(run.info.run_id).info.status == "KILLED"

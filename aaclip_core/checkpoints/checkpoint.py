@@ -10,8 +10,12 @@ Reference files are read with ``torch.load(weights_only=True)``: no pickled code
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pickle
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,8 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from aaclip_core.errors import CheckpointError
-from aaclip_core.files import atomic_dir, atomic_path, sha256_of, with_umask_mode
+from aaclip_core.errors import CheckpointError, LocalFileError
+from aaclip_core.files import atomic_dir, atomic_path, os_cause, sha256_of, with_umask_mode
 
 # The checkpoint names live with the rest of the run record; re-exported for the rooms that load checkpoints.
 from aaclip_core.record import (  # noqa: F401
@@ -108,7 +112,7 @@ def save_checkpoint(
     named = dict(optimizers or {})
     if optimizer_state is not None:
         named["default"] = optimizer_state
-    with atomic_dir(directory) as tmp:
+    with _writing(directory), atomic_dir(directory) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in adapters.items()}, str(tmp / ADAPTERS))
         info = replace(read_manifest(manifest), format_version=MANIFEST_VERSION)
         if named:
@@ -123,6 +127,35 @@ def save_checkpoint(
         for f in tmp.iterdir():
             with_umask_mode(f)
     return directory
+
+
+# safetensors writes from Rust: an I/O failure arrives as a SafetensorError whose text ends "(os error 28)".
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+@contextlib.contextmanager
+def _writing(directory: Path) -> Iterator[None]:
+    """A checkpoint that cannot be written (a full disk or temporary folder, a file-size limit, no
+    permission) is one paragraph naming the folder and the operating system's cause; ``atomic_dir``
+    has already removed what the failed write left."""
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        cause = exc if isinstance(exc, OSError) else _as_os_error(exc)
+        why = os_cause(cause) if cause is not None else " ".join(str(exc).split())
+        raise LocalFileError(
+            f"Cannot write the checkpoint {directory}: {why}. Nothing half-written was left there. Free space on "
+            f"that disk (a job writes its checkpoints in the temporary folder first: set TMPDIR to a folder on a "
+            "disk with room) and run again."
+        ) from None
+
+
+def _as_os_error(exc: SafetensorError) -> OSError | None:
+    found = _OS_ERROR.search(str(exc))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
 
 
 def load_checkpoint(directory: Path, with_optimizer: bool = False) -> Checkpoint:

@@ -25,9 +25,10 @@ from aaclip_core.checkpoints.from_run import (  # noqa: F401 - re-exported: the 
 from aaclip_core.compute import configure_threads, seed_everything, select_device
 from aaclip_core.data import Sample, train_val_split, write_metadata_jsonl
 from aaclip_core.data.splits import small_split_warning
-from aaclip_core.errors import ConfigError
+from aaclip_core.errors import ConfigError, LocalFileError
 from aaclip_core.evaluation.protocol import evaluate
 from aaclip_core.evaluation.selection import check_selection_metric
+from aaclip_core.files import os_cause
 from aaclip_core.model import AACLIP
 from aaclip_core.model.backbone import backbone_id
 from aaclip_core.prompts.anchors import AnchorBank
@@ -71,10 +72,21 @@ def open_session(recipe: Recipe, recipe_path: Path | None, tracking_uri: str | N
     generator = seed_everything(recipe.runtime.seed)
     device = distributed.setup(select_device(recipe.runtime.device))
     mlflow = connect(tracking_uri, write=True) if store else None
-    workdir = Path(tempfile.mkdtemp(prefix="aaclip-"))
+    workdir = _work_folder()
     # Only rank 0 shows progress: N progress bars of one job would say the same thing N times.
     shown = reporter if reporter is not None and distributed.is_main() else Reporter()
     return Session(recipe, device, mlflow, shown, workdir, generator, recipe_path)
+
+
+def _work_folder() -> Path:
+    """The job's scratch folder (checkpoints before they are logged), in the temporary folder."""
+    try:
+        return Path(tempfile.mkdtemp(prefix="aaclip-"))
+    except OSError as exc:
+        raise LocalFileError(
+            f"Cannot create the job's work folder in the temporary folder {tempfile.gettempdir()}: {os_cause(exc)}. "
+            "Set TMPDIR to a writable folder on a disk with room and run again."
+        ) from None
 
 
 def run_tags(recipe: Recipe, stage: Stage, dataset: str) -> dict[str, str]:
