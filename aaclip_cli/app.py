@@ -186,17 +186,21 @@ def handle_errors(fn):
             print_error(str(exc))  # the peers' messages quote library errors, [brackets] and all
             raise typer.Exit(1) from None
         except RankStopped as exc:
+            from aaclip_core.signals import unended
+
             err.print(f"[yellow]stopped[/yellow]: {escape(str(exc))} (torchrun stops every rank when one fails; rank 0 "
-                      "reports which).", soft_wrap=True)
+                      f"reports which). {escape(unended(exc))}".rstrip(), soft_wrap=True)
             raise typer.Exit(1) from None
         except AaclipError as exc:
             print_error(str(exc))  # names user paths and values
             raise typer.Exit(EXIT_USAGE) from None
         except KeyboardInterrupt as exc:  # Ctrl-C, and SIGTERM/SIGHUP (aaclip_core.signals)
-            from aaclip_core.signals import describe, exit_code
+            from aaclip_core.signals import describe, exit_code, unended
 
-            err.print(f"[yellow]interrupted[/yellow] ({describe(exc)}): a run in progress is marked KILLED; "
-                      "finished checkpoints are kept.", soft_wrap=True)
+            left = unended(exc)
+            ended = f"{left} Finished checkpoints are kept." if left else \
+                "a run in progress is marked KILLED; finished checkpoints are kept."
+            err.print(f"[yellow]interrupted[/yellow] ({describe(exc)}): {escape(ended)}".rstrip(), soft_wrap=True)
             raise typer.Exit(exit_code(exc)) from None
         except _CLICK_FLOW:
             raise

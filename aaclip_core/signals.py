@@ -117,3 +117,22 @@ def exit_code(exc: KeyboardInterrupt) -> int:
 
 def describe(exc: KeyboardInterrupt) -> str:
     return signal.Signals(exc.signum).name if isinstance(exc, Terminated) else "Ctrl-C"
+
+
+def note_unended(exc: BaseException, run_id: str, why: str) -> None:
+    """Record on the interrupt (or a torchrun rank's stop) on its way out that ``run_id`` could not be
+    ended KILLED (the store could not be written: a full disk, a lost server), so the paragraph that
+    reports the interrupt says so."""
+    exc.unended_runs = [*getattr(exc, "unended_runs", []), run_id]
+    exc.unended_why = why
+
+
+def unended(exc: BaseException) -> str:
+    """What the user must do about runs the interrupt left RUNNING, as a sentence ("" when none)."""
+    runs = getattr(exc, "unended_runs", [])
+    if not runs:
+        return ""
+    which = f"run {runs[0]}" if len(runs) == 1 else "runs " + " and ".join(runs)
+    mark = "; ".join(f"`aaclip runs --mark-dead {r}`" for r in runs)
+    return (f"The {which} could not be marked KILLED ({exc.unended_why}), so it still shows RUNNING; once the "
+            f"store can be written again, end it with {mark}.")

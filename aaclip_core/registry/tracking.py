@@ -334,9 +334,9 @@ def tracked_run(
             opened = run.info.run_id
         except Exception as exc:  # every rank must hear of it, or the others wait for a run id forever
             failure, error = exc, str(exc) or type(exc).__name__
-        except KeyboardInterrupt:  # held while the run was being opened (signals.shielded): not left RUNNING
-            if mlflow.active_run() is not None:
-                _end_run(mlflow, "KILLED")
+        except KeyboardInterrupt as exc:  # held while the run was being opened (signals.shielded): not left RUNNING
+            if (active := mlflow.active_run()) is not None:
+                _end_killed(mlflow, exc, active.info.run_id)
             raise
     opened, error = distributed.broadcast_object((opened, error))
     if failure is not None:
@@ -353,9 +353,9 @@ def tracked_run(
     heartbeat = _Heartbeat(mlflow.MlflowClient(), run.info.run_id)
     try:
         yield run
-    except KeyboardInterrupt:  # Ctrl-C, and SIGTERM/SIGHUP through aaclip_core.signals
+    except KeyboardInterrupt as exc:  # Ctrl-C, and SIGTERM/SIGHUP through aaclip_core.signals
         heartbeat.stop()
-        _end_run(mlflow, "KILLED")
+        _end_killed(mlflow, exc, opened)
         raise
     except BaseException as exc:
         heartbeat.stop()
@@ -368,7 +368,7 @@ def tracked_run(
                 # comes first): the peers' reports are still what explains the failure.
                 summary = distributed.failure_summary(exc)
         if isinstance(exc, RankStopped) and not summary:
-            _end_run(mlflow, "KILLED")  # stopped from outside, like an interrupt
+            _end_killed(mlflow, exc, opened)  # stopped from outside, like an interrupt
             raise
         if summary:
             with contextlib.suppress(Exception):
@@ -394,6 +394,15 @@ def _end_run(mlflow, status: str) -> Exception | None:
     except Exception as failure:
         return failure
     return None
+
+
+def _end_killed(mlflow, exc: BaseException, run_id: str) -> None:
+    """End the run KILLED; when the store cannot be written, the interrupt carries the news."""
+    unmarked = _end_run(mlflow, "KILLED")
+    if unmarked is not None:
+        why = classify_store_failure(unmarked)
+        signals.note_unended(exc, run_id, f"the store {why}" if why else
+                             f"{type(unmarked).__name__}: {_first_line(unmarked)}")
 
 
 def _first_line(exc: BaseException) -> str:
