@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from aaclip_cli.app import AaclipCommand, JsonOpt, UriOpt, app, examples, handle_errors
-from aaclip_cli.display import err, pct, print_json, result_console
+from aaclip_cli.display import err, note, pct, print_json, result_console
 from aaclip_core.names import IMAGE_AUROC, METRIC_LABELS, PIXEL_AUROC
 
 _SHORT = METRIC_LABELS
@@ -135,8 +135,7 @@ def print_comparison(result, metrics: list[str] | None = None, wide: bool = Fals
             say("  " + escape(pixel["statement"]))
         elif result.bootstrap_resamples > 0 and c.get("delta"):
             say(f"  [dim]{escape(pixel.get('reason', ''))}[/dim]")
-    for n in result.notes:
-        err.print(f"[yellow]note:[/yellow] {escape(n)}", soft_wrap=True)
+    note(*result.notes)
 
 
 def _print_sweep(view) -> None:

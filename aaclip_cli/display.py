@@ -17,7 +17,20 @@ from aaclip_core.reporter import Reporter
 
 err = Console(stderr=True, highlight=False)
 
-__all__ = ["err", "escape", "out", "print_json", "print_result", "pct", "RichReporter", "results_table"]
+__all__ = ["err", "escape", "note", "out", "print_json", "print_result", "pct", "RichReporter", "results_table", "warn"]
+
+
+def warn(*texts: str) -> None:
+    """Each text as a ``warning:`` line on stderr: something the user should act on. Texts are plain
+    (they quote paths and values): never read as markup."""
+    for text in texts:
+        err.print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
+
+
+def note(*texts: str) -> None:
+    """Each text as a ``note:`` line on stderr: worth knowing, nothing to do."""
+    for text in texts:
+        err.print(f"[yellow]note:[/yellow] {escape(text)}", soft_wrap=True)
 
 
 def out() -> Console:

@@ -10,7 +10,7 @@ from aaclip_score import options  # the option texts `aaclip-score` shares (stan
 from rich.table import Table
 
 from aaclip_cli.app import AaclipCommand, JsonOpt, QuietOpt, UriOpt, app, examples, handle_errors
-from aaclip_cli.display import RichReporter, err, escape, print_json, print_result
+from aaclip_cli.display import RichReporter, err, escape, note, print_json, print_result
 
 EXIT_IMAGE_ERRORS = options.EXIT_IMAGE_ERRORS
 MAX_TABLE_ROWS = 50
@@ -152,9 +152,9 @@ def _print_predictions(title: str, result: dict) -> None:
         err.print(f"scores calibrated by the {escape(str(cal['dataset']))} test "
                   f"{cal['test_run_id'] or '(recorded in the folder)'}")
     elif result.get("calibration_note"):
-        err.print(f"[yellow]note:[/yellow] {escape(result['calibration_note'])}", soft_wrap=True)
+        note(result["calibration_note"])
         if result["threshold"] is None:
-            err.print("[yellow]note:[/yellow] no verdicts without calibration: pass a numeric --threshold")
+            note("no verdicts without calibration: pass a numeric --threshold")
     err.print(
         f"{result['n_images']} images, {result['n_anomalous']} anomalous, {result['n_errors']} errors; "
         f"overlays in {escape(str(result['out_dir']))}, predictions in {escape(str(result['predictions']))}",

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from aaclip_cli.app import AaclipCommand, JsonOpt, UriOpt, app, examples, handle_errors
-from aaclip_cli.display import RichReporter, err, escape, print_json
+from aaclip_cli.display import RichReporter, err, escape, print_json, warn
 
 REGISTER_HELP = "\n\n".join(
     [
@@ -59,8 +59,7 @@ def register_cmd(
 
     with RichReporter(json_) as rep:
         result = register_run(run, name, alias, int8, checkpoint, classes, tracking_uri, rep)
-    for n in result["notes"]:
-        err.print(f"[yellow]warning:[/yellow] {escape(n)}", soft_wrap=True)
+    warn(*result["notes"])
     if json_:
         print_json(result)
         return

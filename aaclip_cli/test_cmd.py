@@ -18,7 +18,7 @@ from aaclip_cli.app import (
     handle_errors,
     speaks_for_job,
 )
-from aaclip_cli.display import RichReporter, err, escape, print_json, print_result, results_table
+from aaclip_cli.display import RichReporter, err, escape, note, print_json, print_result, results_table
 from aaclip_core.names import LAYOUTS
 from aaclip_core.record import Tag
 
@@ -99,9 +99,8 @@ def test_cmd(
     )
     print_result(results_table(result, title))
     if result["same_dataset"]:
-        err.print(f"[yellow]note:[/yellow] tested on the training data ({escape(result['same_dataset_reason'])}); "
-                  f"declared by {escape(result['same_dataset_declared_by'])}; the test run is tagged "
-                  f"{Tag.SAME_DATASET}=true.", soft_wrap=True)
+        note(f"tested on the training data ({result['same_dataset_reason']}); declared by "
+             f"{result['same_dataset_declared_by']}; the test run is tagged {Tag.SAME_DATASET}=true.")
     if result.get("visualizations"):
         err.print(f"{len(result['visualizations'])} anomaly-map pictures logged under visualizations/<class>/")
     if result["run_id"] is None:

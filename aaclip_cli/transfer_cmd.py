@@ -20,7 +20,7 @@ from aaclip_cli.app import (
     handle_errors,
     load_recipe_with_flags,
 )
-from aaclip_cli.display import RichReporter, err, escape, print_json
+from aaclip_cli.display import RichReporter, err, escape, note, print_json, warn
 from aaclip_core.names import IMAGE_AUROC, PIXEL_AUROC
 from aaclip_core.record import Tag
 
@@ -103,13 +103,11 @@ def import_cmd(
 
     with RichReporter(json_) as rep:
         result = import_reference_run(r, path, text_adapter, image_adapter, allow_image_only, tracking_uri, rep, name)
-    for w in result["warnings"]:
-        err.print(f"[yellow]warning:[/yellow] {escape(w)}", soft_wrap=True)
+    warn(*result["warnings"])
     if json_:
         print_json(result)
         return
-    for n in result["notes"]:
-        err.print(f"[dim]note:[/dim] {escape(n)}", soft_wrap=True)
+    note(*result["notes"])
     parts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in result["status"].items())
     err.print(
         f"[green]imported[/green] run {result['run_id']} ({escape(parts)}; {escape(result['backbone'])}, "
@@ -160,8 +158,7 @@ def export_cmd(
             print_json(result)
             return
         if result["calibration_note"]:
-            err.print(f"[yellow]note:[/yellow] {result['calibration_note']}: the file scores on the raw scale",
-                      soft_wrap=True)
+            note(f"{result['calibration_note']}: the file scores on the raw scale")
         change = (result.get("int8") or {}).get("change")
         if change and change.get("delta_mean"):
             d = change["delta_mean"]
@@ -181,8 +178,7 @@ def export_cmd(
     if json_:
         print_json(result)
         return
-    for n in result["notes"]:
-        err.print(f"[dim]note:[/dim] {escape(n)}", soft_wrap=True)
+    note(*result["notes"])
     for f in result["files"]:
         err.print(f"wrote {escape(str(f['path']))}", soft_wrap=True)
         typer.echo(f["path"])
