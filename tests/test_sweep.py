@@ -159,6 +159,36 @@ def test_a_worker_killed_leaves_its_trial_failed_and_a_new_worker_finishes_the_s
     _check_lead(uri, study, sweep_id, tmp_path)
 
 
+@pytest.mark.integration
+def test_a_worker_stopped_with_sigterm_ends_its_trial_killed_uncounted_and_a_new_worker_finishes(demo_root, tmp_path):
+    from optuna.trial import TrialState
+
+    from aaclip_core.record import Tag
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["sweep", "--recipe", "sweep-demo", "--study", "stopped", "--trials", "2", "--tracking-uri", uri, "-q",
+            *_sets(_data(demo_root, tmp_path), TINY, BASE_SWEEP)]
+    first = start_aaclip(*args, cwd=tmp_path)
+    running = _training_trial(first, uri)
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 143, f"exit {first.returncode}; stderr ends:\n{err[-3000:]}"
+    assert "Traceback" not in err and "SIGTERM" in err, err[-3000:]
+    client, _ = _runs(uri)
+    assert client.get_run(running.info.run_id).info.status == "KILLED"
+    stopped = int(running.data.tags[Tag.TRIAL])
+    storage = f"sqlite:///{tmp_path / 'mlflow.optuna.db'}"
+    assert {t.number: t.state for t in _study(storage, "stopped").trials}[stopped] == TrialState.FAIL
+
+    out, _ = _wait(start_aaclip(*args, cwd=tmp_path))
+    states = {t.number: t.state for t in _study(storage, "stopped").trials}
+    assert states[stopped] == TrialState.FAIL  # still not counted
+    assert sorted(n for n, s in states.items() if s == TrialState.COMPLETE) == [n for n in sorted(states) if n != stopped]
+    assert sum(s == TrialState.COMPLETE for s in states.values()) == 2
+    assert client.get_run(running.info.run_id).info.status == "KILLED"  # the new worker left it as it ended
+    assert client.get_run(out.strip()).info.status == "FINISHED"
+
+
 def _training_trial(worker: subprocess.Popen, uri: str, timeout: float = 300):
     """The trial run ``worker`` is training, once the store shows it RUNNING (polled: no fixed sleep
     that a slow machine outruns)."""
