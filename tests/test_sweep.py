@@ -269,6 +269,14 @@ def test_the_pruner_stops_a_hopeless_feedback_trial_before_its_last_loop(demo_ro
     assert run.info.status == "KILLED" and "pruned after loop 1 of 2" in run.data.tags[Tag.PRUNED]
     kept = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
     assert kept == ["checkpoints/loop_1_stage_1", "checkpoints/loop_1_stage_2"]  # its checkpoints kept
+    # Each trial keeps the held-out scores of every loop it scored, the finished one's selected loop among them.
+    from aaclip_core.record import Artifact
+
+    assert [a.path for a in client.list_artifacts(run_id, Artifact.VALIDATION)] == ["validation/loop_1_stage_2"]
+    finished = client.get_run(result["best_run"])
+    selected = Artifact.validation(finished.data.tags[Tag.SELECTED_CHECKPOINT])
+    assert {a.path for a in client.list_artifacts(result["best_run"], selected)} == {
+        f"{selected}/{Artifact.IMAGE_SCORES}", f"{selected}/{Artifact.PIXEL_PAIRS}"}
 
     # The sweep in the other commands: runs lists it, compare shows its trials best first (and draws
     # them), doctor checks it, test --run SWEEP tests its best trial.
@@ -284,6 +292,7 @@ def test_the_pruner_stops_a_hopeless_feedback_trial_before_its_last_loop(demo_ro
     doctor = json.loads(aaclip("doctor", sweep_id, "--json", *store, cwd=tmp_path).stdout)
     verdicts = {c["name"]: (c["status"], c["value"]) for c in doctor["checks"]}
     assert verdicts["sweep trials"] == ("pass", 2) and verdicts["diverged trials"] == ("pass", 0)
+    assert verdicts["best trial's lead"] == ("skip", None)  # one finished trial: no runner-up
     # The demo's test images are other renders of the training classes: same name, declared.
     tested = aaclip("test", "--run", sweep_id, "--dataset", "synthetic", "--same-dataset", "--data-root",
                     str(demo_root / "test"), "--json", *store, cwd=tmp_path)
@@ -347,6 +356,13 @@ def test_a_clear_lead_over_the_runner_up_passes():
 
     runner_value = auroc(np.array([s.score for s in runner.images]), np.array(labels))
     assert check.value == pytest.approx(100 * (1.0 - runner_value), abs=1e-3)  # the lead on all images
+
+    from aaclip_core.doctor.sweep import LEAD, sweep_checks
+    from aaclip_core.recipe import load_recipe
+
+    recipe, _ = load_recipe("sweep-demo", ["feedback.min_val_images=100"])  # more than the 60 scored
+    few = next(c for c in sweep_checks(_view(), recipe, lambda t: {"b": best, "r": runner}.get(t["run_id"])) if c.name == LEAD)
+    assert few.status == "warn" and "too few for the interval itself" in few.detail, few
 
 
 def test_a_lead_inside_the_spread_of_a_small_validation_split_warns():

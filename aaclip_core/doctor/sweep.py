@@ -97,8 +97,16 @@ def _lead_verdict(result: bs.BootstrapResult, best: int, runner: int, recipe: Re
               f"{METRIC_LABELS.get(result.metric, result.metric)} ({pct}% CI {100 * result.ci_low:+.2f} to "
               f"{100 * result.ci_high:+.2f}; {how}, {result.resamples} resamples of {result.n_images} validation "
               f"images in {result.n_classes} class{'es' if result.n_classes != 1 else ''})")
-    if result.ci_low > 0:
+    few = recipe is not None and result.n_images < recipe.feedback.min_val_images
+    if result.ci_low > 0 and not few:
         return Check(LEAD, "pass", round(100 * result.diff, 4), detail)
+    if result.ci_low > 0:
+        # A percentile bootstrap of a handful of images has few distinct resamples: its interval is too narrow.
+        return Check(LEAD, "warn", round(100 * result.diff, 4),
+                     detail + f": outside the spread, but on fewer validation images than feedback.min_val_images "
+                     f"({recipe.feedback.min_val_images}), too few for the interval itself to be trusted",
+                     "score the trials on more validation images (feedback.val_fraction, data.train.shot) before "
+                     "trusting the ranking")
     fraction = f" (now {recipe.feedback.val_fraction})" if recipe is not None else ""
     return Check(LEAD, "warn", round(100 * result.diff, 4), detail + ": the lead is inside the spread",
                  f"on these {result.n_images} validation images the two trials cannot be told apart: which images "
