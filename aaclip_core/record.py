@@ -208,6 +208,10 @@ class Artifact:
     PIXEL_PAIRS = "pixel_pairs.npz"
     # A sweep's summary: every trial (number, state, value, settings, run), the best, the importances
     SWEEP_TRIALS = "sweep/trials.json"
+    # A training run's held-out scores, a folder per checkpoint scored on the validation split (base and
+    # cross trained held-out: final; feedback: each loop's stage 2), holding IMAGE_SCORES and PIXEL_PAIRS
+    # with image paths relative to data.train.root: what a bootstrap over the validation images needs.
+    VALIDATION = "validation"
     # A training run's checkpoints, one folder each
     CHECKPOINTS = "checkpoints"
 
@@ -218,6 +222,12 @@ class Artifact:
     @staticmethod
     def result(name: str) -> str:
         return f"{Artifact.RESULTS}/{name}"
+
+    @staticmethod
+    def validation(checkpoint: str, file: str | None = None) -> str:
+        """The folder of the held-out scores of checkpoint ``checkpoint``, or one ``file`` in it."""
+        folder = f"{Artifact.VALIDATION}/{checkpoint}"
+        return f"{folder}/{file}" if file else folder
 
     @staticmethod
     def checkpoint(name: str, file: str | None = None) -> str:

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from aaclip_cli.main import app
-from aaclip_core.compare import bootstrap as bs
+from aaclip_core.evaluation import bootstrap as bs
 from aaclip_core.evaluation import metrics
 from aaclip_core.recipe import load_recipe
 from aaclip_core.training.schedule import loop_epochs

@@ -141,18 +141,10 @@ def test_a_worker_killed_leaves_its_trial_failed_and_a_new_worker_finishes_the_s
             *_sets(_data(demo_root, tmp_path), TINY, BASE_SWEEP,
                    ["sweep.heartbeat_seconds=1", "sweep.grace_seconds=4"])]
     first = start_aaclip(*args, cwd=tmp_path)
-    deadline = time.monotonic() + 300
-    while True:  # until the first worker is training a trial
-        assert first.poll() is None, first.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no trial started"
-        if (tmp_path / "mlflow.db").exists():
-            running = [r for r in _runs(uri)[1] if Tag.TRIAL in r.data.tags and r.info.status == "RUNNING"]
-            if running:
-                break
-        time.sleep(0.5)
+    running = _training_trial(first, uri)
     os.kill(first.pid, signal.SIGKILL)
     first.communicate()
-    killed = int(running[0].data.tags[Tag.TRIAL])
+    killed = int(running.data.tags[Tag.TRIAL])
 
     out, _ = _wait(start_aaclip(*args, cwd=tmp_path))
     study = _study(f"sqlite:///{tmp_path / 'mlflow.optuna.db'}", "killed")
@@ -160,9 +152,82 @@ def test_a_worker_killed_leaves_its_trial_failed_and_a_new_worker_finishes_the_s
     assert states[killed] == TrialState.FAIL  # never counted
     assert sum(s == TrialState.COMPLETE for s in states.values()) == 3
     client, runs = _runs(uri)
-    dead = client.get_run(running[0].info.run_id)
+    dead = client.get_run(running.info.run_id)
     assert dead.info.status == "FAILED" and "stopped" in dead.data.tags[Tag.FAILURE]
+    sweep_id = out.strip()
+    assert client.get_run(sweep_id).info.status == "FINISHED"
+    _check_lead(uri, study, sweep_id, tmp_path)
+
+
+@pytest.mark.integration
+def test_a_worker_stopped_with_sigterm_ends_its_trial_killed_uncounted_and_a_new_worker_finishes(demo_root, tmp_path):
+    from optuna.trial import TrialState
+
+    from aaclip_core.record import Tag
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["sweep", "--recipe", "sweep-demo", "--study", "stopped", "--trials", "2", "--tracking-uri", uri, "-q",
+            *_sets(_data(demo_root, tmp_path), TINY, BASE_SWEEP)]
+    first = start_aaclip(*args, cwd=tmp_path)
+    running = _training_trial(first, uri)
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 143, f"exit {first.returncode}; stderr ends:\n{err[-3000:]}"
+    assert "Traceback" not in err and "SIGTERM" in err, err[-3000:]
+    client, _ = _runs(uri)
+    assert client.get_run(running.info.run_id).info.status == "KILLED"
+    stopped = int(running.data.tags[Tag.TRIAL])
+    storage = f"sqlite:///{tmp_path / 'mlflow.optuna.db'}"
+    assert {t.number: t.state for t in _study(storage, "stopped").trials}[stopped] == TrialState.FAIL
+
+    out, _ = _wait(start_aaclip(*args, cwd=tmp_path))
+    states = {t.number: t.state for t in _study(storage, "stopped").trials}
+    assert states[stopped] == TrialState.FAIL  # still not counted
+    assert sorted(n for n, s in states.items() if s == TrialState.COMPLETE) == [n for n in sorted(states) if n != stopped]
+    assert sum(s == TrialState.COMPLETE for s in states.values()) == 2
+    assert client.get_run(running.info.run_id).info.status == "KILLED"  # the new worker left it as it ended
     assert client.get_run(out.strip()).info.status == "FINISHED"
+
+
+def _training_trial(worker: subprocess.Popen, uri: str, timeout: float = 300):
+    """The trial run ``worker`` is training, once the store shows it RUNNING (polled: no fixed sleep
+    that a slow machine outruns)."""
+    from aaclip_core.record import Tag
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    deadline = time.monotonic() + timeout
+    while True:
+        assert worker.poll() is None, worker.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no trial started"
+        if db.exists():
+            running = [r for r in _runs(uri)[1] if Tag.TRIAL in r.data.tags and r.info.status == "RUNNING"]
+            if running:
+                return running[0]
+        time.sleep(0.5)
+
+
+def _check_lead(uri: str, study, sweep_id: str, cwd: Path) -> None:
+    """Every finished trial keeps its held-out scores, and `aaclip doctor SWEEP_ID` bootstraps the best
+    trial's lead over the runner-up from them: on all the images its point is the two held-out values'
+    difference, paired (the trials share the split)."""
+    from optuna.trial import TrialState
+
+    from aaclip_core.record import Artifact
+
+    client, _ = _runs(uri)
+    finished = sorted((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
+    for t in finished:
+        kept = {a.path for a in client.list_artifacts(t.user_attrs["aaclip.run"], Artifact.validation("final"))}
+        assert kept == {Artifact.validation("final", Artifact.IMAGE_SCORES),
+                        Artifact.validation("final", Artifact.PIXEL_PAIRS)}
+    store = ["--tracking-uri", uri]
+    doc = json.loads(aaclip("doctor", sweep_id, "--json", *store, cwd=cwd).stdout)
+    lead = next(c for c in doc["checks"] if c["name"] == "best trial's lead")
+    assert lead["status"] in ("pass", "warn"), lead
+    assert lead["value"] == pytest.approx(100 * (finished[0].value - finished[1].value), abs=1e-3)
+    shown = aaclip("doctor", sweep_id, *store, cwd=cwd)
+    assert f"trial {finished[0].number} leads trial {finished[1].number}" in shown.stdout, shown.stdout
+    assert "paired bootstrap" in shown.stdout
 
 
 def _grid_seed(key: str, choices: list, first) -> int:
@@ -204,6 +269,14 @@ def test_the_pruner_stops_a_hopeless_feedback_trial_before_its_last_loop(demo_ro
     assert run.info.status == "KILLED" and "pruned after loop 1 of 2" in run.data.tags[Tag.PRUNED]
     kept = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
     assert kept == ["checkpoints/loop_1_stage_1", "checkpoints/loop_1_stage_2"]  # its checkpoints kept
+    # Each trial keeps the held-out scores of every loop it scored, the finished one's selected loop among them.
+    from aaclip_core.record import Artifact
+
+    assert [a.path for a in client.list_artifacts(run_id, Artifact.VALIDATION)] == ["validation/loop_1_stage_2"]
+    finished = client.get_run(result["best_run"])
+    selected = Artifact.validation(finished.data.tags[Tag.SELECTED_CHECKPOINT])
+    assert {a.path for a in client.list_artifacts(result["best_run"], selected)} == {
+        f"{selected}/{Artifact.IMAGE_SCORES}", f"{selected}/{Artifact.PIXEL_PAIRS}"}
 
     # The sweep in the other commands: runs lists it, compare shows its trials best first (and draws
     # them), doctor checks it, test --run SWEEP tests its best trial.
@@ -219,6 +292,7 @@ def test_the_pruner_stops_a_hopeless_feedback_trial_before_its_last_loop(demo_ro
     doctor = json.loads(aaclip("doctor", sweep_id, "--json", *store, cwd=tmp_path).stdout)
     verdicts = {c["name"]: (c["status"], c["value"]) for c in doctor["checks"]}
     assert verdicts["sweep trials"] == ("pass", 2) and verdicts["diverged trials"] == ("pass", 0)
+    assert verdicts["best trial's lead"] == ("skip", None)  # one finished trial: no runner-up
     # The demo's test images are other renders of the training classes: same name, declared.
     tested = aaclip("test", "--run", sweep_id, "--dataset", "synthetic", "--same-dataset", "--data-root",
                     str(demo_root / "test"), "--json", *store, cwd=tmp_path)
@@ -241,3 +315,105 @@ def test_a_tracking_server_without_storage_is_refused_naming_the_flag():
         storage_url("http://127.0.0.1:5000", None)
     assert storage_url("sqlite:////data/team/mlflow.db", None) == "sqlite:////data/team/mlflow.optuna.db"
     assert storage_url("http://x", "postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+# ----------------------------------------------------------------- the doctor's check of the best trial's lead
+
+
+def _view(objective: str = "image_auroc"):
+    from aaclip_core.registry.sweeps import SweepView
+
+    trials = [{"number": 4, "state": "COMPLETE", "value": 0.9, "params": {}, "run_id": "b", "loops": []},
+              {"number": 1, "state": "PRUNED", "value": 0.95, "params": {}, "run_id": "p", "loops": [1]},
+              {"number": 2, "state": "COMPLETE", "value": 0.8, "params": {}, "run_id": "r", "loops": []}]
+    return SweepView("s", "study", objective, 3, 4, 0.9, trials)
+
+
+def _scored(scores: list[float], labels: list[int], prefix: str = "img"):
+    from aaclip_core.evaluation.bootstrap import ImageScore, ScoredImages
+
+    return ScoredImages([ImageScore(f"{prefix}{i}.png", "plank", y, s) for i, (s, y) in
+                         enumerate(zip(scores, labels))])
+
+
+def _lead(view, held: dict):
+    from aaclip_core.doctor.sweep import LEAD, sweep_checks
+
+    return next(c for c in sweep_checks(view, None, lambda t: held.get(t["run_id"])) if c.name == LEAD)
+
+
+def test_a_clear_lead_over_the_runner_up_passes():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    labels = [1] * 30 + [0] * 30
+    best = _scored([float(y) + 0.1 * rng.random() for y in labels], labels)  # image AUROC 1
+    runner = _scored(list(rng.random(60)), labels)  # about 0.5
+    check = _lead(_view(), {"b": best, "r": runner})
+    assert check.status == "pass", check
+    assert "trial 4 leads trial 2" in check.detail and "paired bootstrap" in check.detail
+    from aaclip_core.evaluation.metrics import auroc
+
+    runner_value = auroc(np.array([s.score for s in runner.images]), np.array(labels))
+    assert check.value == pytest.approx(100 * (1.0 - runner_value), abs=1e-3)  # the lead on all images
+
+    from aaclip_core.doctor.sweep import LEAD, sweep_checks
+    from aaclip_core.recipe import load_recipe
+
+    recipe, _ = load_recipe("sweep-demo", ["feedback.min_val_images=100"])  # more than the 60 scored
+    few = next(c for c in sweep_checks(_view(), recipe, lambda t: {"b": best, "r": runner}.get(t["run_id"])) if c.name == LEAD)
+    assert few.status == "warn" and "too few for the interval itself" in few.detail, few
+
+
+def test_a_lead_inside_the_spread_of_a_small_validation_split_warns():
+    labels = [1, 1, 1, 0, 0, 0]
+    best = _scored([0.9, 0.8, 0.3, 0.4, 0.2, 0.1], labels)  # 8 of 9 pairs ordered
+    runner = _scored([0.9, 0.3, 0.35, 0.4, 0.2, 0.1], labels)  # 7 of 9
+    check = _lead(_view(), {"b": best, "r": runner})
+    assert check.status == "warn", check
+    assert check.value == pytest.approx(100 / 9, abs=1e-3) and "inside the spread" in check.detail
+    assert "feedback.val_fraction" in check.fix and "tied" in check.fix
+
+
+def test_trials_scored_on_other_validation_images_are_compared_unpaired():
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    labels = [1] * 30 + [0] * 30
+    best = _scored([float(y) + 0.1 * rng.random() for y in labels], labels, "a")
+    runner = _scored(list(rng.random(60)), labels, "b")
+    check = _lead(_view(), {"b": best, "r": runner})
+    assert check.status == "pass" and "unpaired bootstrap" in check.detail, check
+
+
+def test_the_lead_on_pixel_auroc_bootstraps_the_stored_pixel_pairs():
+    import torch
+
+    from aaclip_core.evaluation.bootstrap import ImageScore, ScoredImages
+    from aaclip_core.evaluation.pixel_pairs import pixel_pairs
+
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.zeros(12, 8, 8, dtype=torch.bool)
+    masks[:6, 2:5, 2:5] = True  # six anomalous images
+    paths = [f"img{i}.png" for i in range(12)]
+    images = [ImageScore(p, "plank", int(i < 6), 0.0) for i, p in enumerate(paths)]
+
+    def scored(signal: float) -> ScoredImages:
+        maps = torch.rand(12, 8, 8, generator=gen) + signal * masks
+        return ScoredImages(images, {"plank": (paths, pixel_pairs(maps, masks))})
+
+    clear = _lead(_view("pixel_auroc"), {"b": scored(2.0), "r": scored(0.0)})
+    assert clear.status == "pass" and "pixel AUROC" in clear.detail, clear
+    close = _lead(_view("pixel_auroc"), {"b": scored(0.0), "r": scored(0.0)})
+    assert close.status == "warn", close
+
+
+def test_the_lead_check_says_why_it_cannot_be_made():
+    labels = [1, 0]
+    old = _lead(_view(), {"b": _scored([1.0, 0.0], labels)})  # the runner-up's run keeps no scores
+    assert old.status == "skip" and "trial 2's run keeps no held-out scores" in old.detail
+    other = _lead(_view("pixel_ap"), {})
+    assert other.status == "skip" and "pixel_ap is not bootstrapped" in other.detail
+    lone = _view()
+    lone.trials = lone.trials[:2]
+    assert "no runner-up" in _lead(lone, {}).detail

@@ -6,7 +6,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from aaclip_core.compare import bootstrap as bs
 from aaclip_core.compare.fairness import differences
 from aaclip_core.compare.groups import seed_groups
 from aaclip_core.compare.paired import compare_pair
@@ -19,6 +18,7 @@ from aaclip_core.compare.store import (
     search_runs,
 )
 from aaclip_core.errors import ConfigError
+from aaclip_core.evaluation import bootstrap as bs
 from aaclip_core.evaluation.protocol import METRIC_NAMES
 from aaclip_core.names import IMAGE_AUROC, PIXEL_AUROC
 from aaclip_core.record import TRAINING_STAGES, Stage, Tag

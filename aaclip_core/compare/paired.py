@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from aaclip_core.compare import bootstrap as bs
 from aaclip_core.compare.fairness import fairness
 from aaclip_core.compare.rows import Row
+from aaclip_core.evaluation import bootstrap as bs
 from aaclip_core.evaluation.protocol import METRIC_NAMES
 
 

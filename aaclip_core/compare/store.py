@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from aaclip_core.checkpoints.checkpoint import FINAL
-from aaclip_core.compare import bootstrap as bs
 from aaclip_core.errors import ConfigError
+from aaclip_core.evaluation import bootstrap as bs
 from aaclip_core.evaluation.pixel_pairs import load_pixel_pairs
 from aaclip_core.record import TRAINING_STAGES, Artifact, Stage, Tag
 from aaclip_core.registry.tracking import get_run

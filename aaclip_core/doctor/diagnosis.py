@@ -76,9 +76,10 @@ def diagnose(
 
 
 def _sweep_report(mlflow, run, tracking: Check, tracking_uri: str | None) -> DoctorReport:
-    """A sweep: its own checks (trials, failures, the best at a range's edge), from its summary and recipe."""
+    """A sweep: its own checks (trials, failures, the best at a range's edge, the best's lead), from its summary,
+    recipe and its trials' held-out scores."""
     from aaclip_core.checkpoints.from_run import run_recipe as load_run_recipe
-    from aaclip_core.doctor.sweep import sweep_checks
+    from aaclip_core.doctor.sweep import stored_held_out, sweep_checks
     from aaclip_core.registry.sweeps import sweep_view
 
     view = sweep_view(tracking_uri, run.info.run_id)
@@ -87,4 +88,5 @@ def _sweep_report(mlflow, run, tracking: Check, tracking_uri: str | None) -> Doc
             recipe = load_run_recipe(mlflow, run.info.run_id, Path(tmp))
         except (TrackingError, ConfigError):
             recipe = None
-    return DoctorReport(run.info.run_id, [tracking, *sweep_checks(view, recipe)])
+        checks = sweep_checks(view, recipe, stored_held_out(mlflow, Path(tmp)))
+    return DoctorReport(run.info.run_id, [tracking, *checks])

@@ -38,11 +38,11 @@ def train_base(
         model = build_model(recipe, session.device)
         tags = {**common.run_tags(recipe, Stage.BASE, recipe.data.train.name), **(tags or {})}
         with tracked_run(session.mlflow, recipe.tracking.experiment, run_name or f"base-{recipe.name}", tags) as run:
-            result = train_reference_stages(session, model, samples, held)
+            result = train_reference_stages(session, model, samples, run.info.run_id, held)
             return {"run_id": run.info.run_id, "stage": Stage.BASE, **result}
 
 
-def train_reference_stages(session: common.Session, model: AACLIP, samples: list,
+def train_reference_stages(session: common.Session, model: AACLIP, samples: list, run_id: str,
                            held: common.HeldOut | None = None) -> dict:
     """Inside an open run: log the recipe and data, train stage 1 (Adam) then stage 2 (Adam +
     MultiStepLR), checkpoint both, select the final one. Shared by `train base` and `train cross`.
@@ -85,7 +85,8 @@ def train_reference_stages(session: common.Session, model: AACLIP, samples: list
     mlflow.set_tag(Tag.SELECTED_CHECKPOINT, FINAL)
     val = None
     if held is not None:
-        val = common.validate(session, model, bank, common.val_loader(recipe, held.val))
+        val = common.validate(session, model, bank, common.val_loader(recipe, held.val), held.val, run_id,
+                              FINAL)
         mlflow.log_metrics(common.val_metrics(val))
         session.reporter.info("held-out " + ", ".join(f"{k[4:]} {100 * v:.2f}" for k, v in common.val_metrics(val).items()))
     return {

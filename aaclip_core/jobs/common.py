@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import os
 import re
 import shutil
 import tempfile
@@ -26,7 +29,8 @@ from aaclip_core.compute import configure_threads, seed_everything, select_devic
 from aaclip_core.data import Sample, train_val_split, write_metadata_jsonl
 from aaclip_core.data.splits import small_split_warning
 from aaclip_core.errors import ConfigError, LocalFileError
-from aaclip_core.evaluation.protocol import evaluate
+from aaclip_core.evaluation.pixel_pairs import save_pixel_pairs
+from aaclip_core.evaluation.protocol import EvalReport, evaluate
 from aaclip_core.evaluation.selection import check_selection_metric
 from aaclip_core.files import os_cause
 from aaclip_core.model import AACLIP
@@ -183,12 +187,41 @@ def val_loader(recipe: Recipe, val: list[Sample]):
     return make_loader(make_dataset(val, recipe, "none"), recipe.eval.batch_size, False, recipe, None)
 
 
-def validate(session: Session, model: AACLIP, bank: AnchorBank, loader) -> dict[str, float]:
-    """The held-out split's mean report (metric -> value). Under torchrun rank 0 scores it and
+def validate(session: Session, model: AACLIP, bank: AnchorBank, loader, val: list[Sample], run_id: str,
+             checkpoint: str) -> dict[str, float]:
+    """The held-out split's mean report (metric -> value). Its per-image scores and pixel pairs are kept
+    on run ``run_id`` (``Artifact.validation(checkpoint)``): a lead of one sweep trial over another is
+    only judged by bootstrapping them over the validation images. Under torchrun rank 0 scores it and
     every rank returns its numbers."""
-    report = evaluate(model, bank, loader, session.recipe, session.device)
-    mean = distributed.broadcast_object(report.mean if report is not None else None)
-    return mean
+    # Relative to the data root: workers of one sweep on other machines may mount the data elsewhere,
+    # and the doctor pairs two trials' scores by image.
+    root = Path(session.recipe.data.train.root).expanduser().resolve()
+    paths = [Path(os.path.relpath(Path(s.image_path).resolve(), root)).as_posix() for s in val]
+    report = evaluate(model, bank, loader, session.recipe, session.device, sample_paths=paths)
+    if report is not None:
+        log_scores(session.mlflow, run_id, report, Artifact.validation(checkpoint), session.workdir)
+    return distributed.broadcast_object(report.mean if report is not None else None)
+
+
+def log_scores(mlflow, run_id: str, report: EvalReport, folder: str, workdir: Path) -> None:
+    """A report's per-image scores and pixel pairs, files in ``folder`` of run ``run_id``: what a
+    bootstrap over its images reads back (`compare` a test run's, `doctor` a sweep trial's)."""
+    client = mlflow.MlflowClient()
+    client.log_text(run_id, csv_text(report.image_scores), f"{folder}/{Artifact.IMAGE_SCORES}")
+    if report.pixel_pairs:
+        local = workdir / folder / Artifact.PIXEL_PAIRS
+        local.parent.mkdir(parents=True, exist_ok=True)
+        save_pixel_pairs(local, report.pixel_pairs)
+        client.log_artifact(run_id, str(local), folder)
+
+
+def csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
 
 
 def val_metrics(mean: dict[str, float]) -> dict[str, float]:

@@ -86,7 +86,7 @@ def train_cross(
         origin = load_base_adapters(session, model, from_run, text_file, image_file)
         tags = {**common.run_tags(recipe, Stage.CROSS, recipe.data.train.name), **origin, **(tags or {})}
         with tracked_run(session.mlflow, recipe.tracking.experiment, run_name or f"cross-{recipe.name}", tags) as run:
-            result = train_reference_stages(session, model, samples, held)
+            result = train_reference_stages(session, model, samples, run.info.run_id, held)
             return {"run_id": run.info.run_id, "stage": Stage.CROSS, "parent_run_id": from_run, "inherited": inherited,
                     **result}
 

@@ -253,8 +253,7 @@ def _run(session: common.Session, recipe: Recipe, from_run: str | None, resume: 
         for loop in range(start_loop, fb.loops + 1):
             session.reporter.loop(loop, fb.loops)
             loop_losses[loop] = _run_loop(session, recipe, state, bank, loop, start_stage if loop == start_loop else 1,
-                                          data.text_loader, data.image_loader, data.val_loader, data.probe, parent_id,
-                                          children.get(loop), loop_end)
+                                          data, parent_id, children.get(loop), loop_end)
         selection, val_per_loop = _select(session, recipe, parent_id)
         seconds = time.perf_counter() - started
         mlflow.log_metric("train_seconds", seconds)
@@ -312,10 +311,7 @@ def _run_loop(
     bank,
     loop: int,
     first_stage: int,
-    text_loader,
-    image_loader,
-    val_loader,
-    probe: dict,
+    data: FeedbackData,
     parent_id: str,
     child_id: str | None,
     loop_end: LoopEnd | None = None,
@@ -334,9 +330,9 @@ def _run_loop(
             if stage < first_stage:
                 continue
             loader, opt, base_lr, per_loop = (
-                (text_loader, state.text_opt, fb.text_lr, fb.text_epochs_per_loop)
+                (data.text_loader, state.text_opt, fb.text_lr, fb.text_epochs_per_loop)
                 if stage == 1
-                else (image_loader, state.image_opt, fb.image_lr, fb.image_epochs_per_loop)
+                else (data.image_loader, state.image_opt, fb.image_lr, fb.image_epochs_per_loop)
             )
             epochs = loop_epochs(per_loop, fb.epochs_decay_rate, loop)
             lr = loop_lr(base_lr, fb.lr_decay_per_loop, loop)
@@ -344,12 +340,12 @@ def _run_loop(
             hist = run_stage(stage, model, bank, loader, StageSchedule(opt, sched, fb.grad_clip), epochs, recipe,
                              session.device, augment_epoch_base=loop * 1000 + stage * 100,
                              log=mlflow.log_metrics, progress=session.reporter.progress,
-                             epoch_end=session.reporter.epoch_end, probe_batch=probe)
+                             epoch_end=session.reporter.epoch_end, probe_batch=data.probe)
             out[f"stage{stage}"] = hist.losses
             out[f"stage{stage}_probe"] = hist.probe_losses
             extra = {}
             if stage == 2:
-                mean = common.validate(session, model, bank, val_loader)
+                mean = common.validate(session, model, bank, data.val_loader, data.val, parent_id, checkpoint_name(loop, 2))
                 extra["val"] = mean
                 val = common.val_metrics(mean)
                 mlflow.log_metrics(val)

@@ -89,7 +89,18 @@ class _Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         if sweep_study.is_surplus(self.study, trial, self.target):
             trial.set_user_attr(sweep_study.SURPLUS, True)
+            self.reporter.info(f"trial {trial.number}: another worker's trial completed the study; not run")
             raise _Surplus(f"trial {trial.number}: the study already has its {self.target} trials")
+        try:
+            return self._value(trial)
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:  # Optuna fails the trial; its own log of it is silenced (sweep.study)
+            self.reporter.warn(f"trial {trial.number} failed and is not counted: {' '.join(str(exc).split())[:400]} "
+                               f"({type(exc).__name__})")
+            raise
+
+    def _value(self, trial: optuna.Trial) -> float:
         sweep = self.recipe.sweep
         settings = sweep_space.suggest(trial, sweep)
         # The trial's loop is selected by the sweep's objective, so its value is the loop it stands for.

@@ -8,8 +8,6 @@ folder's test records its calibration in the folder itself (see :mod:`aaclip_cor
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import tempfile
 import time
@@ -21,7 +19,6 @@ from aaclip_core.checkpoints.checkpoint import Checkpoint
 from aaclip_core.checkpoints.model_folder import add_calibration, read_model_folder
 from aaclip_core.errors import ConfigError
 from aaclip_core.evaluation.calibration import Calibration, ClassCalibration
-from aaclip_core.evaluation.pixel_pairs import save_pixel_pairs
 from aaclip_core.evaluation.protocol import METRIC_NAMES, EvalReport, evaluate
 from aaclip_core.jobs import common
 from aaclip_core.prompts.names import checkpoint_namer
@@ -98,15 +95,6 @@ def test_protocol(recipe: Recipe) -> dict[str, str]:
     out = {k: v for k, v in flat.items() if k.startswith(("eval.", "prompts.")) or k in PROTOCOL_KEYS}
     out["model.quick_gelu"] = str(recipe.quick_gelu).lower()
     return out
-
-
-def _csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    if rows:
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return buf.getvalue()
 
 
 @dataclass
@@ -193,7 +181,8 @@ def _check_dataset(subject: _Subject, ref: DatasetRef, same_dataset: bool) -> _S
     return _SameDataset(reason, declared_by)
 
 
-def _log_test(mlflow, report: EvalReport, ref: DatasetRef, subject: _Subject, seconds: float, workdir: Path) -> None:
+def _log_test(mlflow, run_id: str, report: EvalReport, ref: DatasetRef, subject: _Subject, seconds: float,
+              workdir: Path) -> None:
     """Everything a test run keeps: metrics (mean and per class), protocol, per-class and per-image
     results, the calibration report and the pixel pairs."""
     metrics = {k: v for k, v in report.mean.items() if not math.isnan(v)}
@@ -206,13 +195,9 @@ def _log_test(mlflow, report: EvalReport, ref: DatasetRef, subject: _Subject, se
     mlflow.log_metrics(metrics)
     mlflow.log_params({"test.dataset": ref.name, "test.root": ref.root, "test.checkpoint": subject.checkpoint_name})
     mlflow.log_params({f"protocol.{k}": v for k, v in test_protocol(subject.recipe).items()})
-    mlflow.log_text(_csv([asdict(r) for r in report.classes]), Artifact.result(Artifact.PER_CLASS))
-    mlflow.log_text(_csv(report.image_scores), Artifact.result(Artifact.IMAGE_SCORES))
+    mlflow.log_text(common.csv_text([asdict(r) for r in report.classes]), Artifact.result(Artifact.PER_CLASS))
     log_json_artifact(mlflow, report.as_dict(), Artifact.result(Artifact.REPORT))
-    if report.pixel_pairs:
-        pairs_file = workdir / Artifact.PIXEL_PAIRS
-        save_pixel_pairs(pairs_file, report.pixel_pairs)
-        mlflow.log_artifact(str(pairs_file), Artifact.RESULTS)
+    common.log_scores(mlflow, run_id, report, Artifact.RESULTS, workdir)
 
 
 def test_run(
@@ -300,7 +285,7 @@ def _evaluate(session: common.Session, subject: _Subject, ref: DatasetRef, mlflo
         seconds = time.perf_counter() - started
         if report is None:  # a rank other than 0 under torchrun: rank 0 logs the whole test
             return {**result, "run_id": run.info.run_id, "rank": distributed.rank()}
-        _log_test(mlflow, report, ref, subject, seconds, workdir)
+        _log_test(mlflow, run.info.run_id, report, ref, subject, seconds, workdir)
         common.log_prompt_names(mlflow, bank)
         if visualize > 0:  # `--visualize N`: anomaly-map pictures under visualizations/<class>/
             from aaclip_core.pictures.visualize import log_test_visualizations

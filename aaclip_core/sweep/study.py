@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import logging
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -43,6 +45,19 @@ COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 FOUNDER_WAIT_S = 30.0
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class _NoTrialFailures(logging.Filter):
+    """Optuna logs a failed trial as two warnings, the first with the objective's traceback (a SIGTERM's
+    included). A worker reports its failed trials itself, in one line (:mod:`aaclip_core.jobs.sweep`),
+    and the CLI a SIGTERM in one paragraph."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _TRIAL_FAILED.match(record.getMessage())
+
+
+_TRIAL_FAILED = re.compile(r"^Trial \d+ failed")
+logging.getLogger("optuna.study._optimize").addFilter(_NoTrialFailures())
 
 
 def storage_url(tracking_uri: str | None, storage: str | None) -> str:

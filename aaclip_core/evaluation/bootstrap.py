@@ -20,6 +20,11 @@ Pixel AUROC is bootstrapped the same way from the exact per-class pixel pair cou
 `aaclip test` stores (``results/pixel_pairs.npz``, see :mod:`aaclip_core.evaluation.pixel_pairs`): a resample
 weights each image by how often it was drawn. Test runs made before that artifact existed have
 no pixel interval; `compare` says so.
+
+A sweep's best trial against its runner-up (`doctor`, :func:`lead`) is bootstrapped the same way over
+the validation images both trials were scored on (``validation/<checkpoint>/`` of each trial run).
+When the two were scored on different images (a swept setting moved the split) the draws cannot be
+shared: each trial's own images are resampled independently (unpaired) and the interval says so.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ class BootstrapResult:
     unpaired_images: int = 0  # images only one of the two runs scored (left out)
     label_mismatches: int = 0  # paired paths whose labels disagree (left out)
     skipped_classes: list[str] = field(default_factory=list)  # one label only
+    paired: bool = True  # one resample of the shared images for both; False: each its own images
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -151,21 +157,16 @@ def _result(metric: str, total: np.ndarray, point: float, used: int, resamples: 
     """Mean over classes of the summed per-class replicate differences -> percentile interval."""
     if used == 0:
         return None
-    reps = total / used
+    return _interval(metric, total / used, point / used, resamples, seed, confidence, n_classes=used, **counts)
+
+
+def _interval(metric: str, reps: np.ndarray, diff: float, resamples: int, seed: int, confidence: float,
+              **counts) -> BootstrapResult:
+    """The percentile interval of the replicate differences ``reps`` around the point difference ``diff``."""
     alpha = (1.0 - confidence) / 2
     lo, hi = np.quantile(reps, [alpha, 1.0 - alpha])
-    return BootstrapResult(
-        metric=metric,
-        resamples=resamples,
-        seed=seed,
-        confidence=confidence,
-        diff=point / used,
-        ci_low=float(lo),
-        ci_high=float(hi),
-        p_not_better=float(np.mean(reps <= 0)),
-        n_classes=used,
-        **counts,
-    )
+    return BootstrapResult(metric=metric, resamples=resamples, seed=seed, confidence=confidence, diff=diff,
+                           ci_low=float(lo), ci_high=float(hi), p_not_better=float(np.mean(reps <= 0)), **counts)
 
 
 def verdict(result: BootstrapResult) -> str:
@@ -231,8 +232,7 @@ def paired_pixel_auroc(
         diff_b = np.zeros(resamples)
         for sign, pp, idx in ((1.0, pa, ia), (-1.0, pb, ib)):
             sub = PixelPairs(pp.counts[np.ix_(idx, idx)], pp.pos[idx], pp.neg[idx])
-            numer = np.einsum("bi,ij,bj->b", weights, sub.counts, weights)
-            diff_b += sign * numer / ((weights @ sub.pos) * (weights @ sub.neg))
+            diff_b += sign * _resampled_pixel_auroc(sub, weights)
             point += sign * sub.auroc()
         total += diff_b
         used += 1
@@ -240,3 +240,93 @@ def paired_pixel_auroc(
     return _result(PIXEL_AUROC, total, point, used, resamples, seed, confidence, n_images=images,
                    unpaired_images=unpaired, skipped_classes=skipped)
 
+
+
+def _resampled_pixel_auroc(pp: PixelPairs, weights: np.ndarray) -> np.ndarray:
+    """Pixel AUROC of each resample (rows of ``weights``: how often each image was drawn)."""
+    return np.einsum("bi,ij,bj->b", weights, pp.counts, weights) / ((weights @ pp.pos) * (weights @ pp.neg))
+
+
+# ---------------------------------------------------------------------------- a sweep's lead
+
+# The metrics a bootstrap recomputes exactly from what a run stores (image scores, pixel pairs).
+BOOTSTRAPPED = (IMAGE_AUROC, PIXEL_AUROC)
+
+
+@dataclass
+class ScoredImages:
+    """One model's scores of a set of labelled images: per image, and per class the pixel pairs (None
+    when they were not stored). What a bootstrap over those images needs."""
+
+    images: list[ImageScore]
+    pixels: dict[str, tuple[list[str], PixelPairs]] | None = None
+
+
+def lead(best: ScoredImages, other: ScoredImages, metric: str, resamples: int = DEFAULT_RESAMPLES,
+         seed: int = BOOTSTRAP_SEED, confidence: float = CONFIDENCE) -> BootstrapResult | None:
+    """CI of (``metric`` of ``best``) - (that of ``other``): paired by image when both scored the same
+    labelled images, else unpaired. None when no class has both labels (or, for pixel AUROC, either
+    has no pixel pairs)."""
+    if metric not in BOOTSTRAPPED:
+        raise ValueError(f"no bootstrap for {metric}: only {', '.join(BOOTSTRAPPED)}")
+    if metric == PIXEL_AUROC and (best.pixels is None or other.pixels is None):
+        return None
+    if _labelled(best) == _labelled(other):
+        if metric == IMAGE_AUROC:
+            return paired_image_auroc(best.images, other.images, resamples, seed, confidence)
+        return paired_pixel_auroc(best.pixels, other.pixels, resamples, seed, confidence)
+    return _unpaired(best, other, metric, resamples, seed, confidence)
+
+
+def _labelled(scored: ScoredImages) -> set[tuple[str, str, int]]:
+    return {(s.path, s.class_name, s.label) for s in scored.images}
+
+
+def _unpaired(a: ScoredImages, b: ScoredImages, metric: str, resamples: int, seed: int,
+              confidence: float) -> BootstrapResult | None:
+    rng = np.random.default_rng(seed)
+    own_a, own_b = _own_replicates(a, metric, rng, resamples), _own_replicates(b, metric, rng, resamples)
+    if own_a is None or own_b is None:
+        return None
+    (reps_a, point_a, images_a, classes_a), (reps_b, point_b, _, _) = own_a, own_b
+    return _interval(metric, reps_a - reps_b, point_a - point_b, resamples, seed, confidence, n_images=images_a,
+                     n_classes=classes_a, unpaired_images=len(_labelled(a) ^ _labelled(b)), paired=False)
+
+
+def _own_replicates(scored: ScoredImages, metric: str, rng: np.random.Generator,
+                    resamples: int) -> tuple[np.ndarray, float, int, int] | None:
+    """One model's ``metric`` (mean over classes) on ``resamples`` resamples of its own images,
+    stratified by class and label; its value on all of them; the images and classes used."""
+    total, point, used, images = np.zeros(resamples), 0.0, 0, 0
+    for pos, neg, reps_of, value in _classes(scored, metric):
+        if not len(pos) or not len(neg):
+            continue
+        weights = (_counts(rng, len(pos), resamples), _counts(rng, len(neg), resamples))
+        total += reps_of(*weights)
+        point += value
+        used += 1
+        images += len(pos) + len(neg)
+    return (total / used, point / used, images, used) if used else None
+
+
+def _classes(scored: ScoredImages, metric: str):
+    """Per class: its anomalous and normal images, the metric of a resample (drawn counts of each)
+    and the metric on all of them."""
+    if metric == IMAGE_AUROC:
+        by_class: dict[str, list[ImageScore]] = {}
+        for s in scored.images:
+            by_class.setdefault(s.class_name, []).append(s)
+        for rows in by_class.values():
+            pos = np.array([s.score for s in rows if s.label == 1])
+            neg = np.array([s.score for s in rows if s.label == 0])
+            m = pair_matrix(pos, neg)
+            value = metrics.auroc(np.r_[pos, neg], np.r_[np.ones(len(pos)), np.zeros(len(neg))]) \
+                if len(pos) and len(neg) else float("nan")
+            yield pos, neg, (lambda pc, nc, m=m: resampled_auroc(m, pc, nc)), value
+        return
+    for _, pp in (scored.pixels or {}).values():
+        anomalous = pp.pos > 0
+        order = np.r_[np.flatnonzero(anomalous), np.flatnonzero(~anomalous)]
+        sub = PixelPairs(pp.counts[np.ix_(order, order)], pp.pos[order], pp.neg[order])
+        yield (order[:int(anomalous.sum())], order[int(anomalous.sum()):],
+               (lambda pc, nc, sub=sub: _resampled_pixel_auroc(sub, np.c_[pc, nc])), sub.auroc())
