@@ -216,6 +216,17 @@ def _end_dead_trial_run(mlflow, study: optuna.Study, trial) -> None:
                 client.set_terminated(r.info.run_id, "FAILED")
 
 
+def record_summary(client, run_id: str, tags: dict[str, str], metrics: dict[str, float]) -> None:
+    """The summary's tags and metrics in one batch. Every worker that sees the study complete writes
+    them, often at the same moment: two ``set_tag`` calls inserting the same new tag collide
+    ("UNIQUE constraint failed: tags.key"), where a batch's tags are retried by MLflow's store."""
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                     tags=[RunTag(k, v) for k, v in tags.items()])
+
+
 def _finish(mlflow, study: optuna.Study, parent: str, recipe: Recipe, target: int) -> dict:
     """The sweep's summary on its parent run: the best trial, its value and settings, the importances
     and every trial. Each worker that sees the study complete writes it (the same numbers); the run
@@ -243,18 +254,15 @@ def _finish(mlflow, study: optuna.Study, parent: str, recipe: Recipe, target: in
     }
     metrics = {"finished_trials": float(summary["finished"]), "pruned_trials": float(summary["pruned"]),
                "failed_trials": float(summary["failed"])}
+    tags = {}
     if best is not None:
         metrics[f"best_{recipe.sweep.objective}"] = best.value
-        client.set_tag(parent, Tag.BEST_TRIAL, str(best.number))
+        tags[Tag.BEST_TRIAL] = str(best.number)
         if summary["best_run"]:
-            client.set_tag(parent, Tag.BEST_RUN, summary["best_run"])
-        for k, v in best.params.items():
-            client.set_tag(parent, Tag.best_setting(k), str(v))
+            tags[Tag.BEST_RUN] = summary["best_run"]
+        tags.update({Tag.best_setting(k): str(v) for k, v in best.params.items()})
     metrics.update({f"importance/{k}": v for k, v in importance.items()})
-    now = int(time.time() * 1000)
-    from mlflow.entities import Metric
-
-    client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    record_summary(client, parent, tags, metrics)
     _log_file(mlflow, parent, summary, Artifact.SWEEP_TRIALS)
     if not any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
         client.set_terminated(parent, "FINISHED")
