@@ -448,3 +448,22 @@ def test_workers_writing_one_summary_at_the_same_moment_do_not_collide(tmp_path)
     run = client.get_run(run_id)
     assert {run.data.tags[f"best.{i}.{k}"] for i in range(40) for k in "abc"} <= {"A", "B"}
     assert all(run.data.metrics[f"best_{i}"] == 0.5 for i in range(40))
+
+
+def test_doctor_warns_of_a_best_value_at_a_range_edge_missing_trials_and_failed_ones():
+    """The sweep checks' warning verdicts (the real sweeps in this file reach only the passing ones)."""
+    from aaclip_core.doctor.sweep import sweep_checks
+    from aaclip_core.recipe import load_recipe
+    from aaclip_core.registry.sweeps import SweepView
+
+    recipe, _ = load_recipe("sweep-demo", [])
+    at_edge = {"cross.image_weight": 0.98, "feedback.image_lr": 1e-3, "feedback.cross_attn_start_loop": 1}
+    trials = [{"number": 0, "state": "COMPLETE", "value": 0.9, "params": at_edge, "run_id": "a", "loops": [1, 2]},
+              {"number": 1, "state": "FAIL", "value": None, "params": {}, "run_id": "f", "loops": []}]
+    checks = {c.name: c for c in sweep_checks(SweepView("s", "study", "pixel_auroc", 4, 0, 0.9, trials), recipe)}
+    assert checks["sweep trials"].status == "warn" and "1 of the 4 trials" in checks["sweep trials"].detail
+    assert "aaclip sweep --study study" in checks["sweep trials"].fix
+    assert checks["diverged trials"].status == "warn" and checks["diverged trials"].value == 1
+    edge = checks["best at a range's edge"]
+    assert edge.status == "warn" and "cross.image_weight = 0.98 at the high end" in edge.detail
+    assert "feedback.image_lr" not in edge.detail  # 1e-3 lies well inside [1e-4, 3e-3] on the log scale
