@@ -5,8 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 
 CLI = [sys.executable, "-c", "from aaclip_cli.main import main; main()"]
+
+
+def set_flags(*overrides: str | Iterable[str]) -> list[str]:
+    """``--set`` flags for overrides given one by one or in lists:
+    ``set_flags("a=1", ["b=2"])`` -> ``["--set", "a=1", "--set", "b=2"]``."""
+    flat = [o for group in overrides for o in ([group] if isinstance(group, str) else group)]
+    return [x for o in flat for x in ("--set", o)]
 
 
 def child_env(**extra: str) -> dict[str, str]:

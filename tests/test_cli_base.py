@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from clirun import set_flags
 from typer.testing import CliRunner
 
 from aaclip_cli.main import app
@@ -23,13 +24,6 @@ EXPERIMENT = "aaclip-demo"  # the demo recipe's tracking.experiment
 
 def _invoke(args: list[str]):
     return CliRunner().invoke(app, args)
-
-
-def _sets(overrides: list[str]) -> list[str]:
-    out = []
-    for o in overrides:
-        out += ["--set", o]
-    return out
 
 
 def _fingerprint(model) -> tuple[float, ...]:
@@ -60,7 +54,8 @@ def trained(tmp_path_factory, demo_overrides):
         mp.chdir(workdir)
         mp.setattr(base_job, "build_model", recording("train", base_job.build_model))
         mp.setattr(loading, "build_model", recording("test", loading.build_model))
-        train = _invoke(["train", "base", "--recipe", "demo", "--json", "--tracking-uri", uri, *_sets(demo_overrides)])
+        train = _invoke(["train", "base", "--recipe", "demo", "--json", "--tracking-uri", uri,
+                         *set_flags(demo_overrides)])
         assert train.exit_code == 0, train.output
         train_json = json.loads(train.stdout)
         test = _invoke(["test", "--run", train_json["run_id"], "--json", "--tracking-uri", uri])
@@ -215,7 +210,7 @@ def _no_traceback(result):
 def test_unknown_recipe_key_via_set(tmp_path, monkeypatch, tracking_uri, demo_overrides):
     monkeypatch.chdir(tmp_path)
     r = _invoke(["train", "base", "--recipe", "demo", "--tracking-uri", tracking_uri,
-                 *_sets(demo_overrides), "--set", "stage2.lrr=0.1"])
+                 *set_flags(demo_overrides), "--set", "stage2.lrr=0.1"])
     assert r.exit_code == 2
     assert "stage2.lrr" in r.output and "unknown key" in r.output
     _no_traceback(r)
@@ -224,7 +219,7 @@ def test_unknown_recipe_key_via_set(tmp_path, monkeypatch, tracking_uri, demo_ov
 
 def test_nothing_to_train_is_refused(tmp_path, monkeypatch, tracking_uri, demo_overrides):
     monkeypatch.chdir(tmp_path)
-    r = _invoke(["train", "base", "--recipe", "demo", "--tracking-uri", tracking_uri, *_sets(demo_overrides),
+    r = _invoke(["train", "base", "--recipe", "demo", "--tracking-uri", tracking_uri, *set_flags(demo_overrides),
                  "--set", "stage1.epochs=0", "--set", "stage2.epochs=0"])
     assert r.exit_code == 2
     assert "nothing to train" in r.output
@@ -234,7 +229,7 @@ def test_nothing_to_train_is_refused(tmp_path, monkeypatch, tracking_uri, demo_o
 def test_missing_data_root(tmp_path, monkeypatch, tracking_uri, demo_overrides):
     monkeypatch.chdir(tmp_path)
     missing = tmp_path / "no" / "such" / "dataset"
-    r = _invoke(["train", "base", "--recipe", "demo", "--tracking-uri", tracking_uri, *_sets(demo_overrides),
+    r = _invoke(["train", "base", "--recipe", "demo", "--tracking-uri", tracking_uri, *set_flags(demo_overrides),
                  "--set", f'data.train.root="{missing}"', "--set", 'data.train.layout="mvtec"'])
     assert r.exit_code == 2
     assert str(missing) in r.output.replace("\n", "")
@@ -258,7 +253,7 @@ def test_run_that_raises_ends_failed(tmp_path, monkeypatch, tracking_uri, demo_o
 
     monkeypatch.setattr(engine, "stage1_loss", explode)
     monkeypatch.chdir(tmp_path)
-    r = _invoke(["train", "base", "--recipe", "demo", "--tracking-uri", tracking_uri, *_sets(demo_overrides),
+    r = _invoke(["train", "base", "--recipe", "demo", "--tracking-uri", tracking_uri, *set_flags(demo_overrides),
                  "--set", "stage1.epochs=1", "--set", "stage2.epochs=1"])
     # Not the user's input: exit 1 with one paragraph that keeps the error's type and message.
     assert r.exit_code == 1

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from clirun import set_flags
 from real_layouts import listing, write_mvtec, write_visa
 from typer.testing import CliRunner
 
@@ -24,10 +25,6 @@ from aaclip_core.training.data import load_samples
 
 runner = CliRunner()
 FAST = ["stage1.epochs=1", "stage2.epochs=1", "data.train.shot=4", "eval.aupro=false", "eval.pixel_pairs=false"]
-
-
-def _sets(values: list[str]) -> list[str]:
-    return [x for v in values for x in ("--set", v)]
 
 
 # ------------------------------------------------------------------------------------------ synthetic-root trap
@@ -120,7 +117,7 @@ def visa_base(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
         out = runner.invoke(app, ["train", "base", "--recipe", "demo", "--json", "--tracking-uri", uri,
-                                  *_sets(data + FAST)])
+                                  *set_flags(data + FAST)])
         assert out.exit_code == 0, out.output
         yield {"work": work, "visa": visa, "uri": uri, "run": json.loads(out.stdout)["run_id"]}
 
@@ -161,7 +158,7 @@ def test_cross_and_feedback_from_a_run_train_on_its_data(visa_base, monkeypatch)
                 ["train", "feedback", "--recipe", "feedback-demo", "--loops", "1"]):
         sets = ["stage1.epochs=1", "stage2.epochs=1", "feedback.text_epochs_per_loop=1",
                 "feedback.image_epochs_per_loop=1"]
-        out = runner.invoke(app, [*cmd, "--from", base, "--tracking-uri", uri, *_sets(sets)])
+        out = runner.invoke(app, [*cmd, "--from", base, "--tracking-uri", uri, *set_flags(sets)])
         assert out.exit_code == 0, out.output
         assert f"inherited from run {base[:8]}" in out.output and "data.train.root" in out.output
         run_id = out.stdout.strip().splitlines()[-1]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from clirun import set_flags
 from typer.testing import CliRunner
 
 from aaclip_cli.main import app
@@ -32,10 +33,6 @@ def _cli(args, expect: int | None = 0):
     return result
 
 
-def _sets(overrides):
-    return [x for o in overrides for x in ("--set", o)]
-
-
 def _rows(path: Path) -> dict[str, dict]:
     return {r["path"]: r for r in map(json.loads, Path(path).read_text().splitlines())}
 
@@ -45,14 +42,14 @@ def runs(tmp_path_factory, demo_root, demo_overrides):
     """A tested base run, a cross run from it and a feedback run, in one store."""
     work = tmp_path_factory.mktemp("deploy")
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    sets = _sets(demo_overrides + SMALL)
+    sets = set_flags(demo_overrides + SMALL)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
         base = _cli(["train", "base", "--recipe", "demo", *sets, "--tracking-uri", uri, "-q"]).stdout.strip()
         _cli(["test", "--run", base, "--set", "eval.aupro=false", "--tracking-uri", uri, "-q"])
         cross = _cli(["train", "cross", "--from", base, "--recipe", "cross-demo", *sets, "--tracking-uri", uri,
                       "-q"]).stdout.strip()
-        feedback = _cli(["train", "feedback", "--recipe", "feedback-demo", *sets, *_sets(FEEDBACK),
+        feedback = _cli(["train", "feedback", "--recipe", "feedback-demo", *sets, *set_flags(FEEDBACK),
                          "--tracking-uri", uri, "-q"]).stdout.strip()
         yield {"work": work, "uri": uri, "base": base, "cross": cross, "feedback": feedback,
                "images": demo_root / "test" / CLASS / "test"}

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from clirun import aaclip, child_env, one_paragraph
+from clirun import aaclip, child_env, one_paragraph, set_flags
 from mlflow import MlflowClient
 
 from aaclip_core.files import sha256_of
@@ -30,17 +30,13 @@ TINY = ["--set", "stage1.epochs=1", "--set", "stage2.epochs=1", "--set", 'data.t
         "--set", "data.train.shot=4"]
 
 
-def _sets(overrides: list[str]) -> list[str]:
-    return [arg for o in overrides for arg in ("--set", o)]
-
-
 def _train_on_full_disk(tmp_path: Path, uri: str, overrides: list[str], frees: bool, disk: Path | None = None,
                         **env: str) -> subprocess.CompletedProcess:
     """`aaclip train base` whose disk (the artifact store's, or ``disk``) fills up when the first
     checkpoint is written there."""
     disk = disk or tmp_path / "mlruns"
     cmd = [sys.executable, str(DISK_FULL), str(LIMIT), str(disk), "/checkpoints/", "1" if frees else "0",
-           "--", "train", "base", "--recipe", "demo", "--tracking-uri", uri, *_sets(overrides), *TINY]
+           "--", "train", "base", "--recipe", "demo", "--tracking-uri", uri, *set_flags(overrides), *TINY]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=child_env(**env), cwd=tmp_path)
 
 
@@ -57,7 +53,7 @@ def _newest_run(client: MlflowClient, other_than: set[str]):
 
 def test_a_disk_that_fills_during_a_checkpoint_copy(tmp_path, demo_overrides):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    earlier = aaclip("train", "base", "--recipe", "demo", "--tracking-uri", uri, *_sets(demo_overrides), *TINY,
+    earlier = aaclip("train", "base", "--recipe", "demo", "--tracking-uri", uri, *set_flags(demo_overrides), *TINY,
                      cwd=tmp_path, timeout=1200)
     assert earlier.returncode == 0, earlier.stderr
     earlier_id = earlier.stdout.strip()

@@ -19,7 +19,7 @@ import torch
 from aaclip_score.detector import preprocess
 from aaclip_score.images import UnreadableImage, read_grey, read_rgb, read_size
 from aaclip_score.inputs import collect_images
-from clirun import aaclip, one_paragraph
+from clirun import aaclip, one_paragraph, set_flags
 from PIL import Image
 
 from aaclip_core.data import AnomalyDataset, Sample, index_dataset, load_image_tensor, validate_samples
@@ -219,10 +219,6 @@ def test_a_bomb_is_one_unreadable_image_naming_the_file(tmp_path):
         AnomalyDataset([Sample(image, 1, "c", bomb, "d")], SIZE, ZERO, ONE)[0]
 
 
-def _sets(*overrides: str) -> list[str]:
-    return [x for o in overrides for x in ("--set", o)]
-
-
 CLASS = "fabric"
 
 
@@ -239,8 +235,8 @@ def bomb_data(tmp_path_factory, demo_root):
 def test_train_on_a_bomb_is_one_paragraph_exit_2(tmp_path, demo_root, bomb_data):
     root, bomb = bomb_data
     res = aaclip("train", "base", "--recipe", "demo", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "-q",
-                 *_sets(f'data.train.root="{root}"', 'data.train.layout="mvtec"', f'data.test.root="{demo_root / "test"}"',
-                        "stage1.epochs=1", "stage2.epochs=1"), cwd=tmp_path)
+                 *set_flags(f'data.train.root="{root}"', 'data.train.layout="mvtec"',
+                            f'data.test.root="{demo_root / "test"}"', "stage1.epochs=1", "stage2.epochs=1"), cwd=tmp_path)
     assert res.returncode == 2, res.stderr[-3000:]
     assert one_paragraph(res.stderr), res.stderr
     assert str(bomb) in res.stderr and "decompression bombs" in res.stderr
@@ -252,7 +248,7 @@ def trained(tmp_path_factory, demo_root):
     work = tmp_path_factory.mktemp("modes-run")
     uri = f"sqlite:///{work / 'mlflow.db'}"
     res = aaclip("train", "base", "--recipe", "demo", "--tracking-uri", uri, "-q",
-                 *_sets(f'data.train.root="{demo_root / "train"}"', f'data.test.root="{demo_root / "test"}"',
+                 *set_flags(f'data.train.root="{demo_root / "train"}"', f'data.test.root="{demo_root / "test"}"',
                         f'data.train.classes=["{CLASS}"]', f'data.test.classes=["{CLASS}"]',
                         "stage1.epochs=1", "stage2.epochs=1"), cwd=work, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

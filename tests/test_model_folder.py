@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clirun import set_flags
 from typer.testing import CliRunner
 
 from aaclip_cli.main import app
@@ -26,10 +27,6 @@ def _cli(args, expect: int | None = 0):
     if expect is not None:
         assert result.exit_code == expect, (result.exit_code, result.output, result.exception)
     return result
-
-
-def _sets(values):
-    return [x for v in values for x in ("--set", v)]
 
 
 def _rows(path: Path) -> list[dict]:
@@ -53,9 +50,9 @@ def env(tmp_path_factory, demo_root, demo_overrides):
                 shutil.copy(mask, other / CLASS / "ground_truth" / folder.name / mask.name)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
-        sets = _sets(demo_overrides + TINY)
+        sets = set_flags(demo_overrides + TINY)
         run = _cli(["train", "base", "--recipe", "demo", *sets, "--tracking-uri", uri, "-q"]).stdout.strip()
-        common = ["--tracking-uri", uri, "--json", *_sets(["eval.aupro=false"])]
+        common = ["--tracking-uri", uri, "--json", *set_flags(["eval.aupro=false"])]
         mvtec = json.loads(_cli(["test", "--run", run, "--dataset", "MVTec", "--data-root", other,
                                  "--layout", "mvtec", *common]).stdout)
         own = json.loads(_cli(["test", "--run", run, "--dataset", "synthetic", "--data-root",
@@ -150,7 +147,7 @@ def test_test_of_the_folder_without_a_store_matches_and_records_its_calibration(
     folder = tmp_path / "model"
     shutil.copytree(env["folder"], folder)
     res = _cli(["test", "--model", folder, "--dataset", "MVTec", "--data-root", env["other"], "--layout", "mvtec",
-                "--json", *_sets(["eval.aupro=false"])])
+                "--json", *set_flags(["eval.aupro=false"])])
     report = json.loads(res.stdout)
     assert report["run_id"] is None and report["source_run_id"] == env["run"]
     assert report["mean"] == env["mvtec"]["mean"] and report["calibration"] == env["mvtec"]["calibration"]

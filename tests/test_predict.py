@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from clirun import set_flags
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -32,10 +33,6 @@ def _cli(args: list[str], expect: int | None = 0):
     return result
 
 
-def _sets(overrides: list[str]) -> list[str]:
-    return [x for o in overrides for x in ("--set", o)]
-
-
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
@@ -47,7 +44,7 @@ def env(tmp_path_factory, demo_root, demo_overrides):
     uri = f"sqlite:///{work / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
-        sets = _sets(demo_overrides + CLASS_SETS + ["stage1.epochs=1", "stage2.epochs=2"])
+        sets = set_flags(demo_overrides + CLASS_SETS + ["stage1.epochs=1", "stage2.epochs=2"])
         run_id = _cli(["train", "base", "--recipe", "demo", *sets, "--tracking-uri", uri, "-q"]).stdout.strip()
         yield {"work": work, "uri": uri, "run": run_id, "test_root": demo_root / "test" / CLASS}
 
@@ -78,7 +75,7 @@ def uncalibrated(env):
 @pytest.fixture(scope="module")
 def tested(env, uncalibrated):
     """A test run with --visualize 2, then calibrated predictions on the class's test images."""
-    res = _cli(["test", "--run", env["run"], *_sets(["eval.aupro=false"]), "--visualize", 2,
+    res = _cli(["test", "--run", env["run"], *set_flags(["eval.aupro=false"]), "--visualize", 2,
                 "--tracking-uri", env["uri"], "--json"])
     report = json.loads(res.stdout)
     out = env["work"] / "calibrated"

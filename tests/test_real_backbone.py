@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from clirun import aaclip
+from clirun import aaclip, set_flags
 
 from aaclip_core.checkpoints.checkpoint import load_checkpoint
 from aaclip_core.record import FINAL, STAGE1, Artifact, Tag
@@ -55,10 +55,6 @@ def two_images(tmp_path_factory, demo_root) -> Path:
     return root
 
 
-def _sets(values: list[str]) -> list[str]:
-    return [a for v in values for a in ("--set", v)]
-
-
 def _overrides(weights: Path, data: Path) -> list[str]:
     return [
         f'model.pretrained="{weights}"', "model.image_size=336",
@@ -82,7 +78,7 @@ def jobs(weights_file, two_images, tmp_path_factory):
     """`train base` from the file, then `test` of its run at 336 and at 518 px (one store)."""
     work = tmp_path_factory.mktemp("real-backbone")
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    sets = _sets(_overrides(weights_file, two_images))
+    sets = set_flags(_overrides(weights_file, two_images))
     train = aaclip("train", "base", "--recipe", "base", *sets, "--tracking-uri", uri, "--json", timeout=900, cwd=work)
     assert train.returncode == 0, train.stderr[-3000:]
     out = {"uri": uri, "train": json.loads(train.stdout)}

@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from clirun import set_flags
 from typer.testing import CliRunner
 
 from aaclip_cli.main import app
@@ -40,10 +41,6 @@ def _cli(args, expect: int | None = 0):
     return res
 
 
-def _sets(overrides):
-    return [x for o in overrides for x in ("--set", o)]
-
-
 def _rows(path: Path) -> dict[str, dict]:
     return {r["path"]: r for r in map(json.loads, Path(path).read_text().splitlines())}
 
@@ -54,7 +51,7 @@ def store(tmp_path_factory, demo_root, demo_overrides):
     base run registered as version 1 with @champion."""
     work = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    sets = _sets(demo_overrides + SMALL)
+    sets = set_flags(demo_overrides + SMALL)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
         base = _cli(["train", "base", "--recipe", "demo", *sets, "--tracking-uri", uri, "-q"]).stdout.strip()
@@ -244,7 +241,7 @@ def test_a_changed_stored_detector_is_refused(store):
 def test_register_and_predict_through_the_tracking_server(mlflow_server, demo_overrides, demo_root, tmp_path):
     """A run trained, registered and predicted from the registry through a real `mlflow server`."""
     url = mlflow_server["url"]
-    sets = _sets(demo_overrides + SMALL)
+    sets = set_flags(demo_overrides + SMALL)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path)
         run = _cli(["train", "base", "--recipe", "demo", *sets, "--tracking-uri", url, "-q"]).stdout.strip()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clirun import aaclip, one_paragraph, start_aaclip
+from clirun import aaclip, one_paragraph, set_flags, start_aaclip
 from mlflow import MlflowClient
 
 from aaclip_core.checkpoints.checkpoint import checkpoint_name
@@ -45,13 +45,9 @@ MID_LOOP, FINAL = checkpoint_name(1, 1), checkpoint_name(1, 2)
 ATOL = 1e-6
 
 
-def _sets(overrides: list[str]) -> list[str]:
-    return [arg for o in overrides for arg in ("--set", o)]
-
-
 def _job(demo_overrides: list[str], uri: str, *extra: str) -> list[str]:
     return ["train", "feedback", "--recipe", "feedback-demo", "--tracking-uri", uri, "--json",
-            *_sets(demo_overrides + FAST + list(extra))]
+            *set_flags(demo_overrides + FAST + list(extra))]
 
 
 def _final(uri: str, run_id: str, tmp_path: Path) -> dict[str, torch.Tensor]:

@@ -59,7 +59,7 @@ def _lookup(recipe: Recipe, path: str):
 
 
 @pytest.mark.parametrize("old", MAPPED)
-def test_alias_sets_what_the_aaclip_name_sets(old):
+def test_alias_sets_what_the_aaclip_namesets(old):
     default, _ = load_recipe(RECIPE)
     targets = aliases()[old].settings
     literal = _other_value(_lookup(default, targets[0]))

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clirun import aaclip, child_env, one_paragraph, start_aaclip
+from clirun import aaclip, child_env, one_paragraph, set_flags, start_aaclip
 from mlflow import MlflowClient
 
 from aaclip_core.errors import StoreError, TrackingError
@@ -51,10 +51,6 @@ def _record_run(uri: str, hold: float = 0.0, **kwargs) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env=child_env(), **kwargs)
 
 
-def _sets(overrides: list[str]) -> list[str]:
-    return [arg for o in overrides for arg in ("--set", o)]
-
-
 def _wait_for(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -73,7 +69,7 @@ def test_sigterm_during_training_ends_the_run_killed(tmp_path, demo_overrides):
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     env = child_env(TMPDIR=str(tmpdir))
-    proc = start_aaclip("train", "base", "--recipe", "demo", "--tracking-uri", uri, *_sets(demo_overrides),
+    proc = start_aaclip("train", "base", "--recipe", "demo", "--tracking-uri", uri, *set_flags(demo_overrides),
                         "--set", "stage1.epochs=1", "--set", "stage2.epochs=200", env=env, cwd=tmp_path)
     client = MlflowClient(uri)
 

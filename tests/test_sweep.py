@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.clirun import aaclip, one_paragraph, start_aaclip
+from clirun import aaclip, one_paragraph, set_flags, start_aaclip
 
 # Tiny trials: one class, four labelled images (two held out), one epoch per stage.
 TINY = [
@@ -25,10 +24,6 @@ BASE_SWEEP = [
     'sweep.train="base"', 'sweep.sampler="random"',
     'sweep.space={"stage2.lr"={low=1e-4, high=3e-3, log=true}, "stage1.lr"={low=1e-4, high=3e-3, log=true}}',
 ]
-
-
-def _sets(*groups: list[str]) -> list[str]:
-    return [x for g in groups for o in g for x in ("--set", o)]
 
 
 def _data(demo_root: Path, tmp_path: Path) -> list[str]:
@@ -109,7 +104,7 @@ def _two_workers(cwd: Path, args: list[str]) -> list[str]:
 def test_two_workers_share_one_study_on_a_sqlite_store_without_reading_test_data(demo_root, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["sweep", "--recipe", "sweep-demo", "--study", "shared", "--trials", "6", "--tracking-uri", uri, "-q",
-            *_sets(_data(demo_root, tmp_path), TINY, BASE_SWEEP)]
+            *set_flags(_data(demo_root, tmp_path), TINY, BASE_SWEEP)]
     outs = _two_workers(tmp_path, args)
     # The study lives beside the tracking store.
     _check_shared_study(uri, f"sqlite:///{tmp_path / 'mlflow.optuna.db'}", "shared", outs, 6)
@@ -119,7 +114,7 @@ def test_two_workers_share_one_study_on_a_sqlite_store_without_reading_test_data
 def test_two_workers_share_one_study_through_a_tracking_server(mlflow_server, demo_root, tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     args = ["sweep", "--recipe", "sweep-demo", "--study", "served", "--trials", "6", "--tracking-uri",
-            mlflow_server["url"], "--storage", storage, "-q", *_sets(_data(demo_root, tmp_path), TINY, BASE_SWEEP)]
+            mlflow_server["url"], "--storage", storage, "-q", *set_flags(_data(demo_root, tmp_path), TINY, BASE_SWEEP)]
     outs = _two_workers(tmp_path, args)
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
     _check_shared_study(mlflow_server["url"], storage, "served", outs, 6)
@@ -133,7 +128,7 @@ def test_a_worker_killed_leaves_its_trial_failed_and_a_new_worker_finishes_the_s
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["sweep", "--recipe", "sweep-demo", "--study", "killed", "--trials", "3", "--tracking-uri", uri, "-q",
-            *_sets(_data(demo_root, tmp_path), TINY, BASE_SWEEP,
+            *set_flags(_data(demo_root, tmp_path), TINY, BASE_SWEEP,
                    ["sweep.heartbeat_seconds=1", "sweep.grace_seconds=4"])]
     first = start_aaclip(*args, cwd=tmp_path)
     running = _training_trial(first, uri)
@@ -162,7 +157,7 @@ def test_a_worker_stopped_with_sigterm_ends_its_trial_killed_uncounted_and_a_new
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["sweep", "--recipe", "sweep-demo", "--study", "stopped", "--trials", "2", "--tracking-uri", uri, "-q",
-            *_sets(_data(demo_root, tmp_path), TINY, BASE_SWEEP)]
+            *set_flags(_data(demo_root, tmp_path), TINY, BASE_SWEEP)]
     first = start_aaclip(*args, cwd=tmp_path)
     running = _training_trial(first, uri)
     first.send_signal(signal.SIGTERM)
@@ -248,7 +243,7 @@ def test_the_pruner_stops_a_hopeless_feedback_trial_before_its_last_loop(demo_ro
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out, _ = _wait(start_aaclip(
         "sweep", "--recipe", "sweep-demo", "--study", "pruned", "--tracking-uri", uri, "-q", "--json",
-        *_sets(_data(demo_root, tmp_path), TINY, [
+        *set_flags(_data(demo_root, tmp_path), TINY, [
             "feedback.loops=2", "feedback.cross_attn_start_loop=1", "sweep.trials=2", 'sweep.sampler="grid"',
             f"sweep.seed={seed}", "sweep.pruner_startup_trials=1", 'sweep.space={"cross.image_weight"=[0.1, 1000.0]}',
         ]), cwd=tmp_path))

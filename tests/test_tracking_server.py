@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from clirun import set_flags
 from typer.testing import CliRunner
 
 from aaclip_cli.main import app
@@ -30,10 +31,6 @@ EPOCH_LINE = re.compile(
     r"lr \S+ elapsed \d+:\d\d:\d\d eta \d+:\d\d:\d\d$",
     re.MULTILINE,
 )
-
-
-def _sets(overrides: list[str]) -> list[str]:
-    return [x for o in overrides for x in ("--set", o)]
 
 
 def _cli(args: list, cwd: Path, expect: int = 0):
@@ -67,7 +64,7 @@ def _no_local_store(folder: Path) -> None:
 def trained(mlflow_server, demo_overrides, tmp_path_factory):
     """`aaclip train base` in a child process against the server, from an empty folder."""
     work = _empty_dir(tmp_path_factory, "server-train")
-    sets = _sets(demo_overrides + [f'data.train.classes=["{CLASS}"]', f'data.test.classes=["{CLASS}"]',
+    sets = set_flags(demo_overrides + [f'data.train.classes=["{CLASS}"]', f'data.test.classes=["{CLASS}"]',
                                    "stage1.epochs=1", "stage2.epochs=2", "eval.aupro=false"])
     proc = subprocess.run(
         [sys.executable, "-m", "aaclip_cli.main", "train", "base", "--recipe", "demo", *sets,

@@ -14,7 +14,7 @@ import pytest
 import torch
 from aaclip_score.detector import read_sidecar
 from aaclip_score.outputs import check_out_dir, make_out_dir
-from clirun import aaclip, one_paragraph
+from clirun import aaclip, one_paragraph, set_flags
 from PIL import Image
 
 from aaclip_core.data import index_dataset
@@ -22,10 +22,6 @@ from aaclip_core.errors import ConfigError, DataError
 from aaclip_core.recipe import load_recipe
 
 NOT_UTF8 = b"\xff\xfe\x00"
-
-
-def _sets(*overrides: str) -> list[str]:
-    return [x for o in overrides for x in ("--set", o)]
 
 
 def _user_error(res, *named: str) -> None:
@@ -125,7 +121,7 @@ def _other_tiny_state(demo_recipe) -> dict[str, torch.Tensor]:
 
 def _train_with_weights(tmp_path, demo_overrides, weights: Path):
     return aaclip("train", "base", "--recipe", "demo", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "-q",
-                  *_sets(*demo_overrides, f'model.pretrained="{weights}"'), cwd=tmp_path)
+                  *set_flags(*demo_overrides, f'model.pretrained="{weights}"'), cwd=tmp_path)
 
 
 def test_pickled_weights_file(tmp_path, demo_overrides, demo_recipe):
