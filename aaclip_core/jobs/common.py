@@ -172,8 +172,8 @@ def val_loader(recipe: Recipe, val: list[Sample]):
 
 
 def validate(session: Session, model: AACLIP, bank: AnchorBank, loader) -> dict[str, float]:
-    """The held-out split's mean report (metric -> value). Under torchrun rank 0 scores it and
-    every rank returns its numbers."""
+    """The held-out split's mean report (metric -> value). Under torchrun the ranks score its batches
+    round-robin, rank 0 computes the report from the gathered maps, and every rank returns its numbers."""
     report = evaluate(model, bank, loader, session.recipe, session.device)
     mean = distributed.broadcast_object(report.mean if report is not None else None)
     return mean
