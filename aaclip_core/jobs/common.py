@@ -191,7 +191,8 @@ def validate(session: Session, model: AACLIP, bank: AnchorBank, loader, val: lis
              checkpoint: str) -> dict[str, float]:
     """The held-out split's mean report (metric -> value). Its per-image scores and pixel pairs are kept
     on run ``run_id`` (``Artifact.validation(checkpoint)``): a lead of one sweep trial over another is
-    only judged by bootstrapping them over the validation images. Under torchrun rank 0 scores it and
+    only judged by bootstrapping them over the validation images. Under torchrun the ranks score its
+    batches round-robin, rank 0 computes the report from the gathered maps (and keeps the scores), and
     every rank returns its numbers."""
     # Relative to the data root: workers of one sweep on other machines may mount the data elsewhere,
     # and the doctor pairs two trials' scores by image.
