@@ -9,7 +9,7 @@ import torch
 
 from aaclip_core.checkpoints import checkpoint as checkpoints
 from aaclip_core.checkpoints.checkpoint import ADAPTERS, MANIFEST, OPTIMIZER, load_checkpoint, save_checkpoint
-from aaclip_core.errors import CheckpointError
+from aaclip_core.errors import CheckpointError, LocalFileError
 from aaclip_core.record import MANIFEST_VERSION
 
 
@@ -137,7 +137,8 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     save_checkpoint(target, old, {"epoch": 1})
     fail, calls = _failing_save_file(checkpoints.save_file)
     monkeypatch.setattr(checkpoints, "save_file", fail)
-    with pytest.raises(OSError, match="simulated"):
+    # One paragraph naming the checkpoint and the cause (the CLI's exit 2), not the bare OSError.
+    with pytest.raises(LocalFileError, match=r"Cannot write the checkpoint .*final: disk full \(simulated\)"):
         save_checkpoint(target, _adapters(1), {"epoch": 2})
     assert calls["n"] == 1
     monkeypatch.undo()
