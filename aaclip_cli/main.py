@@ -30,7 +30,7 @@ __all__ = ["app", "main"]
 
 
 def main() -> None:  # pragma: no cover - entry point
-    from aaclip_core.signals import install
+    from aaclip_core.signals import exit_code, install, stand_down
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     install()  # SIGTERM/SIGHUP end a run KILLED, like Ctrl-C
@@ -38,9 +38,9 @@ def main() -> None:  # pragma: no cover - entry point
         app(prog_name="aaclip")
     except KeyboardInterrupt as exc:
         # Arrived outside a command: after it ended (its run already closed) or before it began.
-        from aaclip_core.signals import exit_code
-
         raise SystemExit(exit_code(exc)) from None
+    finally:
+        stand_down()  # a signal during the interpreter's exit clean-up must not print its traceback
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -102,6 +102,16 @@ def install() -> bool:
     return True
 
 
+def stand_down() -> None:
+    """The command has ended (its result printed, its run closed). A signal from here on would only
+    cut into Python's own clean-up at exit, where a finalizer hit by the interrupt prints "Exception
+    ignored in ... Traceback"; so the signals are ignored and the process ends as it was about to."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (*HANDLED, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def leave_to_parent(worker_id: int = 0) -> None:
     """A DataLoader worker's ``worker_init_fn``: a cluster signals the whole process group, and a
     worker that dies of it makes the main process fail with "DataLoader worker exited unexpectedly"
