@@ -220,7 +220,10 @@ def reduce_mean(value: float) -> float:
 
 def report_failure(exc: BaseException) -> None:
     """Leave why this rank fails where rank 0 can read it (the rendezvous store)."""
-    if _store is None:
+    # A caller's deliberate stop (a sweep's pruner) is decided by rank 0 for every rank: no failure to
+    # explain, and its key, never removed, would answer for this rank when a later job of the same
+    # process group (a torchrun sweep worker's next trial) fails.
+    if _store is None or isinstance(exc, signals.Stopped):
         return
     kind = "stopped" if isinstance(exc, (RankStopped, KeyboardInterrupt)) else "failed"
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()

@@ -220,13 +220,19 @@ def _check_lead(uri: str, study, sweep_id: str, cwd: Path) -> None:
     assert "paired bootstrap" in shown.stdout
 
 
-def _grid_seed(key: str, choices: list, first) -> int:
-    """A seed with which Optuna's grid sampler tries ``first`` first (asked of Optuna itself)."""
+def _grid_seed(key: str, choices: list, *first) -> int:
+    """A seed with which Optuna's grid sampler tries the values ``first`` first, in that order (asked
+    of Optuna itself, each trial told before the next is asked, as a worker does)."""
     import optuna
 
     for seed in range(200):
         study = optuna.create_study(direction="maximize", sampler=optuna.samplers.GridSampler({key: choices}, seed=seed))
-        if study.ask().suggest_categorical(key, choices) == first:
+        tried = []
+        for _ in first:
+            trial = study.ask()
+            tried.append(trial.suggest_categorical(key, choices))
+            study.tell(trial, 0.5)
+        if tried == list(first):
             return seed
     raise AssertionError("no seed")
 
@@ -289,6 +295,147 @@ def test_the_pruner_stops_a_hopeless_feedback_trial_before_its_last_loop(demo_ro
     assert tested.returncode == 0, tested.stderr[-2000:]
     test_run = client.get_run(json.loads(tested.stdout)["run_id"])
     assert test_run.data.tags[Tag.SOURCE_RUN] == result["best_run"]
+
+
+# ----------------------------------------------------------------- a worker under torchrun
+
+# Each trial a 2-process Gloo job on the CPU; a collective whose partner never comes (ranks told
+# different things) fails in minutes, not after the default half hour.
+TORCHRUN = ['runtime.device="cpu"', "runtime.threads=1"]
+
+
+def _start_torchrun_sweep(args: list[str], cwd: Path) -> subprocess.Popen:
+    """One sweep worker of 2 ranks: `torchrun --nproc_per_node 2 -- aaclip sweep ...`."""
+    from test_distributed import BIN, _env, _free_port
+
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()), "--no-python", "--",
+           str(BIN / "aaclip"), *args]
+    return subprocess.Popen(cmd, cwd=cwd, env={**_env(), "AACLIP_DIST_TIMEOUT": "300"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _torchrun_sweep(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    proc = _start_torchrun_sweep(args, cwd)
+    out, err = _wait(proc, timeout=900)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _trial_runs_of_two_ranks(uri: str, sweep_id: str, counted) -> dict:
+    """Trial number -> its run: one run per counted trial and no other, each a child of the sweep run
+    recorded by a 2-process job (rank 0 wrote it: one process id for all)."""
+    from aaclip_core.record import Tag
+
+    _, runs = _runs(uri)
+    trial_runs = [r for r in runs if r.data.tags.get(Tag.SWEEP) == sweep_id]
+    by_number = {int(r.data.tags[Tag.TRIAL]): r for r in trial_runs}
+    assert len(by_number) == len(trial_runs) and sorted(by_number) == sorted(t.number for t in counted)
+    for run in trial_runs:
+        assert run.data.tags["mlflow.parentRunId"] == sweep_id
+        assert run.data.tags[Tag.WORLD_SIZE] == "2" and run.data.params["distributed.world_size"] == "2"
+        assert run.data.tags[Tag.BACKEND] == "gloo"
+    assert len({r.data.tags[Tag.PID] for r in trial_runs}) == 1
+    # Nothing else in the store: no rank but 0 opened a run of its own.
+    tops = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.run_id for r in tops] == [sweep_id], [(r.info.run_id, r.data.tags.get(Tag.STAGE)) for r in tops]
+    return by_number
+
+
+@pytest.mark.integration
+def test_a_torchrun_worker_trains_every_trial_as_one_two_process_job(demo_root, tmp_path):
+    from optuna.trial import TrialState
+
+    from aaclip_core.record import Tag
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = _torchrun_sweep(["sweep", "--recipe", "sweep-demo", "--study", "ddp", "--trials", "3", "--tracking-uri",
+                            uri, "-q", *set_flags(_data(demo_root, tmp_path), TINY, BASE_SWEEP, TORCHRUN)], tmp_path)
+    sweep_id = done.stdout.strip()  # rank 0 alone speaks for the worker
+    study = _study(f"sqlite:///{tmp_path / 'mlflow.optuna.db'}", "ddp")
+    # Exactly the trials asked, all finished: no rank but 0 asked Optuna for a trial of its own.
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3, [(t.number, t.state) for t in study.trials]
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 3
+    by_number = _trial_runs_of_two_ranks(uri, sweep_id, study.trials)
+    for t in study.trials:
+        run = by_number[t.number]
+        assert run.info.status == "FINISHED" and run.data.tags[Tag.STAGE] == "base"
+        # Every rank trained with the trial's settings: the run's recipe holds them.
+        assert float(run.data.params["stage2.lr"]) == pytest.approx(t.params["stage2.lr"])
+        assert float(run.data.params["stage1.lr"]) == pytest.approx(t.params["stage1.lr"])
+        assert run.data.metrics["val/pixel_auroc"] == pytest.approx(t.value)
+    client, _ = _runs(uri)
+    sweep = client.get_run(sweep_id)
+    best = max(study.trials, key=lambda t: t.value)
+    assert sweep.info.status == "FINISHED" and sweep.data.tags[Tag.BEST_TRIAL] == str(best.number)
+    assert sweep.data.metrics["finished_trials"] == 3 and sweep.data.metrics["best_pixel_auroc"] == pytest.approx(best.value)
+
+
+@pytest.mark.integration
+def test_the_pruner_stops_a_torchrun_trial_on_every_rank(demo_root, tmp_path):
+    """Rank 0 alone asks the pruner; every rank hears its answer and stops the job after the same
+    loop, and the worker goes on to its next trial (a rank that trained on would pair its next
+    collective with rank 0's next order and fail the worker)."""
+    from optuna.trial import TrialState
+
+    from aaclip_core.record import Tag
+
+    # A sane weight, one that drowns the image features (pruned after loop 1), then another trial: the
+    # worker's ranks must still agree after a pruned one.
+    choices = [0.1, 1000.0, 0.3]
+    seed = _grid_seed("cross.image_weight", choices, 0.1, 1000.0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = _torchrun_sweep([
+        "sweep", "--recipe", "sweep-demo", "--study", "pruned", "--tracking-uri", uri, "-q", "--json",
+        *set_flags(_data(demo_root, tmp_path), TINY, TORCHRUN, [
+            "feedback.loops=2", "feedback.cross_attn_start_loop=1", "sweep.trials=3", 'sweep.sampler="grid"',
+            f"sweep.seed={seed}", "sweep.pruner_startup_trials=1",
+            f'sweep.space={{"cross.image_weight"={choices}}}',
+        ])], tmp_path)
+    result = json.loads(done.stdout)
+    study = _study(f"sqlite:///{tmp_path / 'mlflow.optuna.db'}", "pruned")
+    assert [t.params["cross.image_weight"] for t in study.trials] == [0.1, 1000.0, 0.3]
+    assert study.trials[0].state == TrialState.COMPLETE and sorted(study.trials[0].intermediate_values) == [1, 2]
+    assert study.trials[1].state == TrialState.PRUNED, [(t.number, t.state) for t in study.trials]
+    assert sorted(study.trials[1].intermediate_values) == [1]  # stopped after loop 1 of 2
+    # The trial after it ran to a result of its own (the pruner may stop it too: that is its business).
+    assert study.trials[2].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert (result["finished"], result["pruned"]) == (3 - len(pruned), len(pruned))
+    counted = study.trials
+    by_number = _trial_runs_of_two_ranks(uri, result["run_id"], counted)
+    client, _ = _runs(uri)
+    for t in pruned:
+        run = by_number[t.number]
+        assert run.info.status == "KILLED" and "pruned after loop 1 of 2" in run.data.tags[Tag.PRUNED]
+        kept = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+        assert kept == ["checkpoints/loop_1_stage_1", "checkpoints/loop_1_stage_2"]
+        loops = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+        assert [r.info.status for r in loops] == ["KILLED"]
+    assert client.get_run(result["run_id"]).info.status == "FINISHED"
+
+
+@pytest.mark.integration
+def test_a_torchrun_worker_and_a_one_process_worker_share_one_study(demo_root, tmp_path):
+    from aaclip_core.record import Tag
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["sweep", "--recipe", "sweep-demo", "--study", "mixed", "--tracking-uri", uri, "-q",
+            *set_flags(_data(demo_root, tmp_path), TINY, BASE_SWEEP, TORCHRUN)]
+    # Tiny trials end before a worker has started up: the torchrun worker stops at 2 finished trials, so
+    # the one-process worker, aiming at 3, cannot find the study done by the other alone.
+    workers = [_start_torchrun_sweep([*args, "--trials", "2"], tmp_path)]
+    try:
+        _training_trial(workers[0], uri)  # the one-process worker joins while the torchrun worker trains
+        workers.append(start_aaclip(*args, "--trials", "3", cwd=tmp_path))
+        outs = [_wait(w, timeout=900)[0] for w in workers]
+    finally:
+        for proc in workers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    _check_shared_study(uri, f"sqlite:///{tmp_path / 'mlflow.optuna.db'}", "mixed", outs, 3)
+    _, runs = _runs(uri)
+    sizes = sorted(r.data.tags[Tag.WORLD_SIZE] for r in runs if Tag.TRIAL in r.data.tags)
+    assert set(sizes) == {"1", "2"}, sizes  # each worker trained trials its own way
 
 
 def test_a_recipe_without_a_sweep_is_refused_in_one_paragraph(tmp_path):
