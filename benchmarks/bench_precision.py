@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 from _demo import demo_test_setup
 
 
