@@ -53,7 +53,10 @@ def describe_owner(run) -> str:
     tags = run.data.tags
     beat = tags.get(HEARTBEAT_TAG, "")
     ago = f", last heartbeat {int(time.time() - float(beat))} s ago" if beat.isdigit() else ""
-    return f"host {tags.get(HOST_TAG, '?')}, process {tags.get(PID_TAG, '?')}{ago}"
+    # Under torchrun the run carries rank 0's process: the job to stop is its launcher.
+    world = tags.get(Tag.WORLD_SIZE, "1")
+    job = f" (rank 0 of a {world}-process torchrun job)" if world.isdigit() and int(world) > 1 else ""
+    return f"host {tags.get(HOST_TAG, '?')}, process {tags.get(PID_TAG, '?')}{job}{ago}"
 
 
 def end_stale_run(mlflow, run, status: str = "KILLED") -> list[str]:
