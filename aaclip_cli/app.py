@@ -178,7 +178,7 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from aaclip_core.errors import AaclipError, JobFailed, RankStopped
+        from aaclip_core.errors import AaclipError, JobFailed, RankStopped, SaidByRank0
 
         try:
             return fn(*args, **kwargs)
@@ -192,7 +192,8 @@ def handle_errors(fn):
                       f"reports which). {escape(unended(exc))}".rstrip(), soft_wrap=True)
             raise typer.Exit(1) from None
         except AaclipError as exc:
-            print_error(str(exc))  # names user paths and values
+            if not isinstance(exc, SaidByRank0):  # rank 0 says it once for the job
+                print_error(str(exc))  # names user paths and values
             raise typer.Exit(EXIT_USAGE) from None
         except KeyboardInterrupt as exc:  # Ctrl-C, and SIGTERM/SIGHUP (aaclip_core.signals)
             from aaclip_core.signals import describe, exit_code, unended

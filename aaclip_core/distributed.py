@@ -240,16 +240,21 @@ def _alive_here(rank_: int) -> bool:
         host, pid = _store.get(key).decode().split() if _store.check([key]) else ("", "0")
     except Exception:  # the store is gone
         return False
-    if host != socket.gethostname():
-        return False
+    return host == socket.gethostname() and process_alive(int(pid))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host is alive. A zombie is not: it has died and waits to be
+    reaped, which for a rank whose launcher died too takes as long as PID 1 takes (seconds in a
+    container, forever under one that reaps nothing)."""
     try:
-        with open(f"/proc/{int(pid)}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has died
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
     except OSError:  # no /proc here: ask the kernel whether the process exists
         try:
-            os.kill(int(pid), 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             return False
         except PermissionError:  # exists, owned by someone else

@@ -13,6 +13,7 @@ from aaclip_score.errors import AaclipError, CheckpointError, ConfigError, DataE
 
 __all__ = [
     "AaclipError", "CheckpointError", "ConfigError", "DataError", "JobFailed", "LocalFileError", "RankStopped",
+    "SaidByRank0",
     "StoreError", "TrackingError", "TrainingDiverged", "UnknownClass", "WeightsError",
 ]
 
@@ -35,6 +36,11 @@ class JobFailed(AaclipError):
     def __init__(self, message: str, summary: str) -> None:
         super().__init__(message)
         self.summary = summary
+
+
+class SaidByRank0(ConfigError):
+    """A user error that rank 0 of a torchrun job found and reports (exit 2); the other ranks raise this
+    to exit 2 as well without printing the same paragraph again."""
 
 
 class RankStopped(Exception):

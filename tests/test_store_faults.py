@@ -26,6 +26,7 @@ from aaclip_core.registry.runs import run_liveness
 from aaclip_core.registry.tracking import (
     HEARTBEAT_TAG,
     HOST_TAG,
+    PID_TAG,
     STALE_AFTER_SECONDS,
     connect,
     resolve_run_id,
@@ -128,6 +129,30 @@ def test_a_killed_process_leaves_a_stale_run_that_mark_dead_ends(tmp_path):
     ended = aaclip("runs", "--mark-dead", run_id[:6], "--tracking-uri", uri)
     assert ended.returncode == 0, ended.stderr
     assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
+
+
+def test_a_dead_process_not_yet_reaped_leaves_its_run_stale():
+    # A torchrun rank killed together with its launcher stays a zombie until PID 1 reaps it (1.5 s
+    # measured in this container; for ever under a PID 1 that reaps nothing). It has died: a resume must
+    # take its run over, not refuse it as alive until the heartbeat is 300 s old.
+    from types import SimpleNamespace
+
+    def running(pid: int):
+        tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), HEARTBEAT_TAG: str(int(time.time()))}
+        return SimpleNamespace(info=SimpleNamespace(status="RUNNING", start_time=time.time() * 1000),
+                               data=SimpleNamespace(tags=tags))
+
+    child = subprocess.Popen(["sleep", "600"])
+    try:
+        child.kill()  # not waited for: this process is its parent, so it stays a zombie until then
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the killed process did not die"
+            time.sleep(0.01)
+        assert run_liveness(running(child.pid)) == "stale"
+        assert run_liveness(running(os.getpid())) == "live"  # the same run held by a living process
+    finally:
+        child.wait(timeout=30)
 
 
 def test_a_silent_heartbeat_from_another_host_is_stale(tmp_path):

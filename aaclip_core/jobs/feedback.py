@@ -21,7 +21,7 @@ import torch
 from aaclip_core import distributed
 from aaclip_core.checkpoints.checkpoint import Checkpoint, checkpoint_name, parse_checkpoint_name
 from aaclip_core.checkpoints.from_run import loop_validation
-from aaclip_core.errors import ConfigError
+from aaclip_core.errors import ConfigError, SaidByRank0
 from aaclip_core.evaluation.selection import Selection, check_selection_metric, select_loop
 from aaclip_core.jobs import common
 from aaclip_core.jobs.cross import load_base_adapters
@@ -127,6 +127,8 @@ def train_feedback(
         recipe, inherited = inherit_from_run(recipe, from_run, tracking_uri)
     check_selection_metric(recipe)
     with common.open_session(recipe, recipe_path, tracking_uri, reporter) as session:
+        if resume:
+            _refuse_live(session.mlflow, resume)
         if from_run:
             session.reporter.info(describe_inherited(from_run, inherited))
         result = _run(session, recipe, from_run, resume, run_name, tags, loop_end)
@@ -135,7 +137,7 @@ def train_feedback(
 
 def _resumable_recipe(tracking_uri: str | None, run_id: str) -> tuple[Recipe, str]:
     """The recipe and full id of a feedback parent run; any other run is refused rather than taken
-    over, and so is one still RUNNING in a live process (a stale one is taken over)."""
+    over (one whose job still runs is refused once the ranks have met: `_refuse_live`)."""
     mlflow = connect(tracking_uri)
     run = get_run(mlflow, run_id)
     run_id = run.info.run_id
@@ -145,13 +147,28 @@ def _resumable_recipe(tracking_uri: str | None, run_id: str) -> tuple[Recipe, st
             f"Run {run_id} is a '{stage}' run, not a feedback job; --resume only continues an interrupted "
             "`aaclip train feedback` run (its parent run id, as printed when it started)."
         )
-    if run_liveness(run) == "live":
-        raise ConfigError(
-            f"Run {run_id} is still running ({describe_owner(run)}); resuming it would train it twice. Stop that "
-            "process first (it ends the run KILLED), then resume."
-        )
     with tempfile.TemporaryDirectory(prefix="aaclip-resume-") as tmp:
         return common.run_recipe(mlflow, run_id, Path(tmp)), run_id
+
+
+def _refuse_live(mlflow, run_id: str) -> None:
+    """Refuse a RUNNING run whose job is alive (a stale one is taken over). Under torchrun rank 0 alone
+    judges and tells the others: a rank on another node cannot see the old job's processes and judges
+    by the heartbeat only, so it could refuse a run that rank 0 takes over, and the job would fail
+    half-started. Judged after the ranks have met, so that all of them leave at once (a rank waiting
+    to meet a rank 0 that already left would sit in C++ until torchrun kills it, 30 s later)."""
+    refusal = None
+    if distributed.is_main():
+        run = get_run(mlflow, run_id)
+        if run_liveness(run) == "live":
+            stop = ("the job first (a SIGTERM to its torchrun launcher ends the run KILLED)"
+                    if run.data.tags.get(Tag.WORLD_SIZE, "1") not in ("", "1") else
+                    "that process first (it ends the run KILLED)")
+            refusal = (f"Run {run_id} is still running ({describe_owner(run)}); resuming it would train it twice. "
+                       f"Stop {stop}, then resume.")
+    refusal = distributed.broadcast_object(refusal)
+    if refusal:
+        raise ConfigError(refusal) if distributed.is_main() else SaidByRank0(refusal)
 
 
 @dataclass

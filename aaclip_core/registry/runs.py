@@ -7,12 +7,12 @@ metric, and its parent (a test run's training run, a feedback loop's job).
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
+from aaclip_core.distributed import process_alive
 from aaclip_core.errors import ConfigError, TrackingError
 from aaclip_core.names import PIXEL_AUROC
 from aaclip_core.record import Stage, Tag
@@ -35,16 +35,6 @@ _TEST_METRIC = PIXEL_AUROC
 _LOSS_METRICS = ("stage2/loss", "stage1/loss")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    return True
-
-
 def run_liveness(run, now: float | None = None) -> str | None:
     """For a RUNNING run: "live" or "stale" (its process is gone, or its heartbeat stopped more than
     STALE_AFTER_SECONDS ago); None for a run that is not RUNNING."""
@@ -52,7 +42,7 @@ def run_liveness(run, now: float | None = None) -> str | None:
         return None
     tags = run.data.tags
     if tags.get(HOST_TAG) == socket.gethostname() and tags.get(PID_TAG, "").isdigit():
-        if not _pid_alive(int(tags[PID_TAG])):
+        if not process_alive(int(tags[PID_TAG])):
             return "stale"
     beat = tags.get(HEARTBEAT_TAG)
     last = float(beat) if beat and beat.replace(".", "", 1).isdigit() else run.info.start_time / 1000
@@ -63,7 +53,10 @@ def describe_owner(run) -> str:
     tags = run.data.tags
     beat = tags.get(HEARTBEAT_TAG, "")
     ago = f", last heartbeat {int(time.time() - float(beat))} s ago" if beat.isdigit() else ""
-    return f"host {tags.get(HOST_TAG, '?')}, process {tags.get(PID_TAG, '?')}{ago}"
+    # Under torchrun the run carries rank 0's process: the job to stop is its launcher.
+    world = tags.get(Tag.WORLD_SIZE, "1")
+    job = f" (rank 0 of a {world}-process torchrun job)" if world.isdigit() and int(world) > 1 else ""
+    return f"host {tags.get(HOST_TAG, '?')}, process {tags.get(PID_TAG, '?')}{job}{ago}"
 
 
 def end_stale_run(mlflow, run, status: str = "KILLED") -> list[str]:
