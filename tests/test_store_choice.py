@@ -1,5 +1,6 @@
 """Which store a command uses, as users set it: `--tracking-uri`, else `MLFLOW_TRACKING_URI`, else
-`./mlflow.db` in the working folder (real `aaclip runs` processes over three real SQLite stores)."""
+`./mlflow.db` in the working folder (real `aaclip runs` processes over three real SQLite stores); and
+what the listing commands list (`runs --limit`, `recipes list`)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,24 @@ def test_the_flag_wins_then_the_environment_then_the_working_folder(tmp_path):
     assert _listed(tmp_path, "--tracking-uri", f"sqlite:///{tmp_path / 'flag.db'}", **by_env) == [flag]
     assert _listed(tmp_path, **by_env) == [env]
     assert _listed(tmp_path, MLFLOW_TRACKING_URI="") == [default]
+
+
+def test_runs_limit_lists_the_newest_runs_only(tmp_path):
+    first = _store_with_one_run(tmp_path / "mlflow.db", "first")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("aaclip").experiment_id
+    newer = client.create_run(experiment, tags={"aaclip.stage": "base"}, run_name="newer").info.run_id
+    client.set_terminated(newer)
+    assert set(_listed(tmp_path, MLFLOW_TRACKING_URI="")) == {first, newer}
+    assert _listed(tmp_path, "--limit", "1", MLFLOW_TRACKING_URI="") == [newer]
+
+
+def test_recipes_list_names_every_shipped_recipe_with_its_description():
+    from pathlib import Path
+
+    done = aaclip("recipes", "list")
+    assert done.returncode == 0, done.stderr
+    listed = {line.split()[0]: line.split(None, 1)[1] for line in done.stdout.splitlines() if line.strip()}
+    shipped = {p.stem for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*.toml")}
+    assert set(listed) == shipped
+    assert all(description.strip() for description in listed.values())
