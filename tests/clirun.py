@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -27,12 +28,21 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def as_at_a_terminal() -> None:
+    """A child's ``preexec_fn``: Ctrl-C (SIGINT) as a command typed at a terminal gets it. A shell runs
+    a background job (CI started with ``&``) with SIGINT ignored, children inherit that, and Python
+    then leaves it ignored: a test that sends SIGINT would see nothing happen."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def aaclip(*args: str, timeout: float = 300, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("preexec_fn", as_at_a_terminal)
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
                           env=env or child_env(), **kwargs)
 
 
 def start_aaclip(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+    kwargs.setdefault("preexec_fn", as_at_a_terminal)
     return subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env or child_env(), **kwargs)
 

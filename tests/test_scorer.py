@@ -82,15 +82,19 @@ def test_score_bytes_names_a_broken_image_and_an_unknown_class(detector_file, im
 def test_colormap_and_font_are_matplotlibs_exactly():
     """The pictures stay byte-identical to the matplotlib-drawn ones: the same jet colours for every
     value (table edges, 1.0, NaN) and the very font file."""
+    import matplotlib
     from aaclip_score.overlay import FONT_FILE, heat_rgb
-    from matplotlib import colormaps, font_manager
+    from matplotlib import colormaps
 
     grid = np.concatenate([np.linspace(0, 1, 100_003), np.arange(257) / 256, [0.0, 1.0, np.nan, -1, 2]])
     for dtype in (np.float32, np.float64):
         x = grid.astype(dtype)
         expected = (colormaps["jet"](np.clip(x, 0.0, 1.0))[..., :3] * 255.0).round().astype(np.uint8)
         assert np.array_equal(heat_rgb(x), expected), dtype
-    assert FONT_FILE.read_bytes() == Path(font_manager.findfont("DejaVu Sans")).read_bytes()
+    # The font matplotlib ships (findfont may prefer a system copy of another DejaVu release, as on a
+    # machine with fonts-dejavu installed; aaclip draws with its own copy whatever the machine has).
+    bundled = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    assert FONT_FILE.read_bytes() == bundled.read_bytes()
 
 
 def _rows(out: Path) -> list[dict]:

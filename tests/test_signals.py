@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from clirun import child_env, start_aaclip
+from clirun import as_at_a_terminal, child_env, start_aaclip
 from mlflow import MlflowClient
 
 HOLD = """
@@ -34,7 +34,8 @@ except KeyboardInterrupt as exc:
 
 @pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGHUP", 129), ("SIGINT", 130)])
 def test_a_signal_inside_a_shielded_block_is_raised_when_the_block_ends(name, code):
-    done = subprocess.run([sys.executable, "-c", HOLD, name], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", HOLD, name], capture_output=True, text=True, timeout=60,
+                          preexec_fn=as_at_a_terminal)
     lines = done.stdout.splitlines()
     assert lines[0] == "finished the shielded block", done.stdout + done.stderr
     assert lines[1].startswith("raised after the block:") and lines[1].endswith(str(code)), lines
