@@ -33,7 +33,7 @@ from aaclip_core.errors import AaclipError, ConfigError, RankStopped
 from aaclip_core.jobs import common
 from aaclip_core.recipe import Recipe, flatten, require_sweep, with_settings
 from aaclip_core.record import Artifact, Stage, Tag
-from aaclip_core.registry.tracking import all_runs, connect, get_run
+from aaclip_core.registry.tracking import all_runs, connect, get_run, log_json_artifact, param_value
 from aaclip_core.reporter import Reporter
 from aaclip_core.signals import Stopped
 from aaclip_core.sweep import space as sweep_space
@@ -259,25 +259,14 @@ def _create_parent(mlflow, recipe: Recipe, recipe_path: Path | None, name: str, 
     params["sweep.target_trials"] = str(target)
     client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
     with contextlib.suppress(Exception):
-        _log_file(mlflow, run_id, recipe.model_dump(mode="json"), Artifact.RECIPE)
+        log_json_artifact(mlflow, recipe.model_dump(mode="json"), Artifact.RECIPE, run_id)
     return run_id
 
 
 def _param(key: str, value: str):
     from mlflow.entities import Param
 
-    return Param(key, value if len(value) <= 500 else value[:497] + "...")
-
-
-def _log_file(mlflow, run_id: str, obj, path: str) -> None:
-    import json
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / Path(path).name
-        p.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str), encoding="utf-8")
-        parent = str(Path(path).parent)
-        mlflow.MlflowClient().log_artifact(run_id, str(p), None if parent == "." else parent)
+    return Param(key, param_value(value))
 
 
 def _reopen(mlflow, parent: str) -> None:
@@ -354,7 +343,7 @@ def _finish(mlflow, study: optuna.Study, parent: str, recipe: Recipe, target: in
         tags.update({Tag.best_setting(k): str(v) for k, v in best.params.items()})
     metrics.update({f"importance/{k}": v for k, v in importance.items()})
     record_summary(client, parent, tags, metrics)
-    _log_file(mlflow, parent, summary, Artifact.SWEEP_TRIALS)
+    log_json_artifact(mlflow, summary, Artifact.SWEEP_TRIALS, parent)
     if not any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
         client.set_terminated(parent, "FINISHED")
     return summary

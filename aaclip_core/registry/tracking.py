@@ -440,17 +440,27 @@ class _Heartbeat:
         self._thread.join(timeout=5)
 
 
+def param_value(value: str) -> str:
+    """A value as a param can hold it: MLflow caps a param's length (the full recipe is an artifact anyway)."""
+    return value if len(value) <= 500 else value[:497] + "..."
+
+
 def log_params(mlflow, params: dict[str, str]) -> None:
-    # MLflow caps a param value's length; the full recipe is an artifact anyway.
-    mlflow.log_params({k: (v if len(v) <= 500 else v[:497] + "...") for k, v in params.items()})
+    mlflow.log_params({k: param_value(v) for k, v in params.items()})
 
 
-def log_json_artifact(mlflow, obj: Any, artifact_path: str) -> None:
+def log_json_artifact(mlflow, obj: Any, artifact_path: str, run_id: str | None = None) -> None:
+    """``obj`` as a JSON file at ``artifact_path`` of the active run, or of run ``run_id`` (a sweep's
+    workers write to its parent run, which none of them has open)."""
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / Path(artifact_path).name
         p.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str), encoding="utf-8")
         parent = str(Path(artifact_path).parent)
-        mlflow.log_artifact(str(p), None if parent == "." else parent)
+        folder = None if parent == "." else parent
+        if run_id is None:
+            mlflow.log_artifact(str(p), folder)
+        else:
+            mlflow.MlflowClient().log_artifact(run_id, str(p), folder)
 
 
 _FULL_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
