@@ -221,17 +221,15 @@ def paired_pixel_auroc(
         unpaired += len(set(paths_a) ^ set(paths_b))
         ia = np.array([paths_a.index(p) for p in common], dtype=int)
         ib = np.array([paths_b.index(p) for p in common], dtype=int)
-        anomalous = pa.pos[ia] > 0
-        if not anomalous.any() or anomalous.all():
+        order, k = _anomalous_first(pa.pos[ia] > 0)
+        if k == 0 or k == len(order):
             skipped.append(cname)
             continue
-        order = np.r_[np.flatnonzero(anomalous), np.flatnonzero(~anomalous)]
         ia, ib = ia[order], ib[order]
-        k = int(anomalous.sum())
         weights = np.c_[_counts(rng, k, resamples), _counts(rng, len(order) - k, resamples)]
         diff_b = np.zeros(resamples)
         for sign, pp, idx in ((1.0, pa, ia), (-1.0, pb, ib)):
-            sub = PixelPairs(pp.counts[np.ix_(idx, idx)], pp.pos[idx], pp.neg[idx])
+            sub = _subset(pp, idx)
             diff_b += sign * _resampled_pixel_auroc(sub, weights)
             point += sign * sub.auroc()
         total += diff_b
@@ -240,6 +238,16 @@ def paired_pixel_auroc(
     return _result(PIXEL_AUROC, total, point, used, resamples, seed, confidence, n_images=images,
                    unpaired_images=unpaired, skipped_classes=skipped)
 
+
+def _anomalous_first(anomalous: np.ndarray) -> tuple[np.ndarray, int]:
+    """The image order with the anomalous images first (a resample's weights are drawn per label in
+    that order), and how many are anomalous."""
+    return np.r_[np.flatnonzero(anomalous), np.flatnonzero(~anomalous)], int(anomalous.sum())
+
+
+def _subset(pp: PixelPairs, idx: np.ndarray) -> PixelPairs:
+    """The pixel pairs of the images ``idx``, in that order."""
+    return PixelPairs(pp.counts[np.ix_(idx, idx)], pp.pos[idx], pp.neg[idx])
 
 
 def _resampled_pixel_auroc(pp: PixelPairs, weights: np.ndarray) -> np.ndarray:
@@ -325,8 +333,6 @@ def _classes(scored: ScoredImages, metric: str):
             yield pos, neg, (lambda pc, nc, m=m: resampled_auroc(m, pc, nc)), value
         return
     for _, pp in (scored.pixels or {}).values():
-        anomalous = pp.pos > 0
-        order = np.r_[np.flatnonzero(anomalous), np.flatnonzero(~anomalous)]
-        sub = PixelPairs(pp.counts[np.ix_(order, order)], pp.pos[order], pp.neg[order])
-        yield (order[:int(anomalous.sum())], order[int(anomalous.sum()):],
-               (lambda pc, nc, sub=sub: _resampled_pixel_auroc(sub, np.c_[pc, nc])), sub.auroc())
+        order, k = _anomalous_first(pp.pos > 0)
+        sub = _subset(pp, order)
+        yield order[:k], order[k:], (lambda pc, nc, sub=sub: _resampled_pixel_auroc(sub, np.c_[pc, nc])), sub.auroc()
